@@ -1,0 +1,1 @@
+"""Pure tensor math for the PEFT methods: no module state, no adapter names."""

@@ -1,0 +1,145 @@
+"""Which modules an adapter targets: name matching, per-architecture defaults, `"all-linear"`, and errors
+that list what the model does contain when a target matches nothing."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from typing import Any
+
+from torch import nn
+
+try:  # GPT-2 style layers store their weight as (in, out)
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover - transformers is a dependency
+    Conv1D = ()  # type: ignore[assignment]
+
+# Default target modules per `config.model_type` for LoRA-like methods (the attention projections the
+# LoRA paper adapts). The values match HF peft's defaults, so `LoraConfig()` means the same in both.
+DEFAULT_TARGETS: dict[str, list[str]] = {
+    **dict.fromkeys(
+        ["llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma", "gemma2",
+         "gemma3_text", "gptj", "opt", "bart", "mbart", "stablelm", "starcoder2", "olmo", "olmo2", "cohere",
+         "granite", "smollm3", "blenderbot", "pegasus", "marian", "m2m_100", "whisper", "persimmon"],
+        ["q_proj", "v_proj"],
+    ),
+    "phi": ["q_proj", "v_proj", "fc1", "fc2"],
+    "phi3": ["qkv_proj"],
+    **dict.fromkeys(["gpt2", "gpt_bigcode"], ["c_attn"]),
+    **dict.fromkeys(["gpt_neox", "bloom", "falcon", "chatglm", "glm"], ["query_key_value"]),
+    **dict.fromkeys(["bert", "roberta", "xlm-roberta", "electra", "camembert", "layoutlm", "megatron-bert"],
+                    ["query", "value"]),
+    "deberta": ["in_proj"],
+    "deberta-v2": ["query_proj", "value_proj"],
+    "distilbert": ["q_lin", "v_lin"],
+    **dict.fromkeys(["t5", "mt5", "umt5", "longt5"], ["q", "v"]),
+    "mpt": ["Wqkv"],
+    "gpt_neo": ["q_proj", "v_proj"],
+    "codegen": ["qkv_proj"],
+}
+
+LINEAR_TYPES: tuple[type, ...] = (nn.Linear,) + ((Conv1D,) if isinstance(Conv1D, type) else ())
+SUPPORTED_LEAF_TYPES: tuple[type, ...] = LINEAR_TYPES + (nn.Embedding, nn.Conv2d)
+
+
+def get_submodule_parent(model: nn.Module, key: str) -> tuple[nn.Module, nn.Module, str]:
+    """(parent module, the module at `key`, its attribute name in the parent)."""
+    parent_key, _, child = key.rpartition(".")
+    parent = model.get_submodule(parent_key) if parent_key else model
+    return parent, getattr(parent, child), child
+
+
+def _matches_names(key: str, spec: str | Iterable[str]) -> bool:
+    """A str spec is a regex that must match the whole key; a list matches a name or a `.`-suffix."""
+    if isinstance(spec, str):
+        return re.fullmatch(spec, key) is not None
+    return any(key == name or key.endswith("." + name) for name in spec)
+
+
+def _layer_index(key: str, layers_pattern: str | list[str] | None) -> int | None:
+    """The block index a module sits in (`model.layers.3.mlp` -> 3), or None when it is in no block."""
+    patterns = [layers_pattern] if isinstance(layers_pattern, str) else (layers_pattern or [None])
+    for pattern in patterns:
+        regex = r".*\.[^.]*\.(\d+)\." if pattern is None else rf".*\.{re.escape(pattern)}\.(\d+)\."
+        m = re.match(regex, key)
+        if m:
+            return int(m.group(1))
+    return None
+
+
+def _output_head_name(model: nn.Module) -> str | None:
+    getter = getattr(model, "get_output_embeddings", None)
+    head = getter() if callable(getter) else None
+    if head is None:
+        return None
+    for name, module in model.named_modules():
+        if module is head:
+            return name.rsplit(".", 1)[-1]
+    return None
+
+
+def all_linear_names(model: nn.Module, skip: Iterable[str] = ()) -> list[str]:
+    """Suffix names of every Linear/Conv1D in the model except the output head and `skip` (classifier heads)."""
+    head = _output_head_name(model)
+    names = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, LINEAR_TYPES)}
+    names -= {head, *skip}
+    return sorted(n for n in names if n)
+
+
+def default_targets(model: nn.Module) -> list[str]:
+    """The default targets for this architecture; the error says how to choose when there are none."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type in DEFAULT_TARGETS:
+        return list(DEFAULT_TARGETS[model_type])
+    hint = ", ".join(all_linear_names(model)[:12])
+    raise ValueError(
+        f"No default target_modules for model_type {model_type!r}; set target_modules explicitly "
+        f"(a list of module names, a regex, or \"all-linear\"). Linear layers in this model: {hint}"
+    )
+
+
+def _candidate_names(model: nn.Module, limit: int = 20) -> str:
+    names: list[str] = []
+    for name, module in model.named_modules():
+        short = name.rsplit(".", 1)[-1]
+        if isinstance(module, SUPPORTED_LEAF_TYPES) and short not in names:
+            names.append(short)
+    more = "" if len(names) <= limit else f" (+{len(names) - limit} more)"
+    return ", ".join(names[:limit]) + more
+
+
+def find_targets(model: nn.Module, config: Any, wrapper_types: tuple[type, ...] = ()) -> list[str]:
+    """Full names of the modules `config` targets.
+
+    Honours `target_modules` (list, regex, already resolved), `exclude_modules`, `layers_to_transform` and
+    `layers_pattern`. Modules inside an existing adapter wrapper (its base layer and adapter tensors) are
+    never targets themselves.
+
+    Raises:
+        ValueError: nothing matched; the message lists the module names the model does have.
+    """
+    spec = config.target_modules
+    layers = config.layers_to_transform
+    layers = [layers] if isinstance(layers, int) else layers
+    exclude = getattr(config, "exclude_modules", None)
+    wrapped: list[str] = []
+    keys: list[str] = []
+    for key, module in model.named_modules():
+        if not key or any(key.startswith(w + ".") for w in wrapped):
+            continue
+        if wrapper_types and isinstance(module, wrapper_types):
+            wrapped.append(key)
+        if not _matches_names(key, spec):
+            continue
+        if exclude and _matches_names(key, exclude):
+            continue
+        if layers is not None and _layer_index(key, config.layers_pattern) not in layers:
+            continue
+        keys.append(key)
+    if not keys:
+        where = f" in layers {layers}" if layers is not None else ""
+        raise ValueError(
+            f"Target modules {spec!r} not found{where} in the base model ({type(model).__name__}). "
+            f"Module names it does contain: {_candidate_names(model)}"
+        )
+    return keys

@@ -1,0 +1,149 @@
+"""Adapter files: HF-peft-compatible tensor keys, safetensors, atomic writes, and safe loading.
+
+The one key-renaming rule between memory and disk lives in `adapter_key_map`: an adapter's in-memory key
+is its file key with the adapter-name component added after the container it lives in
+(`...q_proj.lora_A.default.weight` <-> `...q_proj.lora_A.weight`; `...score.modules_to_save.default.weight`
+<-> `...score.weight`). Loading inverts the same map, so both directions agree by construction.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load_bytes
+from safetensors.torch import save as st_save_bytes
+from torch import nn
+
+from .modules_to_save import ModulesToSaveWrapper
+from .tuners.base import AdapterLayer
+
+WEIGHTS_NAME = "adapter_model.bin"
+SAFETENSORS_WEIGHTS_NAME = "adapter_model.safetensors"
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to a temporary file beside `path`, fsync it, then rename it into place.
+
+    A failure half-way (disk full, process killed) leaves any existing file at `path` untouched.
+    """
+    path = os.fspath(path)
+    directory = os.path.dirname(path) or "."
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix="-" + os.path.basename(path), dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def adapter_key_map(root: nn.Module, adapter_name: str) -> dict[str, str]:
+    """{in-memory state-dict key: file key} for every tensor that belongs to `adapter_name` under `root`."""
+    out: dict[str, str] = {}
+    for path, module in root.named_modules():
+        prefix = f"{path}." if path else ""
+        if isinstance(module, AdapterLayer):
+            for attr in module.adapter_attrs:
+                container = getattr(module, attr)
+                if adapter_name not in container:
+                    continue
+                item = container[adapter_name]
+                mem, disk = f"{prefix}{attr}.{adapter_name}", f"{prefix}{attr}"
+                if isinstance(item, nn.Module):
+                    out.update({f"{mem}.{k}": f"{disk}.{k}" for k in item.state_dict()})
+                else:
+                    out[mem] = disk
+        elif isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
+            for k in module.modules_to_save[adapter_name].state_dict():
+                out[f"{prefix}modules_to_save.{adapter_name}.{k}"] = f"{prefix}{k}"
+    return out
+
+
+def resolve_adapter_file(model_id: str | os.PathLike, filename: str, subfolder: str | None = None,
+                         **hub_kwargs: Any) -> str:
+    """Path of `filename` in a local adapter folder, or downloaded from the Hub for a repo id."""
+    model_id = os.fspath(model_id)
+    local_dir = os.path.join(model_id, subfolder) if subfolder else model_id
+    if os.path.isdir(local_dir):
+        return os.path.join(local_dir, filename)
+    if os.path.exists(model_id) or model_id.startswith((".", "/")) or model_id.count("/") > 1:
+        raise FileNotFoundError(f"Adapter folder {local_dir} does not exist")
+    try:
+        from huggingface_hub import hf_hub_download
+
+        keep = {k: v for k, v in hub_kwargs.items() if k in ("revision", "cache_dir", "token", "force_download")}
+        return hf_hub_download(model_id, filename, subfolder=subfolder, **keep)
+    except Exception as err:  # offline, missing repo, missing file: one clear message
+        raise FileNotFoundError(
+            f"{model_id!r} is not a local folder and could not be fetched from the Hub ({type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else ''})"
+        ) from None
+
+
+def find_weights_file(model_id: str | os.PathLike, subfolder: str | None = None, **hub_kwargs: Any) -> str:
+    """`adapter_model.safetensors`, or a legacy `adapter_model.bin`, in an adapter folder."""
+    errors = []
+    for name in (SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME):
+        try:
+            path = resolve_adapter_file(model_id, name, subfolder, **hub_kwargs)
+        except FileNotFoundError as err:
+            errors.append(str(err))
+            continue
+        if os.path.isfile(path):
+            return path
+    folder = os.path.join(os.fspath(model_id), subfolder or "")
+    raise FileNotFoundError(
+        f"No adapter weights in {folder}: expected {SAFETENSORS_WEIGHTS_NAME} (or legacy {WEIGHTS_NAME})"
+        + (f" ({errors[0]})" if errors and not os.path.isdir(folder) else "")
+    )
+
+
+def load_weights_file(path: str, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """Read adapter tensors. safetensors always; a legacy `.bin` only with `weights_only=True` (no pickle code)."""
+    if path.endswith(".safetensors"):
+        with open(path, "rb") as fh:
+            data = fh.read()
+        try:
+            tensors = st_load_bytes(data)
+        except (SafetensorError, ValueError, RuntimeError) as err:
+            raise ValueError(
+                f"{path}: not a readable safetensors file ({err}); it may be truncated or corrupt "
+                f"({len(data)} bytes)"
+            ) from None
+    else:
+        try:
+            tensors = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:
+            raise ValueError(f"{path}: cannot be read as a weights-only torch file ({err})") from None
+        if not isinstance(tensors, dict):
+            raise ValueError(f"{path}: expected a dict of tensors, found {type(tensors).__name__}")
+    return {k: v.to(device) for k, v in tensors.items()}
+
+
+def save_tensors(path: str, tensors: dict[str, torch.Tensor], safe_serialization: bool = True) -> None:
+    """Write adapter tensors atomically (safetensors, or a torch `.bin` when asked)."""
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    if safe_serialization:
+        # shared storage (tied tensors) is not allowed by safetensors; adapters rarely share, so clone
+        tensors = {k: v.clone() for k, v in tensors.items()}
+        atomic_write_bytes(path, st_save_bytes(tensors, metadata={"format": "pt"}))
+    else:
+        import io as _io
+
+        buf = _io.BytesIO()
+        torch.save(tensors, buf)
+        atomic_write_bytes(path, buf.getvalue())
+
+
+def write_json(path: str, data: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())

@@ -1,0 +1,497 @@
+"""`PeftModel`: a base model plus named adapters, and its task wrappers (causal LM, classification, ...).
+
+`PeftModel` subclasses transformers' `PreTrainedModel` only so that a plain `transformers.Trainer`
+recognises it and calls our `save_pretrained` for checkpoints (an unrecognised class gets its whole
+`state_dict()` written, hundreds of MB, and fails on tied weights). Nothing of `PreTrainedModel.__init__`
+runs: the wrapper keeps no config of its own and never touches the base model's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+from . import io
+from .config import PeftConfig
+from .modules_to_save import ModulesToSaveWrapper
+from .registry import get_method
+
+TRAINER_CHECKPOINT_PREFIX = "checkpoint-"  # transformers.trainer_utils.PREFIX_CHECKPOINT_DIR
+RESUME_INDEX_NAME = "model.safetensors.index.json"  # what Trainer's resume looks for in a checkpoint
+
+
+class PeftModel(PreTrainedModel):
+    """A model with adapters. `base_model` is the method's tuner; `get_base_model()` the wrapped model.
+
+    Attributes:
+        modules_to_save: names of modules trained in full and saved with the adapter (or None).
+    """
+
+    classifier_module_names: tuple[str, ...] = ()
+
+    def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default",
+                 autocast_adapter_dtype: bool = True, low_cpu_mem_usage: bool = False) -> None:
+        nn.Module.__init__(self)
+        self.config = getattr(model, "config", {"model_type": "custom"})
+        self.modules_to_save: set[str] | None = None
+        method = get_method(peft_config.peft_type)
+        if method.tuner_cls is None:
+            raise NotImplementedError(f"{method.peft_type} is not implemented in peftkit yet")
+        peft_config = self._prepare_config(model, peft_config)
+        self.base_model = method.tuner_cls(model, peft_config, adapter_name)
+        self._wrap_modules_to_save(self.peft_config[adapter_name], adapter_name)
+
+    # ----- identity and delegation -------------------------------------------------------------------------
+    @property
+    def base_model(self) -> nn.Module:  # PreTrainedModel defines a property of that name; ours is the tuner
+        return self._modules["base_model"]
+
+    @base_model.setter
+    def base_model(self, value: nn.Module) -> None:
+        self._modules["base_model"] = value
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("base_model", "_modules"):
+                raise
+            return getattr(self._modules["base_model"], name)
+
+    @property
+    def peft_config(self) -> dict[str, PeftConfig]:
+        return self.base_model.peft_config
+
+    @property
+    def active_adapter(self) -> str:
+        return self.base_model.active_adapters[0]
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return self.base_model.active_adapters
+
+    @property
+    def peft_type(self) -> str:
+        return self.peft_config[self.active_adapter].peft_type
+
+    @property
+    def supports_gradient_checkpointing(self) -> bool:
+        return getattr(self.get_base_model(), "supports_gradient_checkpointing", False)
+
+    @property
+    def main_input_name(self) -> str:
+        return getattr(self.get_base_model(), "main_input_name", "input_ids")
+
+    @property
+    def _no_split_modules(self) -> Any:
+        return getattr(self.get_base_model(), "_no_split_modules", None)
+
+    def get_base_model(self) -> nn.Module:
+        """The wrapped model (with adapter layers inside it)."""
+        return self.base_model.model
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.base_model(*args, **kwargs)
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.get_base_model().get_input_embeddings()
+
+    def get_output_embeddings(self) -> nn.Module | None:
+        getter = getattr(self.get_base_model(), "get_output_embeddings", None)
+        return getter() if getter else None
+
+    def tie_weights(self, *args: Any, **kwargs: Any) -> Any:
+        tie = getattr(self.get_base_model(), "tie_weights", None)
+        return tie(*args, **kwargs) if tie else None
+
+    def enable_input_require_grads(self) -> None:
+        self.get_base_model().enable_input_require_grads()
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        """Checkpoint the base model's blocks. With frozen embeddings, the first block's input would not
+        require grad and reentrant checkpointing would drop every gradient, so the embedding output is made
+        to require grad."""
+        base = self.get_base_model()
+        kwargs = {} if gradient_checkpointing_kwargs is None else {"gradient_checkpointing_kwargs": gradient_checkpointing_kwargs}
+        base.gradient_checkpointing_enable(**kwargs)
+        if hasattr(base, "enable_input_require_grads"):
+            base.enable_input_require_grads()
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.get_base_model().gradient_checkpointing_disable()
+
+    # ----- parameters ------------------------------------------------------------------------------------------
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """(trainable parameters, all parameters), shared tensors counted once."""
+        trainable = total = 0
+        for p in self.parameters():
+            n = p.numel()
+            if n == 0 and hasattr(p, "ds_numel"):
+                n = p.ds_numel
+            if p.__class__.__name__ == "Params4bit":  # bitsandbytes packs two 4-bit values per byte
+                n *= 2
+            total += n
+            trainable += n if p.requires_grad else 0
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        """Print `trainable params: N || all params: M || trainable%: P`, exactly as HF peft does."""
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+
+    # ----- adapters ----------------------------------------------------------------------------------------
+    def _prepare_config(self, model: nn.Module, config: PeftConfig) -> PeftConfig:
+        """A copy of `config` with the task's heads in modules_to_save and the base model's name recorded."""
+        changes: dict[str, Any] = {}
+        if config.base_model_name_or_path is None:
+            name = getattr(getattr(model, "config", None), "name_or_path", None) or getattr(model, "name_or_path", None)
+            if name:
+                changes["base_model_name_or_path"] = name
+        if self.classifier_module_names and hasattr(config, "modules_to_save"):
+            current = list(config.modules_to_save or [])
+            changes["modules_to_save"] = current + [n for n in self.classifier_module_names if n not in current]
+        return dataclasses.replace(config, **changes) if changes else config
+
+    def _wrap_modules_to_save(self, config: PeftConfig, adapter_name: str) -> None:
+        names = getattr(config, "modules_to_save", None)
+        if not names:
+            return
+        self.modules_to_save = set(self.modules_to_save or ()) | set(names)
+        model = self.get_base_model()
+        for key, module in list(model.named_modules()):
+            if ".modules_to_save." in f".{key}." or ".original_module" in f".{key}.":
+                continue
+            if not any(key == n or key.endswith("." + n) for n in names):
+                continue
+            if isinstance(module, ModulesToSaveWrapper):
+                module.update(adapter_name)
+            else:
+                parent_key, _, child = key.rpartition(".")
+                parent = model.get_submodule(parent_key) if parent_key else model
+                setattr(parent, child, ModulesToSaveWrapper(module, adapter_name))
+        self._set_modules_to_save_adapter(self.active_adapter)
+
+    def _wrappers(self) -> Iterator[ModulesToSaveWrapper]:
+        for module in self.get_base_model().modules():
+            if isinstance(module, ModulesToSaveWrapper):
+                yield module
+
+    def _set_modules_to_save_adapter(self, adapter_name: str) -> None:
+        trainable = not self.peft_config[adapter_name].inference_mode if adapter_name in self.peft_config else False
+        for wrapper in self._wrappers():
+            wrapper.set_adapter(adapter_name, trainable=trainable)
+
+    def add_adapter(self, adapter_name: str, peft_config: PeftConfig, low_cpu_mem_usage: bool = False) -> None:
+        """Add a new adapter (not activated: call `set_adapter` to use it)."""
+        if peft_config.peft_type != self.peft_type:
+            raise ValueError(
+                f"Cannot add a {peft_config.peft_type} adapter to a {self.peft_type} model; "
+                "one PeftModel holds adapters of one method"
+            )
+        peft_config = self._prepare_config(self.get_base_model(), peft_config)
+        self.base_model.inject_adapter(peft_config, adapter_name)
+        self._wrap_modules_to_save(peft_config, adapter_name)
+
+    def _check_adapter_name(self, adapter_name: str) -> None:
+        if adapter_name not in self.peft_config:
+            known = ", ".join(repr(n) for n in self.peft_config) or "none"
+            raise ValueError(f"Adapter {adapter_name!r} does not exist; known adapters: {known}")
+
+    def set_adapter(self, adapter_name: str) -> None:
+        """Make `adapter_name` the active (and, unless inference-only, the trainable) adapter."""
+        self._check_adapter_name(adapter_name)
+        self.base_model.set_adapter(adapter_name)
+        self._set_modules_to_save_adapter(adapter_name)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove an adapter's tensors and config."""
+        self._check_adapter_name(adapter_name)
+        self.base_model.delete_adapter(adapter_name)
+        for wrapper in self._wrappers():
+            wrapper.modules_to_save.pop(adapter_name, None)
+        if self.peft_config and adapter_name == self.active_adapter:
+            self.set_adapter(next(iter(self.peft_config)))
+
+    @contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Inside this block the model computes exactly what the base model computes."""
+        wrappers = list(self._wrappers())
+        for w in wrappers:
+            w.disable_adapters = True
+        try:
+            with self.base_model.adapters_disabled():
+                yield
+        finally:
+            for w in wrappers:
+                w.disable_adapters = False
+
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        self.base_model.merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
+
+    def unmerge_adapter(self) -> None:
+        self.base_model.unmerge_adapter()
+
+    def _replace_wrappers(self) -> None:
+        model = self.get_base_model()
+        for key, module in list(model.named_modules()):
+            if isinstance(module, ModulesToSaveWrapper):
+                parent_key, _, child = key.rpartition(".")
+                parent = model.get_submodule(parent_key) if parent_key else model
+                setattr(parent, child, module.active_module)
+
+    def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
+                         adapter_names: list[str] | None = None) -> nn.Module:
+        """Fold the adapters into the weights and return the plain base model (heads: the trained copies)."""
+        model = self.base_model.merge_and_unload(safe_merge=safe_merge, adapter_names=adapter_names)
+        self._replace_wrappers()
+        return model
+
+    def unload(self) -> nn.Module:
+        """Remove all adapters without merging; returns the original base model."""
+        for w in self._wrappers():
+            w.disable_adapters = True
+        self._replace_wrappers()
+        return self.base_model.unload()
+
+    # ----- files -------------------------------------------------------------------------------------------
+    def get_adapter_state_dict(self, adapter_name: str | None = None,
+                               state_dict: dict[str, torch.Tensor] | None = None,
+                               save_embedding_layers: str | bool = "auto") -> dict[str, torch.Tensor]:
+        """The tensors of one adapter under HF peft's file keys."""
+        name = adapter_name or self.active_adapter
+        self._check_adapter_name(name)
+        source = self.state_dict() if state_dict is None else state_dict
+        keys = io.adapter_key_map(self, name)
+        out = {disk: source[mem] for mem, disk in keys.items()}
+        out.update({k: source[k] for k in self._extra_saved_keys(name, source, save_embedding_layers)})
+        return out
+
+    def _extra_saved_keys(self, adapter_name: str, source: dict[str, torch.Tensor],
+                          save_embedding_layers: str | bool) -> list[str]:
+        """Non-adapter tensors HF peft also saves: trained biases, and base embeddings when they are targets."""
+        config = self.peft_config[adapter_name]
+        extra = []
+        bias = getattr(config, "bias", "none")
+        if bias == "all":
+            extra += [k for k in source if k.endswith("bias") and ".modules_to_save." not in k
+                      and ".original_module." not in k]
+        elif bias == "lora_only":
+            extra += [f"{path}.base_layer.bias" for path, layer in self._adapter_layer_items()
+                      if adapter_name in layer.adapter_names and f"{path}.base_layer.bias" in source]
+        targets = getattr(config, "target_modules", None) or []
+        embed_names = ("embed_tokens", "lm_head")
+        want = save_embedding_layers is True or (
+            save_embedding_layers == "auto" and not isinstance(targets, str) and any(t in embed_names for t in targets))
+        if want:
+            extra += [f"{path}.base_layer.weight" for path, _ in self._adapter_layer_items()
+                      if path.rsplit(".", 1)[-1] in embed_names and f"{path}.base_layer.weight" in source]
+        return extra
+
+    def _adapter_layer_items(self) -> Iterator[tuple[str, nn.Module]]:
+        from .tuners.base import AdapterLayer
+
+        for path, module in self.named_modules():
+            if isinstance(module, AdapterLayer):
+                yield path, module
+
+    def save_pretrained(self, save_directory: str | os.PathLike, safe_serialization: bool = True,
+                        selected_adapters: list[str] | None = None, save_embedding_layers: str | bool = "auto",
+                        is_main_process: bool = True, state_dict: dict[str, torch.Tensor] | None = None,
+                        **kwargs: Any) -> None:
+        """Write each adapter as `adapter_config.json` + `adapter_model.safetensors` (non-default names in a
+        sub-folder of that name). Every file is written to a temporary name and renamed into place."""
+        save_directory = os.fspath(save_directory)
+        if os.path.isfile(save_directory):
+            raise ValueError(f"save_pretrained: {save_directory} is a file; expected a directory")
+        names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
+        for name in names:
+            self._check_adapter_name(name)
+        if not is_main_process:
+            return
+        for name in names:
+            folder = save_directory if name == "default" else os.path.join(save_directory, name)
+            os.makedirs(folder, exist_ok=True)
+            tensors = self.get_adapter_state_dict(name, state_dict, save_embedding_layers)
+            weights = io.SAFETENSORS_WEIGHTS_NAME if safe_serialization else io.WEIGHTS_NAME
+            io.save_tensors(os.path.join(folder, weights), tensors, safe_serialization)
+            self._config_for_saving(name).save_pretrained(folder)
+        if os.path.basename(os.path.normpath(save_directory)).startswith(TRAINER_CHECKPOINT_PREFIX):
+            self._write_resume_index(save_directory)
+
+    def _config_for_saving(self, adapter_name: str) -> PeftConfig:
+        config = dataclasses.replace(self.peft_config[adapter_name], inference_mode=True)
+        if config.task_type is None and config.auto_mapping is None:
+            base = self.get_base_model()
+            config = dataclasses.replace(config, auto_mapping={
+                "base_model_class": type(base).__name__, "parent_library": type(base).__module__})
+        return config
+
+    def _write_resume_index(self, save_directory: str) -> None:
+        """In a Trainer checkpoint folder, an index pointing at the adapter file lets
+        `trainer.train(resume_from_checkpoint=...)` restore the adapter through `load_state_dict`."""
+        name = self.active_adapter
+        keys = io.adapter_key_map(self, name)
+        io.write_json(os.path.join(save_directory, RESUME_INDEX_NAME), {
+            "metadata": {"format": "peftkit-adapter", "adapter_name": name},
+            "weight_map": dict.fromkeys(keys, io.SAFETENSORS_WEIGHTS_NAME),
+        })
+
+    @property
+    def _keys_to_ignore_on_save(self) -> list[str]:
+        """Everything but the active adapter: what a resumed Trainer checkpoint may (and should) lack."""
+        adapter = set(io.adapter_key_map(self, self.active_adapter))
+        return [k for k in self.state_dict() if k not in adapter]
+
+    def load_state_dict(self, state_dict: dict[str, torch.Tensor], strict: bool = True, assign: bool = False) -> Any:
+        """`nn.Module.load_state_dict`, also accepting adapter-file keys for the active adapter."""
+        inverse = {disk: mem for mem, disk in io.adapter_key_map(self, self.active_adapter).items()}
+        own = self.state_dict().keys()
+        renamed = {(k if k in own else inverse.get(k, k)): v for k, v in state_dict.items()}
+        return super().load_state_dict(renamed, strict=strict, assign=assign)
+
+    def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False,
+                     torch_device: str | None = None, **kwargs: Any) -> Any:
+        """Load an adapter folder as `adapter_name` (it becomes trainable only with `is_trainable=True`)."""
+        config = PeftConfig.from_pretrained(model_id, subfolder=kwargs.get("subfolder"))
+        config = dataclasses.replace(config, inference_mode=not is_trainable)
+        weights_path = io.find_weights_file(model_id, kwargs.get("subfolder"))
+        tensors = io.load_weights_file(weights_path)
+        if adapter_name not in self.peft_config:
+            self.add_adapter(adapter_name, config)
+        result = self._load_adapter_tensors(tensors, adapter_name, weights_path)
+        self.set_adapter(self.active_adapter)
+        return result
+
+    def _load_adapter_tensors(self, tensors: dict[str, torch.Tensor], adapter_name: str, source: str) -> Any:
+        """Copy file tensors into `adapter_name`, checking every shape; errors name module and shapes."""
+        from .adapter_loading import copy_adapter_tensors
+
+        return copy_adapter_tensors(self, tensors, adapter_name, source)
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = "default",
+                        is_trainable: bool = False, config: PeftConfig | None = None, **kwargs: Any) -> PeftModel:
+        """Wrap `model` with the adapter saved in `model_id` (a folder or Hub id)."""
+        if config is None:
+            config = PeftConfig.from_pretrained(model_id, subfolder=kwargs.get("subfolder"))
+        config = dataclasses.replace(config, inference_mode=not is_trainable)
+        model_cls = TASK_MODELS.get(config.task_type, PeftModel) if cls is PeftModel else cls
+        peft_model = model_cls(model, config, adapter_name)
+        weights_path = io.find_weights_file(model_id, kwargs.get("subfolder"))
+        peft_model._load_adapter_tensors(io.load_weights_file(weights_path), adapter_name, weights_path)
+        if not is_trainable:
+            peft_model.eval()
+        return peft_model
+
+
+class PeftModelForCausalLM(PeftModel):
+    """Causal LM: `forward(input_ids, attention_mask, labels, ...)` and `generate`."""
+
+    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                inputs_embeds: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                output_attentions: bool | None = None, output_hidden_states: bool | None = None,
+                return_dict: bool | None = None, task_ids: torch.Tensor | None = None, **kwargs: Any) -> Any:
+        """input_ids: (batch, seq); labels: (batch, seq) with -100 where no loss is taken."""
+        return self.base_model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+                               labels=labels, output_attentions=output_attentions,
+                               output_hidden_states=output_hidden_states, return_dict=return_dict, **kwargs)
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        return self.get_base_model().generate(*args, **kwargs)
+
+    def prepare_inputs_for_generation(self, *args: Any, **kwargs: Any) -> Any:
+        return self.get_base_model().prepare_inputs_for_generation(*args, **kwargs)
+
+
+class PeftModelForSeq2SeqLM(PeftModelForCausalLM):
+    """Encoder-decoder LM (T5, BART): forward passes decoder inputs through; `generate` works."""
+
+    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                inputs_embeds: torch.Tensor | None = None, decoder_input_ids: torch.Tensor | None = None,
+                decoder_attention_mask: torch.Tensor | None = None, decoder_inputs_embeds: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, output_attentions: bool | None = None,
+                output_hidden_states: bool | None = None, return_dict: bool | None = None,
+                task_ids: torch.Tensor | None = None, **kwargs: Any) -> Any:
+        return self.base_model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+                               decoder_input_ids=decoder_input_ids, decoder_attention_mask=decoder_attention_mask,
+                               decoder_inputs_embeds=decoder_inputs_embeds, labels=labels,
+                               output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+                               return_dict=return_dict, **kwargs)
+
+
+class _EncoderTaskModel(PeftModel):
+    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                inputs_embeds: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                output_attentions: bool | None = None, output_hidden_states: bool | None = None,
+                return_dict: bool | None = None, task_ids: torch.Tensor | None = None, **kwargs: Any) -> Any:
+        if labels is not None:
+            kwargs["labels"] = labels
+        return self.base_model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+                               output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+                               return_dict=return_dict, **kwargs)
+
+
+class PeftModelForSequenceClassification(_EncoderTaskModel):
+    """Sequence classification: the head (`classifier` / `score`) is trained and saved with the adapter."""
+
+    classifier_module_names = ("classifier", "score")
+
+
+class PeftModelForTokenClassification(_EncoderTaskModel):
+    """Token classification: the head is trained and saved with the adapter."""
+
+    classifier_module_names = ("classifier", "score")
+
+
+class PeftModelForQuestionAnswering(PeftModel):
+    """Extractive QA: the span head `qa_outputs` is trained and saved with the adapter."""
+
+    classifier_module_names = ("qa_outputs",)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.base_model(*args, **kwargs)
+
+
+class PeftModelForFeatureExtraction(PeftModel):
+    """Embeddings / hidden states (no head)."""
+
+    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                inputs_embeds: torch.Tensor | None = None, output_attentions: bool | None = None,
+                output_hidden_states: bool | None = None, return_dict: bool | None = None,
+                task_ids: torch.Tensor | None = None, **kwargs: Any) -> Any:
+        return self.base_model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+                               output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+                               return_dict=return_dict, **kwargs)
+
+
+TASK_MODELS: dict[str | None, type[PeftModel]] = {
+    "CAUSAL_LM": PeftModelForCausalLM,
+    "SEQ_2_SEQ_LM": PeftModelForSeq2SeqLM,
+    "SEQ_CLS": PeftModelForSequenceClassification,
+    "TOKEN_CLS": PeftModelForTokenClassification,
+    "QUESTION_ANS": PeftModelForQuestionAnswering,
+    "FEATURE_EXTRACTION": PeftModelForFeatureExtraction,
+}
+
+
+def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default",
+                   mixed: bool = False, autocast_adapter_dtype: bool = True, revision: str | None = None,
+                   low_cpu_mem_usage: bool = False) -> PeftModel:
+    """Wrap `model` with a new adapter described by `peft_config` (the task wrapper follows `task_type`)."""
+    if mixed:
+        raise NotImplementedError("mixed-method models (PeftMixedModel) are not supported by peftkit yet")
+    if isinstance(model, PeftModel):
+        raise ValueError("get_peft_model: the model already has adapters; use model.add_adapter(name, config)")
+    if revision is not None:
+        peft_config = dataclasses.replace(peft_config, revision=revision)
+    cls = TASK_MODELS.get(peft_config.task_type, PeftModel)
+    return cls(model, peft_config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+
+

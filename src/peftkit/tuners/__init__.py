@@ -1,0 +1,3 @@
+"""One file per PEFT method; importing this package registers them all."""
+
+from . import lora  # noqa: F401

@@ -1,0 +1,290 @@
+"""The contracts every weight-changing method shares.
+
+`AdapterLayer` wraps one frozen module as `base_layer` and holds each adapter's tensors in containers keyed
+by adapter name (the names listed in `adapter_attrs`). Subclasses supply the method's math through
+`delta_weight`/`merge_weight`/`unmerge_weight` and `forward`; merging is always explicit.
+
+`BaseTuner` is the model-level object (HF peft's `LoraModel` and friends): it finds the target modules,
+swaps them for adapter layers, and implements merge/unload/enable/disable over all of them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import PeftConfig
+from ..inject import find_targets, get_submodule_parent
+
+
+class AdapterLayer(nn.Module):
+    """A frozen `base_layer` plus per-adapter tensors.
+
+    Attributes:
+        adapter_attrs: names of the ModuleDict/ParameterDict attributes keyed by adapter name; every adapter
+            tensor lives under one of them (the adapter-file key mapping relies on this).
+        active_adapters: names whose update is applied in `forward`.
+        merged_adapters: names currently folded into `base_layer`'s weight.
+        disable_adapters: when True, `forward` is exactly the base layer (after unmerging).
+    """
+
+    adapter_attrs: tuple[str, ...] = ()
+
+    def __init__(self, base_layer: nn.Module, module_name: str = "") -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.module_name = module_name
+        self.active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+        self.disable_adapters = False
+        self._unmerge_state: dict[str, Any] = {}
+        for p in base_layer.parameters():
+            p.requires_grad_(False)
+
+    # ----- the method's hooks -------------------------------------------------------------------------------
+    def update_layer(self, adapter_name: str, config: PeftConfig, **kwargs: Any) -> None:
+        """Create (or replace) the tensors of `adapter_name` from `config`."""
+        raise NotImplementedError
+
+    def merge_weight(self, weight: torch.Tensor, adapter_name: str) -> tuple[torch.Tensor, Any]:
+        """Return (merged weight, state needed by `unmerge_weight`); weight is in base_layer's own layout."""
+        return weight + self.delta_weight(adapter_name).to(weight.dtype), None
+
+    def unmerge_weight(self, weight: torch.Tensor, adapter_name: str, state: Any) -> torch.Tensor:
+        """Undo `merge_weight` given what it returned."""
+        return weight - self.delta_weight(adapter_name).to(weight.dtype)
+
+    def delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """The dense update of `adapter_name` in base_layer's weight layout."""
+        raise NotImplementedError
+
+    # ----- shared behaviour ----------------------------------------------------------------------------------
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base layer's weight, so code that reads `module.weight` keeps working."""
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return getattr(self.base_layer, "bias", None)
+
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
+
+    @property
+    def adapter_names(self) -> list[str]:
+        """Every adapter this layer holds tensors for."""
+        names: list[str] = []
+        for attr in self.adapter_attrs:
+            for name in getattr(self, attr).keys():
+                if name not in names:
+                    names.append(name)
+        return names
+
+    def adapter_parameters(self, adapter_name: str) -> Iterator[nn.Parameter]:
+        """The trainable tensors of one adapter."""
+        for attr in self.adapter_attrs:
+            container = getattr(self, attr)
+            if adapter_name in container:
+                item = container[adapter_name]
+                yield from item.parameters() if isinstance(item, nn.Module) else [item]
+
+    def set_adapter(self, adapter_names: str | list[str], trainable: bool = True) -> None:
+        """Make these adapters active; their tensors require grad (if `trainable`), all others do not."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        for name in self.adapter_names:
+            for p in self.adapter_parameters(name):
+                p.requires_grad_(trainable and name in names)
+        self.active_adapters = [n for n in names if n in self.adapter_names]
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Drop every tensor of `adapter_name` (unmerging it first if needed)."""
+        if adapter_name in self.merged_adapters:
+            self.unmerge()
+        for attr in self.adapter_attrs:
+            getattr(self, attr).pop(adapter_name, None)
+        self.active_adapters = [n for n in self.active_adapters if n != adapter_name]
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        """Fold the given (default: active) adapters into the base weight.
+
+        With `safe_merge`, the merged weight is computed on a copy and checked for NaN/inf before it replaces
+        the base weight, so a broken adapter leaves the model untouched.
+        """
+        names = self.active_adapters if adapter_names is None else adapter_names
+        weight = self.base_layer.weight
+        for name in names:
+            if name in self.merged_adapters or name not in self.adapter_names:
+                continue
+            with torch.no_grad():
+                new_weight, state = self.merge_weight(weight.detach().clone(), name)
+                if safe_merge and not torch.isfinite(new_weight).all():
+                    raise ValueError(
+                        f"safe_merge: merging adapter {name!r} into {self.module_name or type(self).__name__} "
+                        "gives NaN/inf weights; the model was left unmerged"
+                    )
+                weight.data.copy_(new_weight)
+            self._merge_bias(name, +1)
+            self._unmerge_state[name] = state
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        """Restore the base weight by undoing the merges, last first."""
+        weight = self.base_layer.weight
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            with torch.no_grad():
+                weight.data.copy_(self.unmerge_weight(weight.detach().clone(), name, self._unmerge_state.pop(name)))
+            self._merge_bias(name, -1)
+
+    def _merge_bias(self, adapter_name: str, sign: int) -> None:
+        """Methods with their own bias term fold it in here (none by default)."""
+
+    def _active_unmerged(self) -> list[str]:
+        """Adapters whose update `forward` must compute (active, present here, not merged)."""
+        if self.disable_adapters:
+            return []
+        return [n for n in self.active_adapters if n not in self.merged_adapters and n in self.adapter_names]
+
+    def extra_repr(self) -> str:
+        return f"active={self.active_adapters}, merged={self.merged_adapters}"
+
+
+class BaseTuner(nn.Module):
+    """Owns the wrapped model (`self.model`) and the adapter layers injected into it.
+
+    Subclasses set `prefix` and implement `create_layer` (a new wrapper for one target module).
+    """
+
+    prefix: str = ""
+
+    def __init__(self, model: nn.Module, config: PeftConfig, adapter_name: str = "default") -> None:
+        super().__init__()
+        self.model = model
+        self.peft_config: dict[str, PeftConfig] = {}
+        self.active_adapter: str | list[str] = adapter_name
+        self.inject_adapter(config, adapter_name)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model":
+                raise
+            return getattr(self.model, name)
+
+    # ----- injection ---------------------------------------------------------------------------------------
+    def create_layer(self, target: nn.Module, config: PeftConfig, adapter_name: str, key: str) -> AdapterLayer:
+        raise NotImplementedError
+
+    def resolve_config(self, config: PeftConfig) -> PeftConfig:
+        """Hook to fill model-dependent defaults (e.g. target modules); returns a new config."""
+        return config
+
+    def inject_adapter(self, config: PeftConfig, adapter_name: str) -> None:
+        """Wrap every target module with an adapter layer for `adapter_name`."""
+        if adapter_name in self.peft_config:
+            raise ValueError(f"Adapter {adapter_name!r} already exists; pick another name or delete it first")
+        config = self.resolve_config(config)
+        keys = find_targets(self.model, config, wrapper_types=(AdapterLayer,))
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        for key in keys:
+            parent, target, child_name = get_submodule_parent(self.model, key)
+            if isinstance(target, AdapterLayer):
+                target.update_layer(adapter_name, config)
+            else:
+                setattr(parent, child_name, self.create_layer(target, config, adapter_name, key))
+        self.peft_config[adapter_name] = config
+        self.set_adapter(self.active_adapter)
+
+    def mark_extra_trainable(self, config: PeftConfig) -> None:
+        """Hook: make non-adapter parameters trainable as the config asks (e.g. LoRA's `bias`)."""
+
+    # ----- adapter switching ---------------------------------------------------------------------------------
+    @property
+    def active_adapters(self) -> list[str]:
+        a = self.active_adapter
+        return [a] if isinstance(a, str) else list(a)
+
+    def adapter_layers(self) -> Iterator[tuple[str, AdapterLayer]]:
+        for name, module in self.model.named_modules():
+            if isinstance(module, AdapterLayer):
+                yield name, module
+
+    def set_adapter(self, adapter_name: str | list[str]) -> None:
+        """Activate adapter(s); only their tensors require grad (unless a config is inference-only)."""
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        trainable = not all(self.peft_config[n].inference_mode for n in names if n in self.peft_config)
+        for _, layer in self.adapter_layers():
+            if layer.merged:
+                layer.unmerge()
+            layer.set_adapter(names, trainable=trainable)
+        self.active_adapter = adapter_name
+        for name in names:
+            if name in self.peft_config:
+                self.mark_extra_trainable(self.peft_config[name])
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        for _, layer in self.adapter_layers():
+            layer.delete_adapter(adapter_name)
+        del self.peft_config[adapter_name]
+
+    def set_adapter_layers_enabled(self, enabled: bool) -> None:
+        for _, layer in self.adapter_layers():
+            layer.disable_adapters = not enabled
+
+    @contextmanager
+    def adapters_disabled(self) -> Iterator[None]:
+        """Run the base model: every adapter layer skips its update (merged ones are unmerged first)."""
+        for _, layer in self.adapter_layers():
+            if layer.merged:
+                layer.unmerge()
+        self.set_adapter_layers_enabled(False)
+        try:
+            yield
+        finally:
+            self.set_adapter_layers_enabled(True)
+
+    # ----- merging -----------------------------------------------------------------------------------------
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        """Merge into every layer; if a safe merge fails anywhere, every layer is unmerged again."""
+        try:
+            for _, layer in self.adapter_layers():
+                layer.merge(safe_merge=safe_merge, adapter_names=adapter_names)
+        except ValueError:
+            self.unmerge_adapter()
+            raise
+
+    def unmerge_adapter(self) -> None:
+        for _, layer in self.adapter_layers():
+            layer.unmerge()
+
+    def _unload(self, merge: bool, safe_merge: bool = False, adapter_names: list[str] | None = None) -> nn.Module:
+        """Replace every adapter layer by its base layer (merged first if asked); returns the bare model."""
+        if merge:
+            self.merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)  # all-or-nothing check first
+        for key, layer in list(self.adapter_layers()):
+            parent, _, child_name = get_submodule_parent(self.model, key)
+            if not merge:
+                layer.unmerge()
+            setattr(parent, child_name, layer.base_layer)
+        self.peft_config.clear()
+        return self.model
+
+    def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
+                         adapter_names: list[str] | None = None) -> nn.Module:
+        """Fold the active (or given) adapters into the weights and return the plain base model."""
+        return self._unload(merge=True, safe_merge=safe_merge, adapter_names=adapter_names)
+
+    def unload(self) -> nn.Module:
+        """Remove every adapter layer without merging; returns the original base model."""
+        return self._unload(merge=False)
