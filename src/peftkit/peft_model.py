@@ -37,7 +37,8 @@ class PeftModel(PreTrainedModel):
     classifier_module_names: tuple[str, ...] = ()
 
     def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default",
-                 autocast_adapter_dtype: bool = True, low_cpu_mem_usage: bool = False) -> None:
+                 autocast_adapter_dtype: bool = True, low_cpu_mem_usage: bool = False,
+                 init_weights: bool = True) -> None:
         nn.Module.__init__(self)
         self.config = getattr(model, "config", {"model_type": "custom"})
         self.modules_to_save: set[str] | None = None
@@ -45,7 +46,7 @@ class PeftModel(PreTrainedModel):
         if method.tuner_cls is None:
             raise NotImplementedError(f"{method.peft_type} is not implemented in peftkit yet")
         peft_config = self._prepare_config(model, peft_config)
-        self.base_model = method.tuner_cls(model, peft_config, adapter_name)
+        self.base_model = method.tuner_cls(model, peft_config, adapter_name, init_weights=init_weights)
         self._wrap_modules_to_save(self.peft_config[adapter_name], adapter_name)
 
     # ----- identity and delegation -------------------------------------------------------------------------
@@ -188,7 +189,8 @@ class PeftModel(PreTrainedModel):
         for wrapper in self._wrappers():
             wrapper.set_adapter(adapter_name, trainable=trainable)
 
-    def add_adapter(self, adapter_name: str, peft_config: PeftConfig, low_cpu_mem_usage: bool = False) -> None:
+    def add_adapter(self, adapter_name: str, peft_config: PeftConfig, low_cpu_mem_usage: bool = False,
+                    init_weights: bool = True) -> None:
         """Add a new adapter (not activated: call `set_adapter` to use it)."""
         if peft_config.peft_type != self.peft_type:
             raise ValueError(
@@ -196,7 +198,7 @@ class PeftModel(PreTrainedModel):
                 "one PeftModel holds adapters of one method"
             )
         peft_config = self._prepare_config(self.get_base_model(), peft_config)
-        self.base_model.inject_adapter(peft_config, adapter_name)
+        self.base_model.inject_adapter(peft_config, adapter_name, init_weights=init_weights)
         self._wrap_modules_to_save(peft_config, adapter_name)
 
     def _check_adapter_name(self, adapter_name: str) -> None:
@@ -364,7 +366,7 @@ class PeftModel(PreTrainedModel):
         weights_path = io.find_weights_file(model_id, kwargs.get("subfolder"))
         tensors = io.load_weights_file(weights_path)
         if adapter_name not in self.peft_config:
-            self.add_adapter(adapter_name, config)
+            self.add_adapter(adapter_name, config, init_weights=False)
         result = self._load_adapter_tensors(tensors, adapter_name, weights_path)
         self.set_adapter(self.active_adapter)
         return result
@@ -383,7 +385,7 @@ class PeftModel(PreTrainedModel):
             config = PeftConfig.from_pretrained(model_id, subfolder=kwargs.get("subfolder"))
         config = dataclasses.replace(config, inference_mode=not is_trainable)
         model_cls = TASK_MODELS.get(config.task_type, PeftModel) if cls is PeftModel else cls
-        peft_model = model_cls(model, config, adapter_name)
+        peft_model = model_cls(model, config, adapter_name, init_weights=False)
         weights_path = io.find_weights_file(model_id, kwargs.get("subfolder"))
         peft_model._load_adapter_tensors(io.load_weights_file(weights_path), adapter_name, weights_path)
         if not is_trainable:

@@ -46,8 +46,9 @@ class AdapterLayer(nn.Module):
             p.requires_grad_(False)
 
     # ----- the method's hooks -------------------------------------------------------------------------------
-    def update_layer(self, adapter_name: str, config: PeftConfig, **kwargs: Any) -> None:
-        """Create (or replace) the tensors of `adapter_name` from `config`."""
+    def update_layer(self, adapter_name: str, config: PeftConfig, init_weights: bool = True) -> None:
+        """Create (or replace) the tensors of `adapter_name` from `config` (initialised unless `init_weights`
+        is False, when loaded tensors will overwrite them)."""
         raise NotImplementedError
 
     def merge_weight(self, weight: torch.Tensor, adapter_name: str) -> tuple[torch.Tensor, Any]:
@@ -163,12 +164,13 @@ class BaseTuner(nn.Module):
 
     prefix: str = ""
 
-    def __init__(self, model: nn.Module, config: PeftConfig, adapter_name: str = "default") -> None:
+    def __init__(self, model: nn.Module, config: PeftConfig, adapter_name: str = "default",
+                 init_weights: bool = True) -> None:
         super().__init__()
         self.model = model
         self.peft_config: dict[str, PeftConfig] = {}
         self.active_adapter: str | list[str] = adapter_name
-        self.inject_adapter(config, adapter_name)
+        self.inject_adapter(config, adapter_name, init_weights=init_weights)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.model(*args, **kwargs)
@@ -182,14 +184,17 @@ class BaseTuner(nn.Module):
             return getattr(self.model, name)
 
     # ----- injection ---------------------------------------------------------------------------------------
-    def create_layer(self, target: nn.Module, config: PeftConfig, adapter_name: str, key: str) -> AdapterLayer:
+    def create_layer(self, target: nn.Module, config: PeftConfig, adapter_name: str, key: str,
+                     init_weights: bool = True) -> AdapterLayer:
+        """A new adapter layer wrapping `target`; `init_weights=False` when a file's tensors will overwrite it
+        (so inits that rewrite the base weight, like PiSSA, are not applied twice)."""
         raise NotImplementedError
 
     def resolve_config(self, config: PeftConfig) -> PeftConfig:
         """Hook to fill model-dependent defaults (e.g. target modules); returns a new config."""
         return config
 
-    def inject_adapter(self, config: PeftConfig, adapter_name: str) -> None:
+    def inject_adapter(self, config: PeftConfig, adapter_name: str, init_weights: bool = True) -> None:
         """Wrap every target module with an adapter layer for `adapter_name`."""
         if adapter_name in self.peft_config:
             raise ValueError(f"Adapter {adapter_name!r} already exists; pick another name or delete it first")
@@ -200,9 +205,9 @@ class BaseTuner(nn.Module):
         for key in keys:
             parent, target, child_name = get_submodule_parent(self.model, key)
             if isinstance(target, AdapterLayer):
-                target.update_layer(adapter_name, config)
+                target.update_layer(adapter_name, config, init_weights=init_weights)
             else:
-                setattr(parent, child_name, self.create_layer(target, config, adapter_name, key))
+                setattr(parent, child_name, self.create_layer(target, config, adapter_name, key, init_weights))
         self.peft_config[adapter_name] = config
         self.set_adapter(self.active_adapter)
 

@@ -140,7 +140,7 @@ class LoraLayer(AdapterLayer):
         return w
 
     # shared -----------------------------------------------------------------------------------------------
-    def update_layer(self, adapter_name: str, config: LoraConfig, **kwargs: Any) -> None:
+    def update_layer(self, adapter_name: str, config: LoraConfig, init_weights: bool = True) -> None:
         r, alpha = config.rank_for(self.module_name), config.alpha_for(self.module_name)
         self.r[adapter_name], self.lora_alpha[adapter_name] = r, alpha
         self.scaling[adapter_name] = FL.lora_scaling(r, alpha, config.use_rslora)
@@ -148,14 +148,23 @@ class LoraLayer(AdapterLayer):
         p = config.lora_dropout
         self.lora_dropout[adapter_name] = nn.Dropout(p) if p > 0 else nn.Identity()
         self._create(adapter_name, r)
-        self._init_weights(adapter_name, config.init_lora_weights)
+        self._init_weights(adapter_name, config.init_lora_weights if init_weights else False)
         self._to_base_device(adapter_name)
         if config.use_dora:
             with torch.no_grad():
                 w = self._weight_rows().float()
                 norm = FL.row_norm(w + self._delta_rows(adapter_name).float())
-            self.lora_magnitude_vector[adapter_name] = nn.Parameter(norm.to(self._adapter_dtype()))
+            shape = self._magnitude_shape(norm.shape[0])
+            self.lora_magnitude_vector[adapter_name] = nn.Parameter(norm.reshape(shape).to(self._adapter_dtype()))
         self.set_adapter(self.active_adapters or [adapter_name])
+
+    def _magnitude_shape(self, out: int) -> tuple[int, ...]:
+        """How the DoRA magnitude is stored (the file shape HF peft uses): (out,)."""
+        return (out,)
+
+    def _magnitude(self, adapter_name: str) -> torch.Tensor:
+        """The DoRA magnitude as a flat (out,) vector."""
+        return self.lora_magnitude_vector[adapter_name].flatten()
 
     def _adapter_dtype(self) -> torch.dtype:
         """fp32 adapters on half-precision bases (stable training); otherwise the base's float dtype."""
@@ -186,7 +195,7 @@ class LoraLayer(AdapterLayer):
             return super().merge_weight(weight, adapter_name)
         rows = self._weight_rows().detach()
         merged, norm = FL.dora_merge(rows, self._delta_rows(adapter_name).to(rows.dtype),
-                                     self.lora_magnitude_vector[adapter_name].to(rows.dtype))
+                                     self._magnitude(adapter_name).to(rows.dtype))
         return self._from_rows(merged), norm
 
     def unmerge_weight(self, weight: torch.Tensor, adapter_name: str, state: Any) -> torch.Tensor:
@@ -194,7 +203,7 @@ class LoraLayer(AdapterLayer):
             return super().unmerge_weight(weight, adapter_name, state)
         rows = self._weight_rows().detach()
         orig = FL.dora_unmerge(rows, self._delta_rows(adapter_name).to(rows.dtype),
-                               self.lora_magnitude_vector[adapter_name].to(rows.dtype), state)
+                               self._magnitude(adapter_name).to(rows.dtype), state)
         return self._from_rows(orig)
 
     def _dora_norm(self, adapter_name: str) -> torch.Tensor:
@@ -278,7 +287,7 @@ class LoraLinear(LoraLayer):
             else:
                 base_nb = F.linear(xa, self._weight_rows().to(xa.dtype))
             result = FL.dora_output(result, base_nb.to(lora.dtype), lora, self._dora_norm(name).to(lora.dtype),
-                                    self.lora_magnitude_vector[name]).to(result.dtype)
+                                    self._magnitude(name)).to(result.dtype)
         return result
 
 
@@ -305,10 +314,10 @@ class LoraEmbedding(LoraLayer):
             else:
                 raise ValueError(f"init_lora_weights={init!r} is not supported for Embedding ({self.module_name})")
 
-    def update_layer(self, adapter_name: str, config: LoraConfig, **kwargs: Any) -> None:
+    def update_layer(self, adapter_name: str, config: LoraConfig, init_weights: bool = True) -> None:
         if config.use_dora:
             raise ValueError(f"DoRA is not supported on Embedding layers yet (module {self.module_name})")
-        super().update_layer(adapter_name, config, **kwargs)
+        super().update_layer(adapter_name, config, init_weights)
 
     def _weight_rows(self) -> torch.Tensor:
         return self.base_layer.weight.T
@@ -355,6 +364,9 @@ class LoraConv2d(LoraLayer):
                 raise ValueError(f"init_lora_weights={init!r} is not supported for Conv2d ({self.module_name})")
             nn.init.zeros_(B)
 
+    def _magnitude_shape(self, out: int) -> tuple[int, ...]:
+        return (1, out, 1, 1)
+
     def _delta_rows(self, adapter_name: str) -> torch.Tensor:
         return FL.conv2d_delta(self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight,
                                self.scaling[adapter_name])
@@ -375,7 +387,7 @@ class LoraConv2d(LoraLayer):
                 base = self.base_layer
                 base_nb = F.conv2d(xa, base.weight.to(xa.dtype), None, base.stride, base.padding, base.dilation)
             result = FL.dora_output(result, base_nb.to(lora.dtype), lora, self._dora_norm(name).to(lora.dtype),
-                                    self.lora_magnitude_vector[name]).to(result.dtype)
+                                    self._magnitude(name)).to(result.dtype)
         return result
 
 
@@ -392,7 +404,8 @@ class LoraModel(BaseTuner):
             return dataclasses.replace(config, target_modules=all_linear_names(self.model, skip=skip))
         return config
 
-    def create_layer(self, target: nn.Module, config: LoraConfig, adapter_name: str, key: str) -> LoraLayer:
+    def create_layer(self, target: nn.Module, config: LoraConfig, adapter_name: str, key: str,
+                     init_weights: bool = True) -> LoraLayer:
         if isinstance(target, nn.Embedding):
             layer: LoraLayer = LoraEmbedding(target, key)
         elif isinstance(target, nn.Conv2d):
@@ -404,7 +417,7 @@ class LoraModel(BaseTuner):
                 f"Target module {key!r} is a {type(target).__name__}; LoRA supports Linear, Conv1D, Embedding "
                 "and Conv2d. Narrow target_modules (e.g. add exclude_modules) so it matches only those."
             )
-        layer.update_layer(adapter_name, config)
+        layer.update_layer(adapter_name, config, init_weights)
         layer.set_adapter(self.active_adapters if adapter_name not in self.active_adapters else [adapter_name])
         return layer
 

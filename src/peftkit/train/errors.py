@@ -1,0 +1,9 @@
+"""User-facing errors of the training application.
+
+A :class:`PeftkitError` is a mistake the user can fix (a bad flag, a bad data row, a missing file).
+The CLI prints its message as one line and exits non-zero, without a traceback unless ``--debug``.
+"""
+
+
+class PeftkitError(Exception):
+    """An error caused by user input; its message says what is wrong and what would be right."""

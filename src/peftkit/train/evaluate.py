@@ -1,0 +1,85 @@
+"""Held-out metrics: response-only loss / perplexity, and exact match of greedy generations."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from peftkit.train.data import IGNORE_INDEX, Example, Tokenized, collate, encode_prompt
+
+
+def response_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Summed next-token cross-entropy over response tokens, and how many there were.
+
+    logits: ``[batch, seq, vocab]``; labels: ``[batch, seq]`` with -100 on prompt and padding.
+    Returning the sum (not the mean) lets gradient accumulation divide by the step's total token count.
+    """
+    shift_logits = logits[:, :-1].reshape(-1, logits.size(-1)).float()
+    shift_labels = labels[:, 1:].reshape(-1)
+    loss = F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    return loss, int((shift_labels != IGNORE_INDEX).sum())
+
+
+@torch.no_grad()
+def eval_loss(model, items: list[Tokenized], pad_id: int, batch_size: int = 16) -> dict[str, float]:
+    """Mean response-token loss and perplexity over ``items`` (model left in its previous mode)."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    order = sorted(range(len(items)), key=lambda i: len(items[i].input_ids))
+    for start in range(0, len(order), batch_size):
+        batch = collate([items[i] for i in order[start : start + batch_size]], pad_id)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        loss, n = response_loss(logits, batch["labels"])
+        total, count = total + float(loss), count + n
+    model.train(was_training)
+    mean = total / max(count, 1)
+    return {"loss": mean, "perplexity": math.exp(min(mean, 50.0)), "tokens": count}
+
+
+@torch.no_grad()
+def generate_batch(model, tokenizer, prompts: list[list[int]], max_new_tokens: int) -> list[str]:
+    """Greedy continuations of tokenized prompts: left-padded, batched, with the KV cache."""
+    pad_id = tokenizer.pad_token_id
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts])  # [batch, width]
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        use_cache=True,
+        pad_token_id=pad_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )  # [batch, width + new]
+    return tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+
+
+def exact_match(
+    model, tokenizer, examples: list[Example], max_new_tokens: int, batch_size: int = 32, progress=None
+) -> dict:
+    """Fraction of examples whose stripped greedy output equals the stripped reference response."""
+    was_training = model.training
+    model.eval()
+    prompts = [encode_prompt(tokenizer, e.messages) for e in examples]
+    order = sorted(range(len(examples)), key=lambda i: len(prompts[i]))  # similar lengths -> little padding
+    outputs: dict[int, str] = {}
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        for i, text in zip(chunk, generate_batch(model, tokenizer, [prompts[i] for i in chunk], max_new_tokens)):
+            outputs[i] = text.strip()
+        if progress is not None:
+            progress.update(len(chunk))
+    model.train(was_training)
+    hits = sum(outputs[i] == e.response.strip() for i, e in enumerate(examples))
+    samples = [{"expected": e.response, "got": outputs[i]} for i, e in enumerate(examples[:5])]
+    return {"exact_match": hits / len(examples), "correct": hits, "total": len(examples), "samples": samples}
+
+
+def default_max_new_tokens(tokenizer, examples: list[Example]) -> int:
+    """Enough tokens for the longest reference answer plus a margin (and the end-of-turn token)."""
+    longest = max(len(tokenizer(e.response, add_special_tokens=False)["input_ids"]) for e in examples)
+    return min(longest + 8, 512)

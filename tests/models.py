@@ -1,0 +1,73 @@
+"""Tiny random models built from configs (offline, seeded), one per layer family peftkit must handle."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
+
+VOCAB = 128
+
+
+def tiny_llama(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def tiny_gpt2(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    cfg = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                     bos_token_id=0, eos_token_id=0)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+def tiny_bert_cls(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                     num_attention_heads=4, max_position_embeddings=64, num_labels=3)
+    return BertForSequenceClassification(cfg).eval()
+
+
+class ConvNet(nn.Module):
+    """A custom (non-transformers) model with Conv2d layers and a Linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 8, 1)
+        self.head = nn.Linear(8 * 4 * 4, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (N, 3, 4, 4) -> (N, 5)."""
+        return self.head(F.relu(self.conv2(F.relu(self.conv1(x)))).flatten(1))
+
+
+def tiny_convnet(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return ConvNet().eval()
+
+
+def token_inputs(seed: int = 1, batch: int = 2, seq: int = 8) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, VOCAB, (batch, seq), generator=g)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def image_inputs(seed: int = 1) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {"x": torch.randn(2, 3, 4, 4, generator=g)}
+
+
+def output_tensor(out) -> torch.Tensor:
+    """The comparable tensor of a model output (logits, or the tensor a custom model returns)."""
+    return out if isinstance(out, torch.Tensor) else out.logits
