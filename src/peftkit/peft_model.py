@@ -217,7 +217,8 @@ class PeftModel(PreTrainedModel):
         self._check_adapter_name(adapter_name)
         self.base_model.delete_adapter(adapter_name)
         for wrapper in self._wrappers():
-            wrapper.modules_to_save.pop(adapter_name, None)
+            if adapter_name in wrapper.modules_to_save:
+                del wrapper.modules_to_save[adapter_name]
         if self.peft_config and adapter_name == self.active_adapter:
             self.set_adapter(next(iter(self.peft_config)))
 

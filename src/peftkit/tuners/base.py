@@ -108,7 +108,9 @@ class AdapterLayer(nn.Module):
         if adapter_name in self.merged_adapters:
             self.unmerge()
         for attr in self.adapter_attrs:
-            getattr(self, attr).pop(adapter_name, None)
+            container = getattr(self, attr)
+            if adapter_name in container:
+                del container[adapter_name]
         self.active_adapters = [n for n in self.active_adapters if n != adapter_name]
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
