@@ -3,8 +3,9 @@ type and variant must pass. A registered method without an entry here fails `tes
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from . import models as M
 
@@ -28,29 +29,86 @@ _RANDOM = {"init_lora_weights": False}  # non-zero B so every check sees a real 
 
 CASES: list[Case] = [
     Case("lora-llama-linear", "LORA", M.tiny_llama, {"r": 4, "lora_alpha": 8, **_RANDOM}),
-    Case("lora-llama-all-linear-rslora", "LORA", M.tiny_llama,
-         {"r": 4, "target_modules": "all-linear", "use_rslora": True, **_RANDOM}),
-    Case("lora-llama-embedding", "LORA", M.tiny_llama,
-         {"r": 4, "target_modules": ["embed_tokens", "q_proj"], **_RANDOM}),
-    Case("lora-llama-patterns", "LORA", M.tiny_llama,
-         {"r": 4, "target_modules": ["q_proj", "v_proj"], "rank_pattern": {"v_proj": 2},
-          "alpha_pattern": {r"layers\.1\.self_attn\.q_proj": 16}, **_RANDOM}),
-    Case("lora-llama-layers", "LORA", M.tiny_llama,
-         {"r": 4, "target_modules": ["v_proj", "o_proj", "down_proj"], "layers_to_transform": [1], "layers_pattern": "layers", **_RANDOM}),
+    Case(
+        "lora-llama-all-linear-rslora",
+        "LORA",
+        M.tiny_llama,
+        {"r": 4, "target_modules": "all-linear", "use_rslora": True, **_RANDOM},
+    ),
+    Case(
+        "lora-llama-embedding",
+        "LORA",
+        M.tiny_llama,
+        {"r": 4, "target_modules": ["embed_tokens", "q_proj"], **_RANDOM},
+    ),
+    Case(
+        "lora-llama-patterns",
+        "LORA",
+        M.tiny_llama,
+        {
+            "r": 4,
+            "target_modules": ["q_proj", "v_proj"],
+            "rank_pattern": {"v_proj": 2},
+            "alpha_pattern": {r"layers\.1\.self_attn\.q_proj": 16},
+            **_RANDOM,
+        },
+    ),
+    Case(
+        "lora-llama-layers",
+        "LORA",
+        M.tiny_llama,
+        {
+            "r": 4,
+            "target_modules": ["v_proj", "o_proj", "down_proj"],
+            "layers_to_transform": [1],
+            "layers_pattern": "layers",
+            **_RANDOM,
+        },
+    ),
     Case("dora-llama", "LORA", M.tiny_llama, {"r": 4, "use_dora": True, **_RANDOM}),
-    Case("lora-gpt2-conv1d", "LORA", M.tiny_gpt2, {"r": 4, "target_modules": ["c_attn", "c_proj"], **_RANDOM}),
-    Case("dora-gpt2-conv1d", "LORA", M.tiny_gpt2, {"r": 4, "target_modules": ["c_attn"], "use_dora": True, **_RANDOM}),
+    Case(
+        "lora-gpt2-conv1d", "LORA", M.tiny_gpt2, {"r": 4, "target_modules": ["c_attn", "c_proj"], **_RANDOM}
+    ),
+    Case(
+        "dora-gpt2-conv1d",
+        "LORA",
+        M.tiny_gpt2,
+        {"r": 4, "target_modules": ["c_attn"], "use_dora": True, **_RANDOM},
+    ),
     Case("lora-gpt2-bias-all", "LORA", M.tiny_gpt2, {"r": 4, "bias": "all", **_RANDOM}),
     Case("lora-gpt2-bias-lora-only", "LORA", M.tiny_gpt2, {"r": 4, "bias": "lora_only", **_RANDOM}),
     Case("lora-bert-seqcls", "LORA", M.tiny_bert_cls, {"r": 4, **_RANDOM}, task_type="SEQ_CLS"),
-    Case("dora-bert-seqcls", "LORA", M.tiny_bert_cls, {"r": 4, "use_dora": True, **_RANDOM}, task_type="SEQ_CLS"),
-    Case("lora-conv2d", "LORA", M.tiny_convnet, {"r": 2, "target_modules": ["conv1", "conv2", "head"], **_RANDOM},
-         inputs=M.image_inputs, task_type=None),
-    Case("dora-conv2d", "LORA", M.tiny_convnet,
-         {"r": 2, "target_modules": ["conv1", "conv2"], "use_dora": True, **_RANDOM},
-         inputs=M.image_inputs, task_type=None),
+    Case(
+        "dora-bert-seqcls",
+        "LORA",
+        M.tiny_bert_cls,
+        {"r": 4, "use_dora": True, **_RANDOM},
+        task_type="SEQ_CLS",
+    ),
+    Case(
+        "lora-conv2d",
+        "LORA",
+        M.tiny_convnet,
+        {"r": 2, "target_modules": ["conv1", "conv2", "head"], **_RANDOM},
+        inputs=M.image_inputs,
+        task_type=None,
+    ),
+    Case(
+        "dora-conv2d",
+        "LORA",
+        M.tiny_convnet,
+        {"r": 2, "target_modules": ["conv1", "conv2"], "use_dora": True, **_RANDOM},
+        inputs=M.image_inputs,
+        task_type=None,
+    ),
     Case("lora-default-init", "LORA", M.tiny_gpt2, {"r": 4}, identity_init=True),
-    Case("lora-gaussian-init", "LORA", M.tiny_llama, {"r": 4, "init_lora_weights": "gaussian"}, identity_init=True),
+    Case(
+        "lora-gaussian-init",
+        "LORA",
+        M.tiny_llama,
+        {"r": 4, "init_lora_weights": "gaussian"},
+        identity_init=True,
+    ),
     Case("lora-pissa", "LORA", M.tiny_llama, {"r": 4, "init_lora_weights": "pissa"}, changes_base=True),
     Case("lora-pissa-conv1d", "LORA", M.tiny_gpt2, {"r": 4, "init_lora_weights": "pissa"}, changes_base=True),
     Case("lora-olora", "LORA", M.tiny_llama, {"r": 4, "init_lora_weights": "olora"}, changes_base=True),

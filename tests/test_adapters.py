@@ -81,7 +81,9 @@ def test_safe_merge_refuses_nan_and_leaves_model_unmerged():
     layer = model.base_model.model.model.layers[1].self_attn.v_proj
     with torch.no_grad():
         layer.lora_B["default"].weight[0, 0] = float("nan")
-    with pytest.raises(ValueError, match=r"safe_merge: merging adapter 'default' into model.layers.1.self_attn.v_proj"):
+    with pytest.raises(
+        ValueError, match=r"safe_merge: merging adapter 'default' into model.layers.1.self_attn.v_proj"
+    ):
         model.merge_and_unload(safe_merge=True)
     assert not any(m.merged for _, m in model.base_model.adapter_layers())
     with torch.no_grad():
@@ -93,8 +95,16 @@ def test_shape_mismatch_names_module_and_shapes(tmp_path):
     peftkit.get_peft_model(tiny_llama(), lora(r=4)).save_pretrained(tmp_path)
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    bigger = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
-                                          num_attention_heads=4, num_key_value_heads=2))
+    bigger = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=128,
+            hidden_size=64,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+    )
     with pytest.raises(ValueError) as err:
         peftkit.PeftModel.from_pretrained(bigger, tmp_path)
     msg = str(err.value)
@@ -104,7 +114,9 @@ def test_shape_mismatch_names_module_and_shapes(tmp_path):
 
 def test_loading_onto_model_without_the_targeted_module(tmp_path):
     peftkit.get_peft_model(tiny_llama(), lora(r=4, target_modules=["gate_proj"])).save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match=r"Target modules \['gate_proj'\] not found .*GPT2LMHeadModel.*c_attn"):
+    with pytest.raises(
+        ValueError, match=r"Target modules \['gate_proj'\] not found .*GPT2LMHeadModel.*c_attn"
+    ):
         peftkit.PeftModel.from_pretrained(tiny_gpt2(), tmp_path)
 
 
@@ -113,7 +125,9 @@ def test_truncated_or_missing_weights_are_clear_errors(tmp_path):
     weights = tmp_path / "adapter_model.safetensors"
     data = weights.read_bytes()
     weights.write_bytes(data[: len(data) // 2])
-    with pytest.raises(ValueError, match="adapter_model.safetensors: not a readable safetensors file.*truncated"):
+    with pytest.raises(
+        ValueError, match="adapter_model.safetensors: not a readable safetensors file.*truncated"
+    ):
         peftkit.PeftModel.from_pretrained(tiny_llama(), tmp_path)
     weights.unlink()
     with pytest.raises(FileNotFoundError, match="No adapter weights in .*expected adapter_model.safetensors"):
@@ -154,8 +168,12 @@ def test_failed_save_leaves_previous_adapter_intact(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="No space left"):
         newer.save_pretrained(tmp_path)
     monkeypatch.undo()
-    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == saved  # no temp files left, nothing changed
-    torch.testing.assert_close(logits(peftkit.PeftModel.from_pretrained(tiny_llama(), tmp_path)), logits(good))
+    assert {
+        p.name: p.read_bytes() for p in tmp_path.iterdir()
+    } == saved  # no temp files left, nothing changed
+    torch.testing.assert_close(
+        logits(peftkit.PeftModel.from_pretrained(tiny_llama(), tmp_path)), logits(good)
+    )
 
 
 def test_atomic_write_replaces_whole_file(tmp_path):
@@ -192,8 +210,10 @@ def test_modules_to_save_head_is_trained_saved_and_switched(tmp_path):
     assert isinstance(model, peftkit.PeftModelForSequenceClassification)
     assert model.peft_config["default"].modules_to_save == ["classifier", "score"]
     head = [n for n, p in model.named_parameters() if p.requires_grad and "classifier" in n]
-    assert sorted(head) == ["base_model.model.classifier.modules_to_save.default.bias",
-                            "base_model.model.classifier.modules_to_save.default.weight"]
+    assert sorted(head) == [
+        "base_model.model.classifier.modules_to_save.default.bias",
+        "base_model.model.classifier.modules_to_save.default.weight",
+    ]
     with torch.no_grad():
         model.base_model.model.classifier.modules_to_save["default"].weight.add_(1.0)
     model.save_pretrained(tmp_path)

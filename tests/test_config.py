@@ -40,8 +40,14 @@ def test_invalid_values_raise_with_what_is_allowed(kwargs, fragment):
 
 
 def test_json_round_trip(tmp_path):
-    cfg = peftkit.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], use_dora=True, rank_pattern={"v": 2},
-                             task_type=peftkit.TaskType.CAUSAL_LM, init_lora_weights="gaussian")
+    cfg = peftkit.LoraConfig(
+        r=4,
+        target_modules=["q_proj", "v_proj"],
+        use_dora=True,
+        rank_pattern={"v": 2},
+        task_type=peftkit.TaskType.CAUSAL_LM,
+        init_lora_weights="gaussian",
+    )
     cfg.save_pretrained(tmp_path)
     back = peftkit.PeftConfig.from_pretrained(tmp_path)
     assert isinstance(back, peftkit.LoraConfig) and back == cfg
@@ -84,8 +90,24 @@ def test_config_errors_name_file_and_key(tmp_path):
 def test_default_targets_agree_with_hf_peft():
     from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as HF
 
-    required = ["llama", "mistral", "qwen2", "qwen3", "gemma", "phi", "gpt2", "gpt_neox", "gptj", "opt", "bloom",
-                "falcon", "bert", "roberta", "t5", "bart"]
+    required = [
+        "llama",
+        "mistral",
+        "qwen2",
+        "qwen3",
+        "gemma",
+        "phi",
+        "gpt2",
+        "gpt_neox",
+        "gptj",
+        "opt",
+        "bloom",
+        "falcon",
+        "bert",
+        "roberta",
+        "t5",
+        "bart",
+    ]
     for model_type in required:
         assert model_type in DEFAULT_TARGETS, model_type
     for model_type, targets in DEFAULT_TARGETS.items():

@@ -36,7 +36,9 @@ def loss_of(model, case: Case, inputs) -> torch.Tensor:
     out = model(**inputs)
     y = output_tensor(out).float()
     if case.task_type == "CAUSAL_LM":
-        return torch.nn.functional.cross_entropy(y[:, :-1].flatten(0, 1), inputs["input_ids"][:, 1:].flatten())
+        return torch.nn.functional.cross_entropy(
+            y[:, :-1].flatten(0, 1), inputs["input_ids"][:, 1:].flatten()
+        )
     if case.task_type == "SEQ_CLS":
         return torch.nn.functional.cross_entropy(y, torch.arange(y.shape[0]) % y.shape[-1])
     return (y - torch.linspace(-1, 1, y.numel()).reshape(y.shape)).pow(2).mean()

@@ -24,8 +24,9 @@ def _module_of(memory_key: str, adapter_name: str) -> str:
     return head.rsplit(".", 1)[0] if "." in head else head
 
 
-def copy_adapter_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], adapter_name: str,
-                         source: str) -> LoadResult:
+def copy_adapter_tensors(
+    model: nn.Module, tensors: dict[str, torch.Tensor], adapter_name: str, source: str
+) -> LoadResult:
     """Load file tensors (HF peft keys) into `adapter_name` of `model`.
 
     Raises:
@@ -53,9 +54,14 @@ def copy_adapter_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], ada
             loaded.add(mem_key)
     missing = [k for k in key_map if k not in loaded]
     if missing:
-        warnings.warn(f"{source}: adapter {adapter_name!r} has no tensors for {len(missing)} keys, e.g. "
-                      f"{missing[:3]}; they keep their initial values", stacklevel=3)
+        warnings.warn(
+            f"{source}: adapter {adapter_name!r} has no tensors for {len(missing)} keys, e.g. "
+            f"{missing[:3]}; they keep their initial values",
+            stacklevel=3,
+        )
     if unexpected:
-        warnings.warn(f"{source}: {len(unexpected)} tensors match no module of this model, e.g. {unexpected[:3]}",
-                      stacklevel=3)
+        warnings.warn(
+            f"{source}: {len(unexpected)} tensors match no module of this model, e.g. {unexpected[:3]}",
+            stacklevel=3,
+        )
     return LoadResult(missing, unexpected)

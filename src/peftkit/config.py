@@ -63,8 +63,17 @@ _UNSUPPORTED_IF_SET = {
 # Fields HF peft writes that carry no behaviour for peftkit (bookkeeping or features' sub-configs whose
 # default is "off"); read and dropped without a warning.
 _IGNORED_FIELDS = {
-    "peft_version", "megatron_core", "loftq_config", "eva_config", "corda_config", "qalora_group_size",
-    "kasa_config", "lora_ga_config", "monteclora_config", "velora_config", "runtime_config",
+    "peft_version",
+    "megatron_core",
+    "loftq_config",
+    "eva_config",
+    "corda_config",
+    "qalora_group_size",
+    "kasa_config",
+    "lora_ga_config",
+    "monteclora_config",
+    "velora_config",
+    "runtime_config",
 }
 
 
@@ -149,7 +158,9 @@ class PeftConfig:
                 kwargs[key] = value
             elif key in _UNSUPPORTED_IF_SET:
                 if value not in (_UNSUPPORTED_IF_SET[key], {}, []):
-                    raise ValueError(f"{source}: key {key!r}={value!r} asks for a feature peftkit does not support")
+                    raise ValueError(
+                        f"{source}: key {key!r}={value!r} asks for a feature peftkit does not support"
+                    )
             elif key not in _IGNORED_FIELDS:
                 unknown.append(key)
         if unknown:
@@ -170,12 +181,15 @@ class PeftConfig:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as err:
-            raise ValueError(f"{path}: not valid JSON (line {err.lineno}, column {err.colno}: {err.msg})") from None
+            raise ValueError(
+                f"{path}: not valid JSON (line {err.lineno}, column {err.colno}: {err.msg})"
+            ) from None
         return cls.from_dict(data, source=path)
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, subfolder: str | None = None,
-                        **kwargs: Any) -> PeftConfig:
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: str | os.PathLike, subfolder: str | None = None, **kwargs: Any
+    ) -> PeftConfig:
         """Load the config from an adapter folder (local path, or a Hub id when the hub is reachable)."""
         from .io import resolve_adapter_file
 

@@ -18,17 +18,45 @@ except ImportError:  # pragma: no cover - transformers is a dependency
 # LoRA paper adapts). The values match HF peft's defaults, so `LoraConfig()` means the same in both.
 DEFAULT_TARGETS: dict[str, list[str]] = {
     **dict.fromkeys(
-        ["llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma", "gemma2",
-         "gemma3_text", "gptj", "opt", "bart", "mbart", "stablelm", "starcoder2", "olmo", "olmo2", "cohere",
-         "granite", "smollm3", "blenderbot", "pegasus", "marian", "m2m_100", "whisper", "persimmon"],
+        [
+            "llama",
+            "mistral",
+            "mixtral",
+            "qwen2",
+            "qwen2_moe",
+            "qwen3",
+            "qwen3_moe",
+            "gemma",
+            "gemma2",
+            "gemma3_text",
+            "gptj",
+            "opt",
+            "bart",
+            "mbart",
+            "stablelm",
+            "starcoder2",
+            "olmo",
+            "olmo2",
+            "cohere",
+            "granite",
+            "smollm3",
+            "blenderbot",
+            "pegasus",
+            "marian",
+            "m2m_100",
+            "whisper",
+            "persimmon",
+        ],
         ["q_proj", "v_proj"],
     ),
     "phi": ["q_proj", "v_proj", "fc1", "fc2"],
     "phi3": ["qkv_proj"],
     **dict.fromkeys(["gpt2", "gpt_bigcode"], ["c_attn"]),
     **dict.fromkeys(["gpt_neox", "bloom", "falcon", "chatglm", "glm"], ["query_key_value"]),
-    **dict.fromkeys(["bert", "roberta", "xlm-roberta", "electra", "camembert", "layoutlm", "megatron-bert"],
-                    ["query", "value"]),
+    **dict.fromkeys(
+        ["bert", "roberta", "xlm-roberta", "electra", "camembert", "layoutlm", "megatron-bert"],
+        ["query", "value"],
+    ),
     "deberta": ["in_proj"],
     "deberta-v2": ["query_proj", "value_proj"],
     "distilbert": ["q_lin", "v_lin"],
@@ -94,7 +122,7 @@ def default_targets(model: nn.Module) -> list[str]:
     hint = ", ".join(all_linear_names(model)[:12])
     raise ValueError(
         f"No default target_modules for model_type {model_type!r}; set target_modules explicitly "
-        f"(a list of module names, a regex, or \"all-linear\"). Linear layers in this model: {hint}"
+        f'(a list of module names, a regex, or "all-linear"). Linear layers in this model: {hint}'
     )
 
 

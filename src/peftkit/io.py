@@ -69,8 +69,9 @@ def adapter_key_map(root: nn.Module, adapter_name: str) -> dict[str, str]:
     return out
 
 
-def resolve_adapter_file(model_id: str | os.PathLike, filename: str, subfolder: str | None = None,
-                         **hub_kwargs: Any) -> str:
+def resolve_adapter_file(
+    model_id: str | os.PathLike, filename: str, subfolder: str | None = None, **hub_kwargs: Any
+) -> str:
     """Path of `filename` in a local adapter folder, or downloaded from the Hub for a repo id."""
     model_id = os.fspath(model_id)
     local_dir = os.path.join(model_id, subfolder) if subfolder else model_id
@@ -81,7 +82,9 @@ def resolve_adapter_file(model_id: str | os.PathLike, filename: str, subfolder: 
     try:
         from huggingface_hub import hf_hub_download
 
-        keep = {k: v for k, v in hub_kwargs.items() if k in ("revision", "cache_dir", "token", "force_download")}
+        keep = {
+            k: v for k, v in hub_kwargs.items() if k in ("revision", "cache_dir", "token", "force_download")
+        }
         return hf_hub_download(model_id, filename, subfolder=subfolder, **keep)
     except Exception as err:  # offline, missing repo, missing file: one clear message
         raise FileNotFoundError(

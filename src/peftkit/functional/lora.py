@@ -59,7 +59,9 @@ def _per_row(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return v.reshape(-1, *([1] * (like.dim() - 1)))
 
 
-def dora_merge(weight: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def dora_merge(
+    weight: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """DoRA's merged weight `m * (W + dW) / ||W + dW||_row`.
 
     Args:
@@ -72,14 +74,20 @@ def dora_merge(weight: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tenso
     return combined * _per_row(magnitude / norm, combined), norm
 
 
-def dora_unmerge(merged: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor,
-                 norm: torch.Tensor) -> torch.Tensor:
+def dora_unmerge(
+    merged: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor, norm: torch.Tensor
+) -> torch.Tensor:
     """Invert `dora_merge` with the norms it returned: W = merged * norm / m - dW."""
     return merged * _per_row(norm / magnitude, merged) - delta
 
 
-def dora_output(base_out: torch.Tensor, base_no_bias: torch.Tensor, lora_out: torch.Tensor,
-                weight_norm: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
+def dora_output(
+    base_out: torch.Tensor,
+    base_no_bias: torch.Tensor,
+    lora_out: torch.Tensor,
+    weight_norm: torch.Tensor,
+    magnitude: torch.Tensor,
+) -> torch.Tensor:
     """DoRA's layer output from the unmerged pieces, equal to running the merged weight.
 
     Args:
@@ -99,5 +107,6 @@ def dora_output(base_out: torch.Tensor, base_no_bias: torch.Tensor, lora_out: to
 
 def embed_with(x: torch.Tensor, table: torch.Tensor, base: torch.nn.Embedding) -> torch.Tensor:
     """Look rows of `table` (num_embeddings, d) up with the base embedding's options. x: (...) -> (..., d)."""
-    return F.embedding(x, table, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq,
-                       base.sparse)
+    return F.embedding(
+        x, table, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse
+    )

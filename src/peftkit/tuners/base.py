@@ -142,7 +142,9 @@ class AdapterLayer(nn.Module):
         while self.merged_adapters:
             name = self.merged_adapters.pop()
             with torch.no_grad():
-                weight.data.copy_(self.unmerge_weight(weight.detach().clone(), name, self._unmerge_state.pop(name)))
+                weight.data.copy_(
+                    self.unmerge_weight(weight.detach().clone(), name, self._unmerge_state.pop(name))
+                )
             self._merge_bias(name, -1)
 
     def _merge_bias(self, adapter_name: str, sign: int) -> None:
@@ -166,8 +168,9 @@ class BaseTuner(nn.Module):
 
     prefix: str = ""
 
-    def __init__(self, model: nn.Module, config: PeftConfig, adapter_name: str = "default",
-                 init_weights: bool = True) -> None:
+    def __init__(
+        self, model: nn.Module, config: PeftConfig, adapter_name: str = "default", init_weights: bool = True
+    ) -> None:
         super().__init__()
         self.model = model
         self.peft_config: dict[str, PeftConfig] = {}
@@ -186,8 +189,9 @@ class BaseTuner(nn.Module):
             return getattr(self.model, name)
 
     # ----- injection ---------------------------------------------------------------------------------------
-    def create_layer(self, target: nn.Module, config: PeftConfig, adapter_name: str, key: str,
-                     init_weights: bool = True) -> AdapterLayer:
+    def create_layer(
+        self, target: nn.Module, config: PeftConfig, adapter_name: str, key: str, init_weights: bool = True
+    ) -> AdapterLayer:
         """A new adapter layer wrapping `target`; `init_weights=False` when a file's tensors will overwrite it
         (so inits that rewrite the base weight, like PiSSA, are not applied twice)."""
         raise NotImplementedError
@@ -209,7 +213,9 @@ class BaseTuner(nn.Module):
             if isinstance(target, AdapterLayer):
                 target.update_layer(adapter_name, config, init_weights=init_weights)
             else:
-                setattr(parent, child_name, self.create_layer(target, config, adapter_name, key, init_weights))
+                setattr(
+                    parent, child_name, self.create_layer(target, config, adapter_name, key, init_weights)
+                )
         self.peft_config[adapter_name] = config
         self.set_adapter(self.active_adapter)
 
@@ -275,10 +281,14 @@ class BaseTuner(nn.Module):
         for _, layer in self.adapter_layers():
             layer.unmerge()
 
-    def _unload(self, merge: bool, safe_merge: bool = False, adapter_names: list[str] | None = None) -> nn.Module:
+    def _unload(
+        self, merge: bool, safe_merge: bool = False, adapter_names: list[str] | None = None
+    ) -> nn.Module:
         """Replace every adapter layer by its base layer (merged first if asked); returns the bare model."""
         if merge:
-            self.merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)  # all-or-nothing check first
+            self.merge_adapter(
+                adapter_names=adapter_names, safe_merge=safe_merge
+            )  # all-or-nothing check first
         for key, layer in list(self.adapter_layers()):
             parent, _, child_name = get_submodule_parent(self.model, key)
             if not merge:
@@ -287,8 +297,9 @@ class BaseTuner(nn.Module):
         self.peft_config.clear()
         return self.model
 
-    def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
-                         adapter_names: list[str] | None = None) -> nn.Module:
+    def merge_and_unload(
+        self, progressbar: bool = False, safe_merge: bool = False, adapter_names: list[str] | None = None
+    ) -> nn.Module:
         """Fold the active (or given) adapters into the weights and return the plain base model."""
         return self._unload(merge=True, safe_merge=safe_merge, adapter_names=adapter_names)
 

@@ -108,8 +108,14 @@ class LoraConfig(PeftConfig):
 class LoraLayer(AdapterLayer):
     """Shared state of the LoRA layers: rank, alpha, scaling and DoRA flag per adapter."""
 
-    adapter_attrs = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector",
-                     "lora_dropout")
+    adapter_attrs = (
+        "lora_A",
+        "lora_B",
+        "lora_embedding_A",
+        "lora_embedding_B",
+        "lora_magnitude_vector",
+        "lora_dropout",
+    )
 
     def __init__(self, base_layer: nn.Module, module_name: str = "") -> None:
         super().__init__(base_layer, module_name)
@@ -155,7 +161,9 @@ class LoraLayer(AdapterLayer):
                 w = self._weight_rows().float()
                 norm = FL.row_norm(w + self._delta_rows(adapter_name).float())
             shape = self._magnitude_shape(norm.shape[0])
-            self.lora_magnitude_vector[adapter_name] = nn.Parameter(norm.reshape(shape).to(self._adapter_dtype()))
+            self.lora_magnitude_vector[adapter_name] = nn.Parameter(
+                norm.reshape(shape).to(self._adapter_dtype())
+            )
         self.set_adapter(self.active_adapters or [adapter_name])
 
     def _magnitude_shape(self, out: int) -> tuple[int, ...]:
@@ -194,16 +202,21 @@ class LoraLayer(AdapterLayer):
         if not self.use_dora[adapter_name]:
             return super().merge_weight(weight, adapter_name)
         rows = self._weight_rows().detach()
-        merged, norm = FL.dora_merge(rows, self._delta_rows(adapter_name).to(rows.dtype),
-                                     self._magnitude(adapter_name).to(rows.dtype))
+        merged, norm = FL.dora_merge(
+            rows, self._delta_rows(adapter_name).to(rows.dtype), self._magnitude(adapter_name).to(rows.dtype)
+        )
         return self._from_rows(merged), norm
 
     def unmerge_weight(self, weight: torch.Tensor, adapter_name: str, state: Any) -> torch.Tensor:
         if not self.use_dora[adapter_name]:
             return super().unmerge_weight(weight, adapter_name, state)
         rows = self._weight_rows().detach()
-        orig = FL.dora_unmerge(rows, self._delta_rows(adapter_name).to(rows.dtype),
-                               self._magnitude(adapter_name).to(rows.dtype), state)
+        orig = FL.dora_unmerge(
+            rows,
+            self._delta_rows(adapter_name).to(rows.dtype),
+            self._magnitude(adapter_name).to(rows.dtype),
+            state,
+        )
         return self._from_rows(orig)
 
     def _dora_norm(self, adapter_name: str) -> torch.Tensor:
@@ -219,7 +232,9 @@ class LoraLinear(LoraLayer):
         super().__init__(base_layer, module_name)
         self.transposed = isinstance(Conv1D, type) and isinstance(base_layer, Conv1D)
         w = base_layer.weight
-        self.in_features, self.out_features = (w.shape[0], w.shape[1]) if self.transposed else (w.shape[1], w.shape[0])
+        self.in_features, self.out_features = (
+            (w.shape[0], w.shape[1]) if self.transposed else (w.shape[1], w.shape[0])
+        )
 
     def _create(self, adapter_name: str, r: int) -> None:
         self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False)
@@ -269,8 +284,9 @@ class LoraLinear(LoraLayer):
         return w.T if self.transposed else w
 
     def _delta_rows(self, adapter_name: str) -> torch.Tensor:
-        return FL.linear_delta(self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight,
-                               self.scaling[adapter_name])
+        return FL.linear_delta(
+            self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight, self.scaling[adapter_name]
+        )
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """x: (..., in) -> (..., out)."""
@@ -286,8 +302,13 @@ class LoraLinear(LoraLayer):
                 base_nb = result if self.bias is None else result - self.bias
             else:
                 base_nb = F.linear(xa, self._weight_rows().to(xa.dtype))
-            result = FL.dora_output(result, base_nb.to(lora.dtype), lora, self._dora_norm(name).to(lora.dtype),
-                                    self._magnitude(name)).to(result.dtype)
+            result = FL.dora_output(
+                result,
+                base_nb.to(lora.dtype),
+                lora,
+                self._dora_norm(name).to(lora.dtype),
+                self._magnitude(name),
+            ).to(result.dtype)
         return result
 
 
@@ -312,7 +333,9 @@ class LoraEmbedding(LoraLayer):
                 nn.init.normal_(A)
                 nn.init.normal_(B)
             else:
-                raise ValueError(f"init_lora_weights={init!r} is not supported for Embedding ({self.module_name})")
+                raise ValueError(
+                    f"init_lora_weights={init!r} is not supported for Embedding ({self.module_name})"
+                )
 
     def update_layer(self, adapter_name: str, config: LoraConfig, init_weights: bool = True) -> None:
         if config.use_dora:
@@ -326,8 +349,11 @@ class LoraEmbedding(LoraLayer):
         return w.T
 
     def _delta_rows(self, adapter_name: str) -> torch.Tensor:
-        return FL.embedding_delta(self.lora_embedding_A[adapter_name], self.lora_embedding_B[adapter_name],
-                                  self.scaling[adapter_name]).T
+        return FL.embedding_delta(
+            self.lora_embedding_A[adapter_name],
+            self.lora_embedding_B[adapter_name],
+            self.scaling[adapter_name],
+        ).T
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """x: (...) token ids -> (..., dim)."""
@@ -345,9 +371,12 @@ class LoraConv2d(LoraLayer):
     def _create(self, adapter_name: str, r: int) -> None:
         base = self.base_layer
         if base.groups != 1:
-            raise ValueError(f"LoRA on grouped Conv2d (groups={base.groups}) is not supported ({self.module_name})")
-        self.lora_A[adapter_name] = nn.Conv2d(base.in_channels, r, base.kernel_size, base.stride, base.padding,
-                                              base.dilation, bias=False)
+            raise ValueError(
+                f"LoRA on grouped Conv2d (groups={base.groups}) is not supported ({self.module_name})"
+            )
+        self.lora_A[adapter_name] = nn.Conv2d(
+            base.in_channels, r, base.kernel_size, base.stride, base.padding, base.dilation, bias=False
+        )
         self.lora_B[adapter_name] = nn.Conv2d(r, base.out_channels, 1, 1, bias=False)
 
     def _init_weights(self, adapter_name: str, init: bool | str) -> None:
@@ -361,15 +390,18 @@ class LoraConv2d(LoraLayer):
             elif init is True:
                 nn.init.kaiming_uniform_(A, a=math.sqrt(5))
             else:
-                raise ValueError(f"init_lora_weights={init!r} is not supported for Conv2d ({self.module_name})")
+                raise ValueError(
+                    f"init_lora_weights={init!r} is not supported for Conv2d ({self.module_name})"
+                )
             nn.init.zeros_(B)
 
     def _magnitude_shape(self, out: int) -> tuple[int, ...]:
         return (1, out, 1, 1)
 
     def _delta_rows(self, adapter_name: str) -> torch.Tensor:
-        return FL.conv2d_delta(self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight,
-                               self.scaling[adapter_name])
+        return FL.conv2d_delta(
+            self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight, self.scaling[adapter_name]
+        )
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """x: (N, in, H, W) -> (N, out, H', W')."""
@@ -385,9 +417,16 @@ class LoraConv2d(LoraLayer):
                 base_nb = result if self.bias is None else result - self.bias.reshape(1, -1, 1, 1)
             else:
                 base = self.base_layer
-                base_nb = F.conv2d(xa, base.weight.to(xa.dtype), None, base.stride, base.padding, base.dilation)
-            result = FL.dora_output(result, base_nb.to(lora.dtype), lora, self._dora_norm(name).to(lora.dtype),
-                                    self._magnitude(name)).to(result.dtype)
+                base_nb = F.conv2d(
+                    xa, base.weight.to(xa.dtype), None, base.stride, base.padding, base.dilation
+                )
+            result = FL.dora_output(
+                result,
+                base_nb.to(lora.dtype),
+                lora,
+                self._dora_norm(name).to(lora.dtype),
+                self._magnitude(name),
+            ).to(result.dtype)
         return result
 
 
@@ -404,8 +443,9 @@ class LoraModel(BaseTuner):
             return dataclasses.replace(config, target_modules=all_linear_names(self.model, skip=skip))
         return config
 
-    def create_layer(self, target: nn.Module, config: LoraConfig, adapter_name: str, key: str,
-                     init_weights: bool = True) -> LoraLayer:
+    def create_layer(
+        self, target: nn.Module, config: LoraConfig, adapter_name: str, key: str, init_weights: bool = True
+    ) -> LoraLayer:
         if isinstance(target, nn.Embedding):
             layer: LoraLayer = LoraEmbedding(target, key)
         elif isinstance(target, nn.Conv2d):
@@ -418,14 +458,16 @@ class LoraModel(BaseTuner):
                 "and Conv2d. Narrow target_modules (e.g. add exclude_modules) so it matches only those."
             )
         layer.update_layer(adapter_name, config, init_weights)
-        layer.set_adapter(self.active_adapters if adapter_name not in self.active_adapters else [adapter_name])
+        layer.set_adapter(
+            self.active_adapters if adapter_name not in self.active_adapters else [adapter_name]
+        )
         return layer
 
     def mark_extra_trainable(self, config: LoraConfig) -> None:
         """Make biases trainable for `bias="all"` (every bias) or `"lora_only"` (biases of adapted layers)."""
         if config.bias == "none" or config.inference_mode:
             return
-        for name, module in self.model.named_modules():
+        for _name, module in self.model.named_modules():
             bias = getattr(module, "bias", None)
             if not isinstance(bias, nn.Parameter):
                 continue
