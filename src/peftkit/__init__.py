@@ -3,6 +3,7 @@
 `import peftkit as peft` runs code written for HF peft and reads and writes the same adapter files.
 """
 
+from . import optimizers
 from .config import PeftConfig, PeftType, TaskType
 from .peft_model import (
     PeftModel,
