@@ -115,18 +115,29 @@ class PeftModel(PreTrainedModel):
     def enable_input_require_grads(self) -> None:
         self.get_base_model().enable_input_require_grads()
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **kwargs: Any) -> None:
         """Checkpoint the base model's blocks. With frozen embeddings, the first block's input would not
         require grad and reentrant checkpointing would drop every gradient, so the embedding output is made
-        to require grad."""
+        to require grad.
+
+        `kwargs` (transformers 5: `every_n_layers`, `offload`) are passed on: `Trainer` reaches this override
+        through `PreTrainedModel.activation_checkpointing_enable`, which forwards them."""
         base = self.get_base_model()
-        kwargs = {} if gradient_checkpointing_kwargs is None else {"gradient_checkpointing_kwargs": gradient_checkpointing_kwargs}
-        base.gradient_checkpointing_enable(**kwargs)
+        if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5; the old name is deprecated
+            base.activation_checkpointing_enable(
+                activation_checkpointing_kwargs=gradient_checkpointing_kwargs, **kwargs
+            )
+        else:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs, **kwargs)
         if hasattr(base, "enable_input_require_grads"):
             base.enable_input_require_grads()
 
     def gradient_checkpointing_disable(self) -> None:
-        self.get_base_model().gradient_checkpointing_disable()
+        base = self.get_base_model()
+        if hasattr(base, "activation_checkpointing_disable"):
+            base.activation_checkpointing_disable()
+        else:
+            base.gradient_checkpointing_disable()
 
     # ----- parameters ------------------------------------------------------------------------------------------
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
