@@ -5,6 +5,7 @@
 
 from . import optimizers
 from .config import PeftConfig, PeftType, TaskType
+from .fused_loss import set_fused_causal_lm_loss
 from .peft_model import (
     PeftModel,
     PeftModelForCausalLM,
@@ -35,4 +36,5 @@ __all__ = [
     "TaskType",
     "get_peft_model",
     "register_peft_method",
+    "set_fused_causal_lm_loss",
 ]

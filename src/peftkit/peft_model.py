@@ -20,6 +20,7 @@ from transformers import PreTrainedModel
 
 from . import io
 from .config import PeftConfig
+from .fused_loss import try_fused_forward
 from .modules_to_save import ModulesToSaveWrapper
 from .registry import get_method
 
@@ -412,7 +413,17 @@ class PeftModelForCausalLM(PeftModel):
                 inputs_embeds: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 output_attentions: bool | None = None, output_hidden_states: bool | None = None,
                 return_dict: bool | None = None, task_ids: torch.Tensor | None = None, **kwargs: Any) -> Any:
-        """input_ids: (batch, seq); labels: (batch, seq) with -100 where no loss is taken."""
+        """input_ids: (batch, seq); labels: (batch, seq) with -100 where no loss is taken.
+
+        Training with labels (train mode, grad enabled) on a standard transformers causal LM takes the loss
+        without materialising the (batch, seq, vocab) logits and returns `logits=None`; the loss and its
+        gradients equal the plain path's. See `peftkit.fused_loss` (and `set_fused_causal_lm_loss`).
+        """
+        extra = {"output_attentions": output_attentions, "output_hidden_states": output_hidden_states, **kwargs}
+        body_kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "inputs_embeds": inputs_embeds}
+        fused = try_fused_forward(self, self.get_base_model(), labels, return_dict, {**body_kwargs, **extra})
+        if fused is not None:
+            return fused
         return self.base_model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
                                labels=labels, output_attentions=output_attentions,
                                output_hidden_states=output_hidden_states, return_dict=return_dict, **kwargs)
