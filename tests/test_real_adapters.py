@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import functools
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -110,6 +110,13 @@ def _pristine_base(folder: str) -> nn.Module:
     spec = next(a for a in LORA_ADAPTERS if a.folder == folder)
     torch.manual_seed(SEED)
     return spec.build().eval()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _free_bases() -> Iterator[None]:
+    """The cached bases hold ~2 GB; release them when this module is done."""
+    yield
+    _pristine_base.cache_clear()
 
 
 def fresh_base(spec: RealAdapter) -> nn.Module:
