@@ -7,3 +7,9 @@ The CLI prints its message as one line and exits non-zero, without a traceback u
 
 class PeftkitError(Exception):
     """An error caused by user input; its message says what is wrong and what would be right."""
+
+
+class Interrupted(PeftkitError):
+    """Training stopped by Ctrl-C / SIGTERM after saving a checkpoint; exits with status 130."""
+
+    exit_code = 130

@@ -5,21 +5,13 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 from peftkit.train.data import IGNORE_INDEX, Example, Tokenized, collate, encode_prompt
 
 
-def response_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Summed next-token cross-entropy over response tokens, and how many there were.
-
-    logits: ``[batch, seq, vocab]``; labels: ``[batch, seq]`` with -100 on prompt and padding.
-    Returning the sum (not the mean) lets gradient accumulation divide by the step's total token count.
-    """
-    shift_logits = logits[:, :-1].reshape(-1, logits.size(-1)).float()
-    shift_labels = labels[:, 1:].reshape(-1)
-    loss = F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX, reduction="sum")
-    return loss, int((shift_labels != IGNORE_INDEX).sum())
+def count_targets(labels: torch.Tensor) -> int:
+    """Number of predicted (response) tokens in ``labels`` ``[batch, seq]``: positions 1.. not -100."""
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
 
 
 @torch.no_grad()
@@ -31,9 +23,9 @@ def eval_loss(model, items: list[Tokenized], pad_id: int, batch_size: int = 16) 
     order = sorted(range(len(items)), key=lambda i: len(items[i].input_ids))
     for start in range(0, len(order), batch_size):
         batch = collate([items[i] for i in order[start : start + batch_size]], pad_id)
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        loss, n = response_loss(logits, batch["labels"])
-        total, count = total + float(loss), count + n
+        n = count_targets(batch["labels"])
+        loss_sum = model(**batch, num_items_in_batch=1).loss  # num_items_in_batch=1: the summed loss
+        total, count = total + float(loss_sum), count + n
     model.train(was_training)
     mean = total / max(count, 1)
     return {"loss": mean, "perplexity": math.exp(min(mean, 50.0)), "tokens": count}

@@ -34,7 +34,7 @@ class TrainOptions:
     dropout: float = _opt(0.0, "dropout on the adapter input")
     targets: list[str] | None = _opt(None, "module names to adapt, e.g. q_proj v_proj (default: all linear layers of the attention and MLP blocks)", nargs="+")
     epochs: float = _opt(1.0, "passes over the training data (ignored when --max-steps is set)")
-    max_steps: int | None = _opt(120, "optimizer steps to run (overrides --epochs; 0 = use --epochs)")
+    max_steps: int | None = _opt(80, "optimizer steps to run (overrides --epochs; 0 = use --epochs)")
     batch_size: int = _opt(8, "rows per micro-batch")
     grad_accum: int = _opt(1, "micro-batches per optimizer step")
     lr: float = _opt(2e-3, "peak learning rate (AdamW)")

@@ -1,0 +1,136 @@
+"""The ``peftkit`` command: ``train``, ``generate``, ``eval``, ``merge`` and ``info``.
+
+The command depends on the library, never the reverse. User mistakes surface as one line on stderr and a
+non-zero exit; ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+
+from peftkit.train.errors import PeftkitError
+
+EPILOG = "Run `peftkit train` with no arguments to fine-tune the embedded SmolLM2-135M-Instruct on the bundled dataset."
+
+
+def _add_train_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per TrainOptions field; defaults stay None so a config file value is only overridden when given."""
+    from peftkit.train.options import FIELDS
+
+    for name, f in FIELDS.items():
+        flag, kind = "--" + name.replace("_", "-"), str(f.type)
+        help_text = f.metadata["help"] + (f" (default: {f.default})" if f.default is not None else "")
+        if kind == "bool":
+            p.add_argument(flag, action="store_true", default=None, help=help_text)
+            continue
+        value_type = int if "int" in kind else float if "float" in kind else str
+        nargs = f.metadata.get("nargs")
+        p.add_argument(flag, type=value_type, nargs=nargs, default=None, metavar=name.upper(), help=help_text)
+    p.add_argument("--config", metavar="FILE", help="YAML or JSON file of the options above (flags override it)")
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="peftkit", description="Parameter-efficient fine-tuning from the command line.",
+                                     epilog=EPILOG)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("train", help="fine-tune a causal LM with an adapter (LoRA, DoRA)", epilog=EPILOG)
+    _add_train_flags(p)
+    _add_common(p)
+
+    model_help = "base model: a local HF folder or Hub id (default: the embedded SmolLM2-135M-Instruct)"
+    p = sub.add_parser("generate", help="generate from the base model plus adapters, once or as a chat")
+    p.add_argument("prompt", nargs="?", help="the user message; omit it for an interactive chat")
+    p.add_argument("--model", help=model_help)
+    p.add_argument("--adapter", action="append", default=[], metavar="DIR",
+                   help="adapter folder; repeat to compare several (one answer each)")
+    p.add_argument("--base", action="store_true", help="also answer with the base model (adapters disabled)")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate per answer (default: 128)")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy (default: 0)")
+    _add_common(p)
+
+    p = sub.add_parser("eval", help="loss, perplexity and exact match on a dataset, with or without an adapter")
+    p.add_argument("--data", nargs="+", help="dataset files or a datasets Hub name (default: the bundled held-out set)")
+    p.add_argument("--model", help=model_help)
+    p.add_argument("--adapter", metavar="DIR", help="adapter folder to evaluate (default: the base model alone)")
+    p.add_argument("--max-length", type=int, default=256, help="truncate rows to this many tokens (default: 256)")
+    p.add_argument("--limit", type=int, default=0, help="evaluate at most this many rows (default: 0 = all)")
+    p.add_argument("--batch-size", type=int, default=16, help="rows per forward pass (default: 16)")
+    p.add_argument("--no-exact-match", action="store_true", help="skip generation; report loss and perplexity only")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="tokens to generate for exact match (default: longest reference answer + 8)")
+    _add_common(p)
+
+    p = sub.add_parser("merge", help="fold an adapter into the base weights; write a plain transformers model folder")
+    p.add_argument("adapter", help="adapter folder")
+    p.add_argument("--model", help=model_help)
+    p.add_argument("--output", required=True, help="folder for the merged model (config, safetensors, tokenizer)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output folder")
+    _add_common(p)
+
+    p = sub.add_parser("info", help="describe an adapter folder: method, targets, rank, parameters, size, base model")
+    p.add_argument("adapter", help="adapter folder (adapter_config.json + adapter_model.safetensors)")
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    _add_common(p)
+    return parser
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from peftkit.train.loop import train
+    from peftkit.train.options import FIELDS, load_config_file, make_options
+
+    file_values = load_config_file(args.config) if args.config else {}
+    flags = {name: getattr(args, name) for name in FIELDS}
+    report = train(make_options(file_values, flags), progress=not args.no_progress, say=_say)
+    print(report["markdown"])
+    return 0
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def dispatch(args: argparse.Namespace) -> int:
+    from peftkit.train import commands
+
+    handlers = {"train": run_train, "generate": commands.generate, "eval": commands.evaluate,
+                "merge": commands.merge, "info": commands.info}
+    return handlers[args.command](args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``peftkit`` console script; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        return dispatch(args)
+    except PeftkitError as e:
+        if args.debug:
+            raise
+        print(f"peftkit {args.command}: error: {e}", file=sys.stderr)
+        return getattr(e, "exit_code", 1)
+    except (ValueError, FileNotFoundError, OSError) as e:  # the library's own input errors
+        if args.debug:
+            raise
+        print(f"peftkit {args.command}: error: {_one_line(e)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print(f"peftkit {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return text or type(e).__name__
+
+
+if __name__ == "__main__":
+    sys.exit(main())

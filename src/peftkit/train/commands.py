@@ -1,0 +1,168 @@
+"""The CLI's other commands: ``generate``, ``eval``, ``merge`` and ``info``."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from peftkit.train.data import encode_prompt, load_examples, tokenize_all
+from peftkit.train.errors import PeftkitError
+from peftkit.train.evaluate import default_max_new_tokens, eval_loss, exact_match
+from peftkit.train.modeling import load_model_and_tokenizer, set_threads
+
+
+def _check_adapter_dir(path: str) -> Path:
+    folder = Path(path).expanduser()
+    if not (folder / "adapter_config.json").is_file():
+        raise PeftkitError(f"not an adapter folder: {path} (adapter_config.json not found)")
+    return folder
+
+
+def load_with_adapters(model: str | None, adapters: list[str], progress: bool):
+    """Base model plus each adapter under its folder name; returns ``(model, tokenizer, adapter_names)``."""
+    import peftkit
+
+    folders = [_check_adapter_dir(a) for a in adapters]
+    base, tokenizer, _ = load_model_and_tokenizer(model, progress)
+    if not folders:
+        return base.eval(), tokenizer, []
+    names = [f"{i}-{f.resolve().name}" for i, f in enumerate(folders)]
+    wrapped = peftkit.PeftModel.from_pretrained(base, str(folders[0]), adapter_name=names[0])
+    for name, folder in zip(names[1:], folders[1:]):
+        wrapped.load_adapter(str(folder), adapter_name=name)
+    return wrapped.eval(), tokenizer, names
+
+
+@torch.no_grad()
+def _answer(model, tokenizer, messages: list[dict], args) -> str:
+    ids = torch.tensor([encode_prompt(tokenizer, tuple(messages))])  # [1, prompt_len]
+    sample = args.temperature > 0
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_new_tokens,
+                         do_sample=sample, temperature=args.temperature if sample else None, top_p=None, top_k=None,
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
+
+
+def _answers(model, tokenizer, names: list[str], messages: list[dict], args) -> list[tuple[str, str]]:
+    """One (label, answer) per adapter, plus the base model when asked (or when there is no adapter)."""
+    results = []
+    if args.base or not names:
+        if names:
+            with model.disable_adapter():
+                results.append(("base", _answer(model, tokenizer, messages, args)))
+        else:
+            results.append(("base", _answer(model, tokenizer, messages, args)))
+    for name in names:
+        model.set_adapter(name)
+        results.append((name, _answer(model, tokenizer, messages, args)))
+    return results
+
+
+def generate(args) -> int:
+    """Answer one prompt, or chat interactively (history kept per session, `/quit` to stop)."""
+    set_threads(None)
+    model, tokenizer, names = load_with_adapters(args.model, args.adapter, not args.no_progress)
+    if args.prompt is not None:
+        for label, text in _answers(model, tokenizer, names, [{"role": "user", "content": args.prompt}], args):
+            print(f"[{label}] {text}" if len(names) + args.base > 1 else text)
+        return 0
+    print("Interactive chat; /reset clears the history, /quit (or Ctrl-D) exits.", file=sys.stderr)
+    history: list[dict] = []
+    while True:
+        try:
+            line = input("you> ").strip()
+        except EOFError:
+            return 0
+        if line in {"/quit", "/exit"}:
+            return 0
+        if line == "/reset" or not line:
+            history = [] if line == "/reset" else history
+            continue
+        history.append({"role": "user", "content": line})
+        answers = _answers(model, tokenizer, names, history, args)
+        for label, text in answers:
+            print(f"[{label}] {text}" if len(answers) > 1 else text)
+        history.append({"role": "assistant", "content": answers[-1][1]})
+
+
+def evaluate(args) -> int:
+    """Print loss, perplexity and (unless --no-exact-match) exact match on a dataset."""
+    from peftkit.train.loop import BUNDLED_EVAL, bundled
+
+    set_threads(None)
+    rows = load_examples(args.data or [bundled(BUNDLED_EVAL)])
+    rows = rows[: args.limit] if args.limit else rows
+    model, tokenizer, _ = load_with_adapters(args.model, [args.adapter] if args.adapter else [], not args.no_progress)
+    items = tokenize_all(tokenizer, rows, args.max_length, "evaluation")
+    result = {"rows": len(rows), **eval_loss(model, items, tokenizer.pad_token_id, args.batch_size)}
+    if not args.no_exact_match:
+        max_new = args.max_new_tokens or default_max_new_tokens(tokenizer, rows)
+        em = exact_match(model, tokenizer, rows, max_new, batch_size=args.batch_size)
+        result.update(exact_match=em["exact_match"], correct=em["correct"])
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def merge(args) -> int:
+    """Merge the adapter into the base weights and save a plain transformers folder (atomically)."""
+    out = Path(args.output).expanduser()
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise PeftkitError(f"merge output {out} is not empty; pass --overwrite to replace it")
+    set_threads(None)
+    model, tokenizer, _ = load_with_adapters(args.model, [args.adapter], not args.no_progress)
+    merged = model.merge_and_unload()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        merged.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"merged model written to {out} (load it with AutoModelForCausalLM.from_pretrained)")
+    return 0
+
+
+def info(args) -> int:
+    """Describe an adapter folder without loading its base model."""
+    from safetensors import safe_open
+
+    folder = _check_adapter_dir(args.adapter)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    weights = folder / "adapter_model.safetensors"
+    params = 0
+    if weights.is_file():
+        with safe_open(str(weights), framework="pt") as f:
+            params = sum(f.get_slice(k).get_shape().numel() if hasattr(f.get_slice(k).get_shape(), "numel")
+                         else _numel(f.get_slice(k).get_shape()) for k in f.keys())
+    targets = config.get("target_modules")
+    summary = {
+        "method": config.get("peft_type") + (" (DoRA)" if config.get("use_dora") else ""),
+        "base_model": config.get("base_model_name_or_path"),
+        "task_type": config.get("task_type"),
+        "r": config.get("r"), "alpha": config.get("lora_alpha"),
+        "target_modules": sorted(targets) if isinstance(targets, list) else targets,
+        "parameters": params,
+        "size_bytes": sum(p.stat().st_size for p in folder.glob("adapter_model.*")),
+    }
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        for key, value in summary.items():
+            print(f"{key:>15}: {value if value is not None else '-'}")
+    return 0
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n

@@ -1,0 +1,293 @@
+"""The training loop of ``peftkit train``: read it top to bottom.
+
+setup (threads, seed, output folder) -> model + data -> held-out metrics before -> wrap with the adapter
+-> AdamW + warmup/decay schedule -> steps of gradient-accumulated micro-batches (clip, step, log,
+checkpoint) -> held-out metrics after -> final adapter, metrics, loss curve, report.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import resource
+import shutil
+import signal
+import sys
+import time
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from peftkit.train import checkpoint as ckpt
+from peftkit.train.data import collate, length_grouped_batches, load_examples, split_examples, tokenize_all
+from peftkit.train.errors import Interrupted, PeftkitError
+from peftkit.train.evaluate import count_targets, default_max_new_tokens, eval_loss, exact_match
+from peftkit.train.methods import build_peft_config
+from peftkit.train.modeling import load_model_and_tokenizer, set_threads
+from peftkit.train.options import RUN_DEFINING, TrainOptions
+from peftkit.train.report import adapter_size_bytes, plot_loss_curve, write_reports
+
+BUNDLED_TRAIN, BUNDLED_EVAL = "dates_train.jsonl", "dates_eval.jsonl"
+
+
+def bundled(name: str) -> str:
+    """Path of a dataset file shipped inside the package."""
+    return str(resources.files("peftkit").joinpath("data", name))
+
+
+def train(o: TrainOptions, progress: bool = True, say=print) -> dict:
+    """Run one fine-tuning job as described by ``o``; returns the report dict (also written to disk)."""
+    t_start = time.time()
+    threads = set_threads(o.threads)
+    output = Path(o.output).expanduser()
+    prepare_output(o, output)
+    random.seed(o.seed)
+    torch.manual_seed(o.seed)
+
+    # ---- model and data
+    base, tokenizer, model_name = load_model_and_tokenizer(o.model, progress)
+    train_rows, eval_rows = load_data(o)
+    train_items = tokenize_all(tokenizer, train_rows, o.max_length, "training")
+    eval_rows = eval_rows[: o.eval_limit] if o.eval_limit else eval_rows
+    eval_items = tokenize_all(tokenizer, eval_rows, o.max_length, "held-out") if eval_rows else []
+    pad_id = tokenizer.pad_token_id
+    max_new = o.max_new_tokens or (default_max_new_tokens(tokenizer, eval_rows) if eval_rows else 0)
+    say(f"model {model_name}; {len(train_items)} training rows, {len(eval_rows)} held-out rows; {threads} threads")
+
+    # ---- held-out metrics of the base model
+    before = held_out_metrics(base, tokenizer, eval_rows, eval_items, max_new, progress, "before")
+
+    # ---- the adapter: fresh, or the last checkpoint when resuming
+    resume_from = ckpt.latest_checkpoint(output) if o.resume else None
+    model = wrap_model(base, o, resume_from)
+    trainable, total = model.get_nb_trainable_parameters()
+    params = [p for _, p in sorted(model.named_parameters()) if p.requires_grad]  # name order: stable on resume
+    optimizer = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
+    batches_per_epoch = math.ceil(len(train_items) / o.batch_size)
+    total_steps = o.max_steps or max(1, math.ceil(o.epochs * batches_per_epoch / o.grad_accum))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(o.scheduler, o.warmup, total_steps))
+    step = ckpt.load_trainer_state(resume_from, optimizer, scheduler) if resume_from else 0
+    ckpt.write_json_atomic(output / "run_config.json", {**o.to_dict(), "resolved_model": model_name})
+    metrics = MetricsLog(output / "metrics.jsonl", keep_until=step)
+    if step == 0 and before:
+        metrics.write({"step": 0, "eval_loss": before["loss"]["loss"]})
+    say(f"training {trainable:,} of {total:,} parameters ({100 * trainable / total:.3f}%) for {total_steps} steps"
+        + (f", resuming at step {step} from {resume_from}" if resume_from else ""))
+
+    # ---- the loop
+    lengths = [len(t.input_ids) for t in train_items]
+    stream = micro_batches(lengths, o.batch_size, o.seed, start=step * o.grad_accum)
+    bar = _progress_bar(total_steps, step, progress)
+    model.train()
+    t_train, tokens_seen, window = time.time(), 0, {"loss": 0.0, "tokens": 0, "targets": 0, "t": time.time()}
+    last_loss = None
+    try:
+        with _sigterm_as_interrupt():
+            while step < total_steps:
+                chunks = [collate([train_items[i] for i in next(stream)], pad_id) for _ in range(o.grad_accum)]
+                n_targets = sum(count_targets(c["labels"]) for c in chunks)  # loss = sum over the step / this
+                for batch in chunks:
+                    loss = model(**batch, num_items_in_batch=n_targets).loss
+                    loss.backward()
+                    window["loss"] += float(loss) * n_targets
+                    window["tokens"] += int(batch["attention_mask"].sum())
+                window["targets"] += n_targets
+                if o.max_grad_norm:
+                    torch.nn.utils.clip_grad_norm_(params, o.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                bar.update()
+                if step % o.log_every == 0 or step == total_steps:
+                    row = metrics.log_window(step, window, scheduler.get_last_lr()[0])
+                    tokens_seen, last_loss = tokens_seen + row["tokens"], row["loss"]
+                    bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
+                if o.save_every and step % o.save_every == 0 and step < total_steps:
+                    ckpt.save_checkpoint(model, optimizer, scheduler, step, output)
+    except KeyboardInterrupt:
+        bar.close()
+        folder = ckpt.save_checkpoint(model, optimizer, scheduler, step, output)
+        raise Interrupted(f"interrupted at step {step}/{total_steps}; checkpoint saved to {folder}; "
+                          f"continue with --resume --output {o.output}") from None
+    bar.close()
+    train_seconds = time.time() - t_train
+
+    # ---- held-out metrics after, final artifacts
+    after = held_out_metrics(model, tokenizer, eval_rows, eval_items, max_new, progress, "after")
+    if after:
+        metrics.write({"step": step, "eval_loss": after["loss"]["loss"]})
+    ckpt.save_adapter_atomic(model, output / "adapter")
+    plot_note = plot_loss_curve(output / "metrics.jsonl", output / "loss_curve.png")
+    report = {
+        "model": model_name, "method": o.method, "r": o.r, "alpha": o.alpha,
+        "target_modules": sorted(model.peft_config["default"].target_modules or []),
+        "trainable_params": trainable, "total_params": total, "trainable_percent": 100 * trainable / total,
+        "adapter_bytes": adapter_size_bytes(output / "adapter"), "output": str(output / "adapter"),
+        "steps": step, "train_rows": len(train_items), "tokens": tokens_seen,
+        "wall_seconds": time.time() - t_start, "train_seconds": train_seconds,
+        "tokens_per_second": tokens_seen / max(train_seconds, 1e-9), "peak_rss_mb": peak_rss_mb(),
+        "final_train_loss": last_loss, "threads": threads, "plot_note": plot_note,
+        "eval": _eval_summary(before, after),
+    }
+    report["markdown"] = write_reports(output, report)
+    return report
+
+
+# ---------------------------------------------------------------- the pieces the loop calls
+
+
+def prepare_output(o: TrainOptions, output: Path) -> None:
+    """Refuse to mix runs: a non-empty folder needs --overwrite (or --resume with the same settings)."""
+    if o.resume:
+        saved = output / "run_config.json"
+        if not saved.is_file():
+            raise PeftkitError(f"--resume: no run to continue in {output} (run_config.json not found)")
+        old, new = json.loads(saved.read_text()), o.to_dict()
+        changed = [f"{k} (was {old.get(k)!r}, now {new[k]!r})" for k in RUN_DEFINING if old.get(k) != new[k]]
+        if changed:
+            raise PeftkitError(f"--resume: {output} holds a run with different settings: {', '.join(changed)}")
+        if ckpt.latest_checkpoint(output) is None:
+            raise PeftkitError(f"--resume: {output} has no checkpoint yet; run again with --overwrite")
+        return
+    if output.exists() and not output.is_dir():
+        raise PeftkitError(f"--output {output} is a file; expected a folder")
+    if output.is_dir() and any(output.iterdir()):
+        if not o.overwrite:
+            raise PeftkitError(f"output folder {output} already holds files (another run?); pass --overwrite to "
+                               "replace it, --resume to continue it, or choose another --output")
+        for stale in ("metrics.jsonl", "checkpoints"):  # the old adapter stays until the new one replaces it
+            path = output / stale
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+    output.mkdir(parents=True, exist_ok=True)
+
+
+def load_data(o: TrainOptions):
+    """Training and held-out examples: --data/--eval-data/--eval-split, or the bundled set."""
+    if not o.data:
+        train_rows = load_examples([bundled(BUNDLED_TRAIN)])
+        eval_rows = load_examples(o.eval_data or [bundled(BUNDLED_EVAL)])
+        return train_rows, eval_rows
+    train_rows = load_examples(o.data)
+    if o.eval_data:
+        return train_rows, load_examples(o.eval_data)
+    if o.eval_split:
+        return split_examples(train_rows, o.eval_split, o.seed)
+    return train_rows, []
+
+
+def wrap_model(base, o: TrainOptions, resume_from: Path | None):
+    """The base model with a trainable adapter: a new one, or the one saved in ``resume_from``."""
+    import peftkit
+
+    if resume_from is not None:
+        return peftkit.PeftModel.from_pretrained(base, str(resume_from), is_trainable=True)
+    targets = o.targets or ["all-linear"]
+    knobs = {"r": o.r, "alpha": o.alpha, "dropout": o.dropout,
+             "targets": "all-linear" if targets == ["all-linear"] else list(targets)}
+    return peftkit.get_peft_model(base, build_peft_config(o.method, knobs))
+
+
+def lr_factor(kind: str, warmup: int, total: int):
+    """Multiplier of the peak lr after ``step`` optimizer steps: linear warmup, then linear/cosine/constant."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        done = (step - warmup) / max(1, total - warmup)
+        if kind == "linear":
+            return max(0.0, 1.0 - done)
+        if kind == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(done, 1.0)))
+        return 1.0
+
+    return factor
+
+
+def micro_batches(lengths: list[int], batch_size: int, seed: int, start: int = 0):
+    """Endless stream of index batches, epoch after epoch (epoch e shuffled with seed + e); skips ``start``."""
+    per_epoch = math.ceil(len(lengths) / batch_size)
+    epoch, index = divmod(start, per_epoch)
+    while True:
+        batches = length_grouped_batches(lengths, batch_size, seed + epoch)
+        yield from batches[index:]
+        epoch, index = epoch + 1, 0
+
+
+def held_out_metrics(model, tokenizer, rows, items, max_new: int, progress: bool, when: str) -> dict | None:
+    """Held-out loss/perplexity and exact match of ``model`` (None when there is no held-out data)."""
+    if not rows:
+        return None
+    from tqdm.auto import tqdm
+
+    loss = eval_loss(model, items, tokenizer.pad_token_id)
+    with tqdm(total=len(rows), desc=f"exact match ({when})", disable=not progress, leave=False) as bar:
+        em = exact_match(model, tokenizer, rows, max_new, progress=bar)
+    return {"loss": loss, "exact_match": em}
+
+
+def _eval_summary(before: dict | None, after: dict | None) -> dict | None:
+    if not before or not after:
+        return None
+    return {"before": before["loss"], "after": after["loss"],
+            "exact_match_before": before["exact_match"], "exact_match_after": after["exact_match"]}
+
+
+class MetricsLog:
+    """Append-only metrics.jsonl; on resume, rows after the checkpoint's step are dropped first."""
+
+    def __init__(self, path: Path, keep_until: int):
+        rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
+        kept = [r for r in rows if r["step"] <= keep_until] if keep_until else []
+        ckpt.write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
+        self.path = path
+
+    def write(self, row: dict) -> None:
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def log_window(self, step: int, window: dict, lr: float) -> dict:
+        """Write the mean loss and tokens/s since the last row, and reset the window."""
+        now = time.time()
+        row = {"step": step, "loss": window["loss"] / max(window["targets"], 1), "lr": lr,
+               "tokens": window["tokens"], "tokens_per_s": window["tokens"] / max(now - window["t"], 1e-9)}
+        self.write(row)
+        window.update(loss=0.0, tokens=0, targets=0, t=now)
+        return row
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
+
+
+def _progress_bar(total: int, initial: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc="training", unit="step", disable=not enabled, dynamic_ncols=True)
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+class _sigterm_as_interrupt:
+    """Treat SIGTERM like Ctrl-C inside the loop, so a killed run still saves a checkpoint."""
+
+    def __enter__(self):
+        try:
+            self.old = signal.signal(signal.SIGTERM, _raise_interrupt)
+        except ValueError:  # not the main thread
+            self.old = None
+        return self
+
+    def __exit__(self, *exc):
+        if self.old is not None:
+            signal.signal(signal.SIGTERM, self.old)
+        return False
