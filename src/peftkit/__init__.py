@@ -17,11 +17,14 @@ from .peft_model import (
     get_peft_model,
 )
 from .registry import register_peft_method
+from .tuners.adalora import AdaLoraConfig, AdaLoraModel
 from .tuners.lora import LoraConfig, LoraModel
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdaLoraConfig",
+    "AdaLoraModel",
     "LoraConfig",
     "LoraModel",
     "PeftConfig",

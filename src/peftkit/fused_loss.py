@@ -78,6 +78,15 @@ def _asks_for_more(kwargs: dict[str, Any]) -> bool:
     )
 
 
+def _tuner_is_passthrough(model: nn.Module) -> bool:
+    """True when the method's tuner forward just calls the model: a tuner that adds to the loss (AdaLoRA's
+    orthogonality penalty) or changes the inputs (prompt learning) needs the plain path."""
+    from .tuners.base import BaseTuner
+
+    tuner = getattr(model, "base_model", None)
+    return isinstance(tuner, BaseTuner) and type(tuner).forward is BaseTuner.forward
+
+
 def try_fused_forward(
     model: nn.Module,
     base: nn.Module,
@@ -93,7 +102,7 @@ def try_fused_forward(
         return None
     if not (model.training and torch.is_grad_enabled()) or return_dict is False:
         return None
-    if _asks_for_more(body_kwargs):
+    if _asks_for_more(body_kwargs) or not _tuner_is_passthrough(model):
         return None
     parts = _body_and_head(base)
     if parts is None:

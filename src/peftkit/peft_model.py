@@ -286,7 +286,7 @@ class PeftModel(PreTrainedModel):
         keys = io.adapter_key_map(self, name)
         out = {disk: source[mem] for mem, disk in keys.items()}
         out.update({k: source[k] for k in self._extra_saved_keys(name, source, save_embedding_layers)})
-        return out
+        return self.base_model.tensors_for_saving(name, out)
 
     def _extra_saved_keys(self, adapter_name: str, source: dict[str, torch.Tensor],
                           save_embedding_layers: str | bool) -> list[str]:
@@ -388,6 +388,7 @@ class PeftModel(PreTrainedModel):
         """Copy file tensors into `adapter_name`, checking every shape; errors name module and shapes."""
         from .adapter_loading import copy_adapter_tensors
 
+        self.base_model.before_loading(adapter_name)
         return copy_adapter_tensors(self, tensors, adapter_name, source)
 
     @classmethod

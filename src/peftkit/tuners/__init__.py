@@ -1,3 +1,4 @@
 """One file per PEFT method; importing this package registers them all."""
 
 from . import lora  # noqa: F401
+from . import adalora  # noqa: F401

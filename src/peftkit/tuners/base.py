@@ -219,6 +219,13 @@ class BaseTuner(nn.Module):
         self.peft_config[adapter_name] = config
         self.set_adapter(self.active_adapter)
 
+    def tensors_for_saving(self, adapter_name: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Hook: adjust an adapter's file tensors before they are written (AdaLoRA drops pruned ranks)."""
+        return tensors
+
+    def before_loading(self, adapter_name: str) -> None:
+        """Hook: reshape an injected adapter to the saved one before its tensors are copied in."""
+
     def mark_extra_trainable(self, config: PeftConfig) -> None:
         """Hook: make non-adapter parameters trainable as the config asks (e.g. LoRA's `bias`)."""
 

@@ -86,6 +86,9 @@ class LoraConfig(PeftConfig):
             )
         if self.layers_pattern is not None and self.layers_to_transform is None:
             raise ValueError("LoraConfig: layers_pattern only applies together with layers_to_transform")
+        self._validate_patterns()
+
+    def _validate_patterns(self) -> None:
         for pattern, value in {**self.rank_pattern, **self.alpha_pattern}.items():
             if value <= 0:
                 raise ValueError(f"LoraConfig: rank/alpha pattern {pattern!r} must be > 0, got {value!r}")

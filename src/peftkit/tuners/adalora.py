@@ -1,0 +1,270 @@
+"""AdaLoRA: LoRA in SVD form whose rank is reallocated during training toward a total budget.
+
+Call `model.base_model.update_and_allocate(step)` after `loss.backward()` each step (before zeroing
+grads). The final allocation is stored in the config's `rank_pattern` ({"<module>.lora_E": [keep, ...]});
+saving drops the pruned ranks and loading shrinks the layers to match, as HF peft does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..functional import adalora as FA
+from ..inject import LINEAR_TYPES, Conv1D
+from ..registry import register_peft_method
+from .base import AdapterLayer
+from .lora import LoraConfig, LoraModel
+
+
+@dataclass
+class AdaLoraConfig(LoraConfig):
+    """AdaLoRA settings (HF peft's names and defaults) on top of LoraConfig's.
+
+    Attributes:
+        target_r: average rank per layer the budget shrinks to.
+        init_r: starting rank of every layer.
+        tinit / tfinal: steps of warm-up (full budget) and of final fine-tuning (fixed allocation).
+        deltaT: steps between two reallocations.
+        beta1 / beta2: EMA factors of the sensitivity and of its uncertainty.
+        orth_reg_weight: weight of the orthogonality penalty added to the loss.
+        total_step: total training steps (required: the budget schedule depends on it).
+        rank_pattern: the allocation found by training ({"<module>.lora_E": [bool] * init_r}).
+    """
+
+    target_r: int = 8
+    init_r: int = 12
+    tinit: int = 0
+    tfinal: int = 0
+    deltaT: int = 1
+    beta1: float = 0.85
+    beta2: float = 0.85
+    orth_reg_weight: float = 0.5
+    total_step: int | None = None
+    rank_pattern: dict | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = "ADALORA"
+        if self.use_dora:
+            raise ValueError("AdaLoraConfig: AdaLoRA does not support DoRA (use_dora=True)")
+        if self.total_step is None or self.total_step <= 0:
+            raise ValueError(f"AdaLoraConfig: total_step must be a positive number of steps, got {self.total_step!r}")
+        if self.tinit >= self.total_step - self.tfinal:
+            raise ValueError(
+                f"AdaLoraConfig: tinit ({self.tinit}) must be < total_step - tfinal ({self.total_step - self.tfinal}) "
+                "so that there is a budget phase"
+            )
+        if self.orth_reg_weight < 0:
+            raise ValueError(f"AdaLoraConfig: orth_reg_weight must be >= 0, got {self.orth_reg_weight}")
+        for name in ("beta1", "beta2"):
+            if not 0 < getattr(self, name) < 1:
+                raise ValueError(f"AdaLoraConfig: {name} must be in (0, 1), got {getattr(self, name)}")
+        if min(self.init_r, self.target_r) <= 0 or self.deltaT <= 0:
+            raise ValueError("AdaLoraConfig: init_r, target_r and deltaT must be positive")
+
+    def _validate_patterns(self) -> None:
+        """AdaLoRA's rank_pattern holds keep-masks, not ranks."""
+
+
+class AdaLoraLayer(AdapterLayer):
+    """SVD-form LoRA on Linear or GPT-2 Conv1D. A (r, in), E (r, 1), B (out, r)."""
+
+    adapter_attrs = ("lora_A", "lora_B", "lora_E", "lora_dropout")
+
+    def __init__(self, base_layer: nn.Module, module_name: str = "") -> None:
+        super().__init__(base_layer, module_name)
+        self.transposed = isinstance(Conv1D, type) and isinstance(base_layer, Conv1D)
+        w = base_layer.weight
+        self.in_features, self.out_features = (w.shape[0], w.shape[1]) if self.transposed else (w.shape[1], w.shape[0])
+        self.lora_A = nn.ParameterDict()
+        self.lora_B = nn.ParameterDict()
+        self.lora_E = nn.ParameterDict()
+        self.lora_dropout = nn.ModuleDict()
+        self.scaling: dict[str, float] = {}
+        self.ranknum: dict[str, float] = {}
+
+    def update_layer(self, adapter_name: str, config: AdaLoraConfig, init_weights: bool = True) -> None:
+        r = config.init_r
+        p = config.lora_dropout
+        self.lora_dropout[adapter_name] = nn.Dropout(p) if p > 0 else nn.Identity()
+        dtype = torch.float32 if self.base_layer.weight.dtype in (torch.float16, torch.bfloat16) else None
+        factory = {"device": self.base_layer.weight.device, "dtype": dtype or self.base_layer.weight.dtype}
+        self.lora_A[adapter_name] = nn.Parameter(torch.randn(r, self.in_features, **factory))
+        self.lora_E[adapter_name] = nn.Parameter(torch.randn(r, 1, **factory))
+        self.lora_B[adapter_name] = nn.Parameter(torch.randn(self.out_features, r, **factory))
+        self.scaling[adapter_name] = config.lora_alpha if config.lora_alpha > 0 else float(r)
+        self.ranknum[adapter_name] = float(r)  # the normaliser stays init_r even after pruning
+        if init_weights and config.init_lora_weights:
+            with torch.no_grad():
+                nn.init.zeros_(self.lora_E[adapter_name])
+                nn.init.normal_(self.lora_A[adapter_name], std=0.02)
+                nn.init.normal_(self.lora_B[adapter_name], std=0.02)
+        self.set_adapter(self.active_adapters or [adapter_name])
+
+    def keep_ranks(self, adapter_name: str, keep: torch.Tensor) -> None:
+        """Shrink an adapter to the ranks where `keep` (r,) is True (used when loading a pruned adapter)."""
+        trainable = self.lora_A[adapter_name].requires_grad
+        with torch.no_grad():
+            for attr, sl in (("lora_A", (keep,)), ("lora_E", (keep,)), ("lora_B", (slice(None), keep))):
+                container = getattr(self, attr)
+                container[adapter_name] = nn.Parameter(container[adapter_name][sl].clone(), requires_grad=trainable)
+
+    def delta_weight(self, adapter_name: str) -> torch.Tensor:
+        d = FA.svd_delta(self.lora_A[adapter_name], self.lora_E[adapter_name], self.lora_B[adapter_name],
+                         self.scaling[adapter_name], self.ranknum[adapter_name])
+        return d.T if self.transposed else d
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """x: (..., in) -> (..., out)."""
+        result = self.base_layer(x, *args, **kwargs)
+        for name in self._active_unmerged():
+            A = self.lora_A[name]
+            xa = self.lora_dropout[name](x.to(A.dtype))
+            upd = FA.svd_forward(xa, A, self.lora_E[name], self.lora_B[name], self.scaling[name], self.ranknum[name])
+            result = result + upd.to(result.dtype)
+        return result
+
+
+class RankAllocator:
+    """Tracks smoothed importance of every (A row, E value, B column) triplet and masks E to the budget."""
+
+    def __init__(self, config: AdaLoraConfig, layers: dict[str, AdaLoraLayer], adapter_name: str) -> None:
+        self.config, self.layers, self.adapter = config, layers, adapter_name
+        self.init_budget = sum(layer.lora_E[adapter_name].shape[0] for layer in layers.values())
+        self.target_budget = config.target_r * len(layers)
+        self.reset()
+
+    def reset(self) -> None:
+        self.sensitivity: dict[tuple[str, str], torch.Tensor] = {}
+        self.uncertainty: dict[tuple[str, str], torch.Tensor] = {}
+
+    def update_importance(self) -> None:
+        """EMA of |p * grad| (sensitivity) and of its deviation (uncertainty) for A, E and B."""
+        b1, b2 = self.config.beta1, self.config.beta2
+        with torch.no_grad():
+            for path, layer in self.layers.items():
+                for attr in ("lora_A", "lora_E", "lora_B"):
+                    p = getattr(layer, attr)[self.adapter]
+                    if p.grad is None:
+                        continue
+                    ipt = (p * p.grad).abs()
+                    key = (path, attr)
+                    sens = self.sensitivity.get(key, torch.zeros_like(p)) * b1 + (1 - b1) * ipt
+                    unc = self.uncertainty.get(key, torch.zeros_like(p)) * b2 + (1 - b2) * (ipt - sens).abs()
+                    self.sensitivity[key], self.uncertainty[key] = sens, unc
+
+    def _score(self, path: str, attr: str) -> torch.Tensor:
+        key = (path, attr)
+        return self.sensitivity[key] * self.uncertainty[key] if key in self.sensitivity else torch.zeros(0)
+
+    def mask_to_budget(self, budget: int) -> dict[str, list[bool]]:
+        """Zero the E entries of the least important triplets so `budget` ranks remain; returns the masks."""
+        scores = {}
+        for path, layer in self.layers.items():
+            if (path, "lora_E") not in self.sensitivity:
+                return {}
+            scores[path] = FA.triplet_scores(self._score(path, "lora_A"), self._score(path, "lora_E"),
+                                             self._score(path, "lora_B"))
+        k = self.init_budget - budget
+        threshold = torch.kthvalue(torch.cat(list(scores.values())), k).values.item() if k > 0 else -float("inf")
+        pattern = {}
+        with torch.no_grad():
+            for path, layer in self.layers.items():
+                keep = scores[path] > threshold
+                layer.lora_E[self.adapter].masked_fill_(~keep.view(-1, 1), 0.0)
+                pattern[f"{path}.lora_E"] = keep.tolist()
+        return pattern
+
+    def apply(self, pattern: dict[str, list[bool]]) -> None:
+        """Re-apply a fixed allocation (final phase: pruned values stay zero)."""
+        with torch.no_grad():
+            for path, layer in self.layers.items():
+                keep = torch.tensor(pattern[f"{path}.lora_E"], device=layer.lora_E[self.adapter].device)
+                layer.lora_E[self.adapter].masked_fill_(~keep.view(-1, 1), 0.0)
+
+
+class AdaLoraModel(LoraModel):
+    """Injects AdaLoRA layers; owns the rank allocator of the (single) trainable adapter."""
+
+    prefix = "lora_"
+
+    def __init__(self, model: nn.Module, config: AdaLoraConfig, adapter_name: str = "default",
+                 init_weights: bool = True) -> None:
+        super().__init__(model, config, adapter_name, init_weights=init_weights)
+        self.rankallocator = RankAllocator(self.peft_config[adapter_name], self._svd_layers(adapter_name), adapter_name)
+
+    def _svd_layers(self, adapter_name: str) -> dict[str, AdaLoraLayer]:
+        return {p: m for p, m in self.adapter_layers() if isinstance(m, AdaLoraLayer) and adapter_name in m.lora_E}
+
+    def create_layer(self, target: nn.Module, config: AdaLoraConfig, adapter_name: str, key: str,
+                     init_weights: bool = True) -> AdaLoraLayer:
+        if not isinstance(target, LINEAR_TYPES):
+            raise ValueError(f"Target module {key!r} is a {type(target).__name__}; AdaLoRA supports Linear and Conv1D")
+        layer = AdaLoraLayer(target, key)
+        layer.update_layer(adapter_name, config, init_weights)
+        layer.set_adapter(self.active_adapters)
+        return layer
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """The model's output, with the orthogonality penalty added to `loss` when there is one."""
+        outputs = self.model(*args, **kwargs)
+        loss = getattr(outputs, "loss", None)
+        name = self.active_adapters[0]
+        weight = self.peft_config[name].orth_reg_weight if name in self.peft_config else 0
+        if isinstance(loss, torch.Tensor) and weight > 0:
+            layers = self._svd_layers(name).values()
+            penalty = FA.orthogonal_penalty([m.lora_A[name] for m in layers], [m.lora_B[name] for m in layers])
+            outputs.loss = loss + weight * penalty
+        return outputs
+
+    def update_and_allocate(self, global_step: int) -> None:
+        """Update importance scores and reallocate ranks; call after backward, before zeroing grads."""
+        name = self.active_adapters[0]
+        config, alloc = self.peft_config[name], self.rankallocator
+        final_start = config.total_step - config.tfinal
+        if global_step < final_start:
+            alloc.update_importance()
+            budget, remask = FA.budget_at(global_step, alloc.init_budget, alloc.target_budget, config.tinit,
+                                          config.tfinal, config.total_step, config.deltaT)
+            pattern = alloc.mask_to_budget(budget) if remask else {}
+        elif global_step == final_start:
+            pattern = alloc.mask_to_budget(alloc.target_budget)
+            alloc.reset()
+        else:
+            if config.rank_pattern:
+                alloc.apply(config.rank_pattern)
+            return
+        if pattern:
+            self.peft_config[name] = dataclasses.replace(config, rank_pattern=pattern)
+            alloc.config = self.peft_config[name]
+
+    def tensors_for_saving(self, adapter_name: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Drop pruned ranks, as the reference does, so files are small and interchangeable."""
+        pattern = self.peft_config[adapter_name].rank_pattern
+        if not pattern:
+            return tensors
+        out = dict(tensors)
+        for key, keep in pattern.items():
+            module = key[: -len(".lora_E")]
+            keep_t = torch.tensor(keep)
+            for attr, dim in (("lora_A", 0), ("lora_E", 0), ("lora_B", 1)):
+                file_key = f"base_model.model.{module}.{attr}"
+                if file_key in out and out[file_key].shape[dim] == keep_t.numel():
+                    out[file_key] = out[file_key].index_select(dim, keep_t.nonzero().view(-1))
+        return out
+
+    def before_loading(self, adapter_name: str) -> None:
+        """Shrink layers to a saved rank_pattern so the pruned file tensors fit."""
+        pattern = self.peft_config[adapter_name].rank_pattern
+        for path, layer in self._svd_layers(adapter_name).items():
+            keep = (pattern or {}).get(f"{path}.lora_E")
+            if keep is not None and layer.lora_E[adapter_name].shape[0] == len(keep):
+                layer.keep_ranks(adapter_name, torch.tensor(keep, dtype=torch.bool))
+
+
+register_peft_method(peft_type="ADALORA", config_cls=AdaLoraConfig, tuner_cls=AdaLoraModel, prefix="lora_")
