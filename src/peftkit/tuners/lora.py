@@ -19,6 +19,7 @@ from torch import nn
 
 from ..config import PeftConfig
 from ..functional import lora as FL
+from ..functional.lora_branch import lora_branch_
 from ..inject import LINEAR_TYPES, Conv1D, all_linear_names, default_targets
 from ..registry import register_peft_method
 from .base import AdapterLayer, BaseTuner
@@ -291,11 +292,29 @@ class LoraLinear(LoraLayer):
             self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight, self.scaling[adapter_name]
         )
 
+    def _in_place_ok(self, name: str, result: torch.Tensor, x: torch.Tensor) -> bool:
+        """Whether `lora_branch_` may add this adapter into `result` in place: plain LoRA, a base whose
+        backward does not need its output, one dtype throughout (no autocast), a contiguous output."""
+        base, drop, A = self.base_layer, self.lora_dropout[name], self.lora_A[name].weight
+        return (
+            not self.use_dora[name]
+            and (type(base) is nn.Linear or (isinstance(Conv1D, type) and type(base) is Conv1D))
+            and type(drop) in (nn.Identity, nn.Dropout)
+            and result.dtype == x.dtype == A.dtype == self.lora_B[name].weight.dtype
+            and not torch.is_autocast_enabled(x.device.type)
+            and result.is_contiguous()
+            and result.shape[:-1] == x.shape[:-1]
+        )
+
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """x: (..., in) -> (..., out)."""
         result = self.base_layer(x, *args, **kwargs)
         for name in self._active_unmerged():
             A, B, drop = self.lora_A[name], self.lora_B[name], self.lora_dropout[name]
+            if self._in_place_ok(name, result, x):  # same math, no (N, out) temporaries: see lora_branch
+                p = drop.p if isinstance(drop, nn.Dropout) else 0.0
+                result = lora_branch_(result, x, A.weight, B.weight, self.scaling[name], p, drop.training)
+                continue
             xa = drop(x.to(A.weight.dtype))
             lora = B(A(xa) * self.scaling[name])
             if not self.use_dora[name]:
