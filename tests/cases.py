@@ -113,3 +113,10 @@ CASES: list[Case] = [
     Case("lora-pissa-conv1d", "LORA", M.tiny_gpt2, {"r": 4, "init_lora_weights": "pissa"}, changes_base=True),
     Case("lora-olora", "LORA", M.tiny_llama, {"r": 4, "init_lora_weights": "olora"}, changes_base=True),
 ]
+
+# ----- AdaLoRA (rank reallocation itself is tested in test_adalora.py) -----
+CASES += [
+    Case("adalora-llama", "ADALORA", M.tiny_llama, {"init_r": 4, "target_r": 2, "total_step": 10, **_RANDOM}),
+    Case("adalora-gpt2-conv1d", "ADALORA", M.tiny_gpt2, {"init_r": 4, "total_step": 10, "lora_alpha": 32},
+         identity_init=True),
+]
