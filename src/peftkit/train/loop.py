@@ -47,8 +47,8 @@ def train(o: TrainOptions, progress: bool = True, say=print) -> dict:
     torch.manual_seed(o.seed)
 
     # ---- model and data
+    train_rows, eval_rows = load_data(o)  # before the model: a bad row fails in a second, not a minute
     base, tokenizer, model_name = load_model_and_tokenizer(o.model, progress)
-    train_rows, eval_rows = load_data(o)
     train_items = tokenize_all(tokenizer, train_rows, o.max_length, "training")
     eval_rows = eval_rows[: o.eval_limit] if o.eval_limit else eval_rows
     eval_items = tokenize_all(tokenizer, eval_rows, o.max_length, "held-out") if eval_rows else []
@@ -91,7 +91,7 @@ def train(o: TrainOptions, progress: bool = True, say=print) -> dict:
                 for batch in chunks:
                     loss = model(**batch, num_items_in_batch=n_targets).loss
                     loss.backward()
-                    window["loss"] += float(loss) * n_targets
+                    window["loss"] += loss.detach().item() * n_targets
                     window["tokens"] += int(batch["attention_mask"].sum())
                 window["targets"] += n_targets
                 if o.max_grad_norm:

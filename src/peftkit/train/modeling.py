@@ -23,6 +23,10 @@ def load_model_and_tokenizer(model: str | None, progress: bool = True):
     """Return ``(model, tokenizer, name)`` for a local HF folder, a Hub id, or None (the default model)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if not progress:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     name = resolve_model(model, progress)
     path = Path(name).expanduser()
     if path.exists() and not (path / "config.json").is_file() or (

@@ -106,6 +106,10 @@ def validate(o: TrainOptions) -> None:
     for name, value in positive.items():
         if not isinstance(value, int) or value <= 0:
             raise PeftkitError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
+    from peftkit.train.methods import METHODS
+
+    if o.method not in METHODS:
+        raise PeftkitError(f"unknown --method {o.method!r}; choose one of: {', '.join(METHODS)}")
     if o.scheduler not in ("linear", "cosine", "constant"):
         raise PeftkitError(f"--scheduler must be linear, cosine or constant, got {o.scheduler!r}")
     if o.lr <= 0:

@@ -1,0 +1,109 @@
+"""`peftkit train` end to end on a tiny random Llama: artifacts, resume, Ctrl-C, config files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from peftkit import cli
+
+ARTIFACTS = ["adapter/adapter_config.json", "adapter/adapter_model.safetensors", "run_config.json", "metrics.jsonl",
+             "loss_curve.png", "report.md", "report.json", "checkpoints/step-2/trainer_state.pt",
+             "checkpoints/step-2/adapter_model.safetensors"]
+
+
+def test_train_writes_every_artifact(train_args, tmp_path, capsys):
+    assert cli.main(train_args()) == 0
+    out = tmp_path / "out"
+    for name in ARTIFACTS:
+        assert (out / name).is_file(), name
+    report = json.loads((out / "report.json").read_text())
+    assert report["steps"] == 4 and 0 < report["trainable_percent"] < 100
+    assert report["adapter_bytes"] > 0 and report["peak_rss_mb"] > 0 and report["tokens_per_second"] > 0
+    assert set(report["eval"]) == {"before", "after", "exact_match_before", "exact_match_after"}
+    assert report["eval"]["after"]["loss"] < report["eval"]["before"]["loss"]
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]
+    assert {"lr", "tokens_per_s"} <= set(rows[1]) and "eval_loss" in rows[0] and "eval_loss" in rows[-1]
+    assert "held-out exact match" in capsys.readouterr().out
+
+
+def test_alpaca_template_and_eval_split(tiny_plain_model, data_files, tmp_path):
+    train_file, _ = data_files
+    code = cli.main(["train", "--model", str(tiny_plain_model), "--data", str(train_file), "--eval-split", "0.25",
+                     "--max-steps", "2", "--batch-size", "4", "--threads", "1", "--no-progress",
+                     "--method", "dora", "--targets", "q_proj", "v_proj", "--output", str(tmp_path / "o")])
+    assert code == 0
+    config = json.loads((tmp_path / "o/adapter/adapter_config.json").read_text())
+    assert config["use_dora"] is True and sorted(config["target_modules"]) == ["q_proj", "v_proj"]
+    assert json.loads((tmp_path / "o/report.json").read_text())["eval"]["exact_match_after"]["total"] == 3
+
+
+def _adapter(folder):
+    return load_file(str(folder / "adapter" / "adapter_model.safetensors"))
+
+
+def test_ctrl_c_saves_checkpoint_and_resume_matches_uninterrupted_run(train_args, tmp_path, monkeypatch, capsys):
+    assert cli.main(train_args(tmp_path / "full")) == 0
+
+    clip = torch.nn.utils.clip_grad_norm_
+    calls = {"n": 0}
+
+    def interrupt_on_third_step(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return clip(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", interrupt_on_third_step)
+    assert cli.main(train_args(tmp_path / "cut")) == 130
+    err = capsys.readouterr().err
+    assert "interrupted at step 2/4" in err and "--resume" in err and "Traceback" not in err
+    assert (tmp_path / "cut/checkpoints/step-2/trainer_state.pt").is_file()
+    assert not (tmp_path / "cut/adapter").exists()
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip)
+
+    assert cli.main(train_args(tmp_path / "cut", "--resume")) == 0
+    assert json.loads((tmp_path / "cut/report.json").read_text())["steps"] == 4
+    full, resumed = _adapter(tmp_path / "full"), _adapter(tmp_path / "cut")
+    assert full.keys() == resumed.keys()
+    for key in full:
+        torch.testing.assert_close(resumed[key], full[key], rtol=1e-5, atol=1e-6)
+    steps = [json.loads(x)["step"] for x in (tmp_path / "cut/metrics.jsonl").read_text().splitlines()]
+    assert steps == [0, 1, 2, 3, 4, 4]  # eval at 0, train rows 1-4, eval at the end: no duplicates
+
+
+def test_resume_with_changed_settings_is_refused(train_args, tmp_path, capsys):
+    assert cli.main(train_args()) == 0
+    assert cli.main(train_args(None, "--resume", "--r", "8")) == 1
+    assert "different settings: r (was 4, now 8)" in capsys.readouterr().err
+
+
+def test_config_file_sets_options_and_flags_override(train_args, tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("max_steps: 3\nweight_decay: 0.01\nscheduler: linear\n")
+    assert cli.main([*train_args(), "--config", str(config), "--max-steps", "2"]) == 0
+    saved = json.loads((tmp_path / "out/run_config.json").read_text())
+    assert saved["max_steps"] == 2 and saved["weight_decay"] == 0.01 and saved["scheduler"] == "linear"
+
+
+def test_overwrite_replaces_an_existing_run(train_args, tmp_path):
+    assert cli.main(train_args()) == 0
+    assert cli.main([*train_args(), "--overwrite", "--max-steps", "2"]) == 0
+    assert json.loads((tmp_path / "out/report.json").read_text())["steps"] == 2
+    assert not (tmp_path / "out/checkpoints").exists()  # the old run's checkpoints are gone; step 2 is the last
+
+
+@pytest.mark.parametrize("flag", ["--help"])
+def test_every_flag_has_help(flag, capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["train", flag])
+    text = capsys.readouterr().out
+    for option in ["--model", "--data", "--method", "--r", "--alpha", "--targets", "--resume", "--config", "--debug"]:
+        assert option in text
+    parser = cli.build_parser()
+    for action in parser._subparsers._group_actions[0].choices["train"]._actions:
+        assert action.help, action.dest
