@@ -1,0 +1,109 @@
+"""The other `peftkit` commands (generate, eval, merge, info) and the real console entry point."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from peftkit import cli
+from tests.train.tiny import build_tiny_model, rows, write_jsonl
+
+
+@pytest.fixture(scope="module")
+def tiny_chat_model(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-chat"), chat_template=True)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_chat_model) -> dict:
+    """A tiny model, its data, and an adapter trained on it for a few steps."""
+    root = tmp_path_factory.mktemp("trained")
+    data = write_jsonl(root / "rows.jsonl", rows(8))
+    out = root / "run"
+    code = cli.main(["train", "--model", str(tiny_chat_model), "--data", str(data), "--max-steps", "3",
+                     "--batch-size", "4", "--r", "4", "--lr", "1e-2", "--threads", "1", "--no-progress",
+                     "--output", str(out)])
+    assert code == 0
+    return {"model": tiny_chat_model, "data": data, "adapter": out / "adapter", "root": root}
+
+
+def test_info_describes_the_adapter(trained, capsys):
+    assert cli.main(["info", str(trained["adapter"]), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["method"] == "LORA" and info["r"] == 4 and info["base_model"] == str(trained["model"])
+    assert "q_proj" in info["target_modules"] and info["parameters"] > 0 and info["size_bytes"] > 0
+
+
+def test_info_on_a_non_adapter_folder(tmp_path, capsys):
+    assert cli.main(["info", str(tmp_path)]) == 1
+    assert "not an adapter folder" in capsys.readouterr().err
+
+
+def test_generate_with_two_adapters_and_the_base(trained, capsys):
+    adapter = str(trained["adapter"])
+    argv = ["generate", "cat", "--model", str(trained["model"]), "--adapter", adapter, "--adapter", adapter,
+            "--base", "--max-new-tokens", "4", "--no-progress"]
+    assert cli.main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split("]")[0] for line in lines] == ["[base", "[0-adapter", "[1-adapter"]
+
+
+def test_generate_interactive_chat(trained, monkeypatch, capsys):
+    answers = iter(["hello", "/reset", "again", "/quit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(answers))
+    argv = ["generate", "--model", str(trained["model"]), "--adapter", str(trained["adapter"]),
+            "--max-new-tokens", "3", "--no-progress"]
+    assert cli.main(argv) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 2  # one answer per message
+
+
+def test_eval_with_and_without_adapter(trained, capsys):
+    base = ["eval", "--model", str(trained["model"]), "--data", str(trained["data"]), "--no-progress"]
+    assert cli.main(base) == 0
+    plain = json.loads(capsys.readouterr().out)
+    assert cli.main([*base, "--adapter", str(trained["adapter"])]) == 0
+    adapted = json.loads(capsys.readouterr().out)
+    assert plain["rows"] == 8 and 0 <= adapted["exact_match"] <= 1
+    assert adapted["loss"] < plain["loss"]  # trained on these very rows
+    assert adapted["perplexity"] == pytest.approx(torch.tensor(adapted["loss"]).exp().item(), rel=1e-4)
+
+
+def test_merge_writes_a_plain_transformers_model(trained, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    import peftkit
+
+    out = tmp_path / "merged"
+    argv = ["merge", str(trained["adapter"]), "--model", str(trained["model"]), "--output", str(out), "--no-progress"]
+    assert cli.main(argv) == 0
+    merged = AutoModelForCausalLM.from_pretrained(out)
+    base = AutoModelForCausalLM.from_pretrained(trained["model"])
+    with_adapter = peftkit.PeftModel.from_pretrained(base, str(trained["adapter"])).eval()
+    ids = torch.tensor([[5, 9, 30, 41, 7]])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, with_adapter(ids).logits, rtol=1e-4, atol=1e-5)
+    assert cli.main(argv) == 1 and "not empty" in capsys.readouterr().err
+
+
+def test_console_script_end_to_end(trained, tmp_path):
+    """The real `peftkit` executable (or `python -m peftkit.cli` when not installed) in a subprocess."""
+    exe = shutil.which("peftkit")
+    command = [exe] if exe else [sys.executable, "-m", "peftkit.cli"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    out = tmp_path / "sub"
+    train = [*command, "train", "--model", str(trained["model"]), "--data", str(trained["data"]), "--max-steps", "2",
+             "--batch-size", "4", "--threads", "1", "--no-progress", "--output", str(out)]
+    done = subprocess.run(train, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "# peftkit train report" in done.stdout and (out / "adapter" / "adapter_model.safetensors").is_file()
+    again = subprocess.run(train, capture_output=True, text=True, env=env, timeout=300)
+    assert again.returncode == 1
+    assert again.stderr.strip().splitlines()[-1].startswith("peftkit train: error: output folder")
+    assert "Traceback" not in again.stderr
