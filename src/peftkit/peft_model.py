@@ -430,7 +430,8 @@ class PeftModelForCausalLM(PeftModel):
                                output_hidden_states=output_hidden_states, return_dict=return_dict, **kwargs)
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
-        return self.get_base_model().generate(*args, **kwargs)
+        """The tuner's generate: the base model's, except where a method changes it (prompt learning)."""
+        return self.base_model.generate(*args, **kwargs)
 
     def prepare_inputs_for_generation(self, *args: Any, **kwargs: Any) -> Any:
         return self.get_base_model().prepare_inputs_for_generation(*args, **kwargs)

@@ -180,6 +180,10 @@ class BaseTuner(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.model(*args, **kwargs)
 
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """Generation runs the wrapped model's (adapter layers apply inside it); prompt learning overrides this."""
+        return self.model.generate(*args, **kwargs)
+
     def __getattr__(self, name: str) -> Any:
         try:
             return super().__getattr__(name)
