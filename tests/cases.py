@@ -21,6 +21,11 @@ class Case:
     changes_base: bool = False
     # init that leaves the output unchanged (B = 0): the adapter has no effect until trained
     identity_init: bool = False
+    # the method's init is an identity (IA3 ones, LN tuning copies): the battery adds seeded noise to every
+    # trainable tensor after creation so each check sees a real update
+    perturb: bool = False
+    # learning rate of the loss-falls check; methods that train only a few scale vectors need a larger one
+    lr: float = 3e-2
     task_type: str | None = "CAUSAL_LM"
     extra: dict = field(default_factory=dict)
 
@@ -119,4 +124,35 @@ CASES += [
     Case("adalora-llama", "ADALORA", M.tiny_llama, {"init_r": 4, "target_r": 2, "total_step": 10, **_RANDOM}),
     Case("adalora-gpt2-conv1d", "ADALORA", M.tiny_gpt2, {"init_r": 4, "total_step": 10, "lora_alpha": 32},
          identity_init=True),
+]
+
+# ----- weight-changing methods other than LoRA (IA3, LN tuning, VeRA, LoHa, LoKr) -----
+CASES += [
+    Case(
+        "ia3-llama-all-linear-random-init",
+        "IA3",
+        M.tiny_llama,
+        {"target_modules": "all-linear", "feedforward_modules": ["down_proj"], "init_ia3_weights": False},
+        lr=0.3,
+    ),
+    Case("ia3-gpt2-conv1d", "IA3", M.tiny_gpt2, {}, perturb=True, lr=0.3),
+    Case("ia3-bert-seqcls", "IA3", M.tiny_bert_cls, {}, task_type="SEQ_CLS", perturb=True),
+    Case(
+        "ia3-t5-feedforward",
+        "IA3",
+        M.tiny_t5,
+        {"target_modules": ["k", "v", "wo"], "feedforward_modules": ["wo"]},
+        inputs=M.seq2seq_inputs,
+        task_type="SEQ_2_SEQ_LM",
+        perturb=True,
+    ),
+    Case(
+        "ia3-conv2d",
+        "IA3",
+        M.tiny_convnet,
+        {"target_modules": ["conv1", "conv2", "head"], "feedforward_modules": ["conv2"]},
+        inputs=M.image_inputs,
+        task_type=None,
+        perturb=True,
+    ),
 ]

@@ -12,6 +12,8 @@ from transformers import (
     GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
+    T5Config,
+    T5ForConditionalGeneration,
 )
 
 VOCAB = 128
@@ -53,6 +55,21 @@ def tiny_bert_cls(seed: int = 0) -> nn.Module:
     return BertForSequenceClassification(cfg).eval()
 
 
+def tiny_t5(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    cfg = T5Config(
+        vocab_size=VOCAB,
+        d_model=32,
+        d_kv=8,
+        d_ff=64,
+        num_layers=2,
+        num_decoder_layers=2,
+        num_heads=4,
+        decoder_start_token_id=0,
+    )
+    return T5ForConditionalGeneration(cfg).eval()
+
+
 class ConvNet(nn.Module):
     """A custom (non-transformers) model with Conv2d layers and a Linear head."""
 
@@ -76,6 +93,14 @@ def token_inputs(seed: int = 1, batch: int = 2, seq: int = 8) -> dict:
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(1, VOCAB, (batch, seq), generator=g)
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def seq2seq_inputs(seed: int = 1, batch: int = 2, seq: int = 8, target: int = 6) -> dict:
+    """Encoder ids and mask plus decoder ids, for encoder-decoder LMs (T5)."""
+    g = torch.Generator().manual_seed(seed)
+    inputs = token_inputs(seed, batch, seq)
+    inputs["decoder_input_ids"] = torch.randint(1, VOCAB, (batch, target), generator=g)
+    return inputs
 
 
 def image_inputs(seed: int = 1) -> dict:

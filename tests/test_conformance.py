@@ -24,7 +24,14 @@ def make_config(lib, case: Case):
 
 def build(lib, case: Case, seed: int = 0):
     torch.manual_seed(123)  # adapter init
-    return lib.get_peft_model(case.model(seed), make_config(lib, case))
+    model = lib.get_peft_model(case.model(seed), make_config(lib, case))
+    if case.perturb:
+        g = torch.Generator().manual_seed(7)
+        with torch.no_grad():
+            for _, p in sorted(model.named_parameters()):
+                if p.requires_grad:
+                    p.add_(0.1 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return model
 
 
 def run(model, inputs) -> torch.Tensor:
@@ -86,7 +93,8 @@ def test_merged_equals_unmerged_equals_unloaded(case: Case):
     model.unmerge_adapter()
     torch.testing.assert_close(run(model, inputs), unmerged, atol=ATOL, rtol=1e-5)
     plain = copy.deepcopy(model).merge_and_unload()
-    assert not any("lora_" in n for n, _ in plain.named_parameters())
+    prefix = peftkit.registry.get_method(case.peft_type).prefix
+    assert not any(prefix in n for n, _ in plain.named_parameters())
     torch.testing.assert_close(run(plain, inputs), unmerged, atol=ATOL, rtol=1e-5)
     base = copy.deepcopy(model).unload()
     assert torch.equal(run(base, inputs), run_disabled(model, inputs))
@@ -155,7 +163,7 @@ def test_training_lowers_loss(case: Case):
     model = build(peftkit, case)
     model.train()
     inputs = case.inputs()
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=3e-2)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=case.lr)
     with torch.no_grad():
         first = loss_of(model, case, inputs).item()
     for _ in range(30):

@@ -17,12 +17,15 @@ from .peft_model import (
     get_peft_model,
 )
 from .registry import register_peft_method
+from .tuners.ia3 import IA3Config, IA3Model
 from .tuners.adalora import AdaLoraConfig, AdaLoraModel
 from .tuners.lora import LoraConfig, LoraModel
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "IA3Config",
+    "IA3Model",
     "AdaLoraConfig",
     "AdaLoraModel",
     "LoraConfig",

@@ -3,6 +3,7 @@ that list what the model does contain when a target matches nothing."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Iterable
 from typing import Any
@@ -66,6 +67,68 @@ DEFAULT_TARGETS: dict[str, list[str]] = {
     "codegen": ["qkv_proj"],
 }
 
+# (IA)^3 defaults (HF peft's): the attention keys/values and the MLP output, whose *input* is scaled
+# (`feedforward_modules`, a subset of the targets).
+IA3_DEFAULT_TARGETS: dict[str, list[str]] = {
+    "t5": ["k", "v", "wo"],
+    "mt5": ["k", "v", "wi_1"],
+    **dict.fromkeys(["gpt2", "gpt_bigcode"], ["c_attn", "mlp.c_proj"]),
+    "bloom": ["query_key_value", "mlp.dense_4h_to_h"],
+    **dict.fromkeys(["roberta", "bert"], ["key", "value", "output.dense"]),
+    "deberta-v2": ["key_proj", "value_proj", "output.dense"],
+    "deberta": ["in_proj", "output.dense"],
+    "opt": ["q_proj", "k_proj", "fc2"],
+    "gptj": ["q_proj", "v_proj", "fc_out"],
+    **dict.fromkeys(
+        ["gpt_neox", "falcon", "RefinedWeb", "RefinedWebModel"], ["query_key_value", "dense_4h_to_h"]
+    ),
+    "gpt_neo": ["q_proj", "v_proj", "c_proj"],
+    "bart": ["q_proj", "v_proj", "fc2"],
+    **dict.fromkeys(["llama", "mistral"], ["k_proj", "v_proj", "down_proj"]),
+    "mixtral": ["k_proj", "v_proj", "w2"],
+    "phi": ["q_proj", "v_proj", "fc2"],
+    **dict.fromkeys(
+        ["llama4", "gemma", "gemma2", "gemma3_text", "qwen2", "qwen3"], ["q_proj", "v_proj", "down_proj"]
+    ),
+}
+IA3_DEFAULT_FEEDFORWARD: dict[str, list[str]] = {
+    "t5": ["wo"],
+    "mt5": [],
+    **dict.fromkeys(["gpt2", "gpt_bigcode"], ["mlp.c_proj"]),
+    "bloom": ["mlp.dense_4h_to_h"],
+    **dict.fromkeys(["roberta", "bert", "deberta-v2", "deberta"], ["output.dense"]),
+    **dict.fromkeys(["opt", "bart", "phi"], ["fc2"]),
+    "gptj": ["fc_out"],
+    **dict.fromkeys(["gpt_neox", "falcon", "RefinedWeb", "RefinedWebModel"], ["dense_4h_to_h"]),
+    "gpt_neo": ["c_proj"],
+    "mixtral": ["w2"],
+    **dict.fromkeys(
+        ["llama", "llama4", "mistral", "gemma", "gemma2", "gemma3_text", "qwen2", "qwen3"], ["down_proj"]
+    ),
+}
+# LayerNorm tuning defaults (HF peft's): the norms of each block and the final norm.
+_DECODER_NORMS = ["input_layernorm", "post_attention_layernorm", "norm"]
+_GEMMA_NORMS = [
+    "input_layernorm",
+    "post_attention_layernorm",
+    "pre_feedforward_layernorm",
+    "post_feedforward_layernorm",
+    "norm",
+]
+LN_TUNING_DEFAULT_TARGETS: dict[str, list[str]] = {
+    **dict.fromkeys(["llama", "mistral", "gemma"], _DECODER_NORMS),
+    **dict.fromkeys(["gemma2", "gemma3_text"], _GEMMA_NORMS),
+    **dict.fromkeys(["bloom", "falcon"], ["input_layernorm", "post_attention_layernorm", "ln_f"]),
+    **dict.fromkeys(["t5", "mt5"], ["layer_norm", "final_layer_norm"]),
+    "bart": ["self_attn_layer_norm", "encoder_attn_layer_norm", "final_layer_norm"],
+    "gpt2": ["ln_1", "ln_2", "ln_f"],
+    "gptj": ["ln_1", "ln_f"],
+    "phi": ["input_layernorm", "final_layernorm"],
+    **dict.fromkeys(["qwen2", "qwen3"], ["post_attention_layernorm"]),
+    "llava": ["multi_modal_projector", *_DECODER_NORMS, "embed_tokens", "lm_head"],
+    "blip-2": ["layernorm", "LayerNorm", "final_layer_norm", "self_attn_layer_norm"],
+}
+
 LINEAR_TYPES: tuple[type, ...] = (nn.Linear,) + ((Conv1D,) if isinstance(Conv1D, type) else ())
 SUPPORTED_LEAF_TYPES: tuple[type, ...] = LINEAR_TYPES + (nn.Embedding, nn.Conv2d)
 
@@ -114,16 +177,31 @@ def all_linear_names(model: nn.Module, skip: Iterable[str] = ()) -> list[str]:
     return sorted(n for n in names if n)
 
 
-def default_targets(model: nn.Module) -> list[str]:
-    """The default targets for this architecture; the error says how to choose when there are none."""
+def default_targets(
+    model: nn.Module, table: dict[str, list[str]] | None = None, field: str = "target_modules"
+) -> list[str]:
+    """The default targets for this architecture (from `table`, LoRA's by default); the error says how to
+    choose when there are none."""
+    table = DEFAULT_TARGETS if table is None else table
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type in DEFAULT_TARGETS:
-        return list(DEFAULT_TARGETS[model_type])
+    if model_type in table:
+        return list(table[model_type])
     hint = ", ".join(all_linear_names(model)[:12])
     raise ValueError(
-        f"No default target_modules for model_type {model_type!r}; set target_modules explicitly "
+        f"No default {field} for model_type {model_type!r}; set {field} explicitly "
         f'(a list of module names, a regex, or "all-linear"). Linear layers in this model: {hint}'
     )
+
+
+def resolve_target_modules(model: nn.Module, config: Any, table: dict[str, list[str]] | None = None) -> Any:
+    """`config` with `target_modules` made concrete: the architecture's default (from `table`) when None,
+    every Linear/Conv1D but the output head and `modules_to_save` for `"all-linear"`; returns a new config."""
+    if config.target_modules is None:
+        return dataclasses.replace(config, target_modules=default_targets(model, table))
+    if config.target_modules == "all-linear":
+        skip = getattr(config, "modules_to_save", None) or []
+        return dataclasses.replace(config, target_modules=all_linear_names(model, skip=skip))
+    return config
 
 
 def _candidate_names(model: nn.Module, limit: int = 20) -> str:
@@ -147,7 +225,7 @@ def find_targets(model: nn.Module, config: Any, wrapper_types: tuple[type, ...] 
         ValueError: nothing matched; the message lists the module names the model does have.
     """
     spec = config.target_modules
-    layers = config.layers_to_transform
+    layers = getattr(config, "layers_to_transform", None)  # not every method has these fields
     layers = [layers] if isinstance(layers, int) else layers
     exclude = getattr(config, "exclude_modules", None)
     wrapped: list[str] = []
@@ -161,7 +239,7 @@ def find_targets(model: nn.Module, config: Any, wrapper_types: tuple[type, ...] 
             continue
         if exclude and _matches_names(key, exclude):
             continue
-        if layers is not None and _layer_index(key, config.layers_pattern) not in layers:
+        if layers is not None and _layer_index(key, getattr(config, "layers_pattern", None)) not in layers:
             continue
         keys.append(key)
     if not keys:

@@ -1,4 +1,5 @@
 """One file per PEFT method; importing this package registers them all."""
 
 from . import lora  # noqa: F401
+from . import ia3  # noqa: F401
 from . import adalora  # noqa: F401
