@@ -27,9 +27,28 @@ def trained(tmp_path_factory, tiny_chat_model) -> dict:
     root = tmp_path_factory.mktemp("trained")
     data = write_jsonl(root / "rows.jsonl", rows(8))
     out = root / "run"
-    code = cli.main(["train", "--model", str(tiny_chat_model), "--data", str(data), "--max-steps", "3",
-                     "--batch-size", "4", "--r", "4", "--lr", "1e-2", "--threads", "1", "--no-progress",
-                     "--output", str(out)])
+    code = cli.main(
+        [
+            "train",
+            "--model",
+            str(tiny_chat_model),
+            "--data",
+            str(data),
+            "--max-steps",
+            "3",
+            "--batch-size",
+            "4",
+            "--r",
+            "4",
+            "--lr",
+            "1e-2",
+            "--threads",
+            "1",
+            "--no-progress",
+            "--output",
+            str(out),
+        ]
+    )
     assert code == 0
     return {"model": tiny_chat_model, "data": data, "adapter": out / "adapter", "root": root}
 
@@ -48,8 +67,20 @@ def test_info_on_a_non_adapter_folder(tmp_path, capsys):
 
 def test_generate_with_two_adapters_and_the_base(trained, capsys):
     adapter = str(trained["adapter"])
-    argv = ["generate", "cat", "--model", str(trained["model"]), "--adapter", adapter, "--adapter", adapter,
-            "--base", "--max-new-tokens", "4", "--no-progress"]
+    argv = [
+        "generate",
+        "cat",
+        "--model",
+        str(trained["model"]),
+        "--adapter",
+        adapter,
+        "--adapter",
+        adapter,
+        "--base",
+        "--max-new-tokens",
+        "4",
+        "--no-progress",
+    ]
     assert cli.main(argv) == 0
     lines = capsys.readouterr().out.splitlines()
     assert [line.split("]")[0] for line in lines] == ["[base", "[0-adapter", "[1-adapter"]
@@ -58,8 +89,16 @@ def test_generate_with_two_adapters_and_the_base(trained, capsys):
 def test_generate_interactive_chat(trained, monkeypatch, capsys):
     answers = iter(["hello", "/reset", "again", "/quit"])
     monkeypatch.setattr("builtins.input", lambda prompt="": next(answers))
-    argv = ["generate", "--model", str(trained["model"]), "--adapter", str(trained["adapter"]),
-            "--max-new-tokens", "3", "--no-progress"]
+    argv = [
+        "generate",
+        "--model",
+        str(trained["model"]),
+        "--adapter",
+        str(trained["adapter"]),
+        "--max-new-tokens",
+        "3",
+        "--no-progress",
+    ]
     assert cli.main(argv) == 0
     assert len(capsys.readouterr().out.splitlines()) == 2  # one answer per message
 
@@ -81,7 +120,15 @@ def test_merge_writes_a_plain_transformers_model(trained, tmp_path, capsys):
     import peftkit
 
     out = tmp_path / "merged"
-    argv = ["merge", str(trained["adapter"]), "--model", str(trained["model"]), "--output", str(out), "--no-progress"]
+    argv = [
+        "merge",
+        str(trained["adapter"]),
+        "--model",
+        str(trained["model"]),
+        "--output",
+        str(out),
+        "--no-progress",
+    ]
     assert cli.main(argv) == 0
     merged = AutoModelForCausalLM.from_pretrained(out)
     base = AutoModelForCausalLM.from_pretrained(trained["model"])
@@ -98,11 +145,28 @@ def test_console_script_end_to_end(trained, tmp_path):
     command = [exe] if exe else [sys.executable, "-m", "peftkit.cli"]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
     out = tmp_path / "sub"
-    train = [*command, "train", "--model", str(trained["model"]), "--data", str(trained["data"]), "--max-steps", "2",
-             "--batch-size", "4", "--threads", "1", "--no-progress", "--output", str(out)]
+    train = [
+        *command,
+        "train",
+        "--model",
+        str(trained["model"]),
+        "--data",
+        str(trained["data"]),
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--threads",
+        "1",
+        "--no-progress",
+        "--output",
+        str(out),
+    ]
     done = subprocess.run(train, capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr
-    assert "# peftkit train report" in done.stdout and (out / "adapter" / "adapter_model.safetensors").is_file()
+    assert (
+        "# peftkit train report" in done.stdout and (out / "adapter" / "adapter_model.safetensors").is_file()
+    )
     again = subprocess.run(train, capture_output=True, text=True, env=env, timeout=300)
     assert again.returncode == 1
     assert again.stderr.strip().splitlines()[-1].startswith("peftkit train: error: output folder")

@@ -7,7 +7,6 @@ non-zero exit; ``--debug`` shows the traceback instead.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 
 from peftkit.train.errors import PeftkitError
@@ -28,7 +27,9 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
         value_type = int if "int" in kind else float if "float" in kind else str
         nargs = f.metadata.get("nargs")
         p.add_argument(flag, type=value_type, nargs=nargs, default=None, metavar=name.upper(), help=help_text)
-    p.add_argument("--config", metavar="FILE", help="YAML or JSON file of the options above (flags override it)")
+    p.add_argument(
+        "--config", metavar="FILE", help="YAML or JSON file of the options above (flags override it)"
+    )
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -37,8 +38,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="peftkit", description="Parameter-efficient fine-tuning from the command line.",
-                                     epilog=EPILOG)
+    parser = argparse.ArgumentParser(
+        prog="peftkit", description="Parameter-efficient fine-tuning from the command line.", epilog=EPILOG
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("train", help="fine-tune a causal LM with an adapter (LoRA, DoRA)", epilog=EPILOG)
@@ -49,33 +51,62 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="generate from the base model plus adapters, once or as a chat")
     p.add_argument("prompt", nargs="?", help="the user message; omit it for an interactive chat")
     p.add_argument("--model", help=model_help)
-    p.add_argument("--adapter", action="append", default=[], metavar="DIR",
-                   help="adapter folder; repeat to compare several (one answer each)")
+    p.add_argument(
+        "--adapter",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="adapter folder; repeat to compare several (one answer each)",
+    )
     p.add_argument("--base", action="store_true", help="also answer with the base model (adapters disabled)")
-    p.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate per answer (default: 128)")
-    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy (default: 0)")
+    p.add_argument(
+        "--max-new-tokens", type=int, default=128, help="tokens to generate per answer (default: 128)"
+    )
+    p.add_argument(
+        "--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy (default: 0)"
+    )
     _add_common(p)
 
-    p = sub.add_parser("eval", help="loss, perplexity and exact match on a dataset, with or without an adapter")
-    p.add_argument("--data", nargs="+", help="dataset files or a datasets Hub name (default: the bundled held-out set)")
+    p = sub.add_parser(
+        "eval", help="loss, perplexity and exact match on a dataset, with or without an adapter"
+    )
+    p.add_argument(
+        "--data", nargs="+", help="dataset files or a datasets Hub name (default: the bundled held-out set)"
+    )
     p.add_argument("--model", help=model_help)
-    p.add_argument("--adapter", metavar="DIR", help="adapter folder to evaluate (default: the base model alone)")
-    p.add_argument("--max-length", type=int, default=256, help="truncate rows to this many tokens (default: 256)")
+    p.add_argument(
+        "--adapter", metavar="DIR", help="adapter folder to evaluate (default: the base model alone)"
+    )
+    p.add_argument(
+        "--max-length", type=int, default=256, help="truncate rows to this many tokens (default: 256)"
+    )
     p.add_argument("--limit", type=int, default=0, help="evaluate at most this many rows (default: 0 = all)")
     p.add_argument("--batch-size", type=int, default=16, help="rows per forward pass (default: 16)")
-    p.add_argument("--no-exact-match", action="store_true", help="skip generation; report loss and perplexity only")
-    p.add_argument("--max-new-tokens", type=int, default=None,
-                   help="tokens to generate for exact match (default: longest reference answer + 8)")
+    p.add_argument(
+        "--no-exact-match", action="store_true", help="skip generation; report loss and perplexity only"
+    )
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        help="tokens to generate for exact match (default: longest reference answer + 8)",
+    )
     _add_common(p)
 
-    p = sub.add_parser("merge", help="fold an adapter into the base weights; write a plain transformers model folder")
+    p = sub.add_parser(
+        "merge", help="fold an adapter into the base weights; write a plain transformers model folder"
+    )
     p.add_argument("adapter", help="adapter folder")
     p.add_argument("--model", help=model_help)
-    p.add_argument("--output", required=True, help="folder for the merged model (config, safetensors, tokenizer)")
+    p.add_argument(
+        "--output", required=True, help="folder for the merged model (config, safetensors, tokenizer)"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output folder")
     _add_common(p)
 
-    p = sub.add_parser("info", help="describe an adapter folder: method, targets, rank, parameters, size, base model")
+    p = sub.add_parser(
+        "info", help="describe an adapter folder: method, targets, rank, parameters, size, base model"
+    )
     p.add_argument("adapter", help="adapter folder (adapter_config.json + adapter_model.safetensors)")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
     _add_common(p)
@@ -100,8 +131,13 @@ def _say(message: str) -> None:
 def dispatch(args: argparse.Namespace) -> int:
     from peftkit.train import commands
 
-    handlers = {"train": run_train, "generate": commands.generate, "eval": commands.evaluate,
-                "merge": commands.merge, "info": commands.info}
+    handlers = {
+        "train": run_train,
+        "generate": commands.generate,
+        "eval": commands.evaluate,
+        "merge": commands.merge,
+        "info": commands.info,
+    }
     return handlers[args.command](args)
 
 

@@ -30,9 +30,34 @@ def train_args(tiny_chat_model, data_files, tmp_path):
 
     def make(output: Path | None = None, *extra: str) -> list[str]:
         train_file, eval_file = data_files
-        return ["train", "--model", str(tiny_chat_model), "--data", str(train_file), "--eval-data", str(eval_file),
-                "--max-steps", "4", "--batch-size", "4", "--save-every", "2", "--log-every", "1", "--r", "4",
-                "--lr", "1e-2", "--warmup", "1", "--threads", "1", "--no-progress",
-                "--output", str(output or tmp_path / "out"), *extra]
+        return [
+            "train",
+            "--model",
+            str(tiny_chat_model),
+            "--data",
+            str(train_file),
+            "--eval-data",
+            str(eval_file),
+            "--max-steps",
+            "4",
+            "--batch-size",
+            "4",
+            "--save-every",
+            "2",
+            "--log-every",
+            "1",
+            "--r",
+            "4",
+            "--lr",
+            "1e-2",
+            "--warmup",
+            "1",
+            "--threads",
+            "1",
+            "--no-progress",
+            "--output",
+            str(output or tmp_path / "out"),
+            *extra,
+        ]
 
     return make

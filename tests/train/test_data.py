@@ -32,9 +32,16 @@ def plain_tok(tiny_plain_model):
 
 
 def test_alpaca_chat_csv_and_json_sources(tmp_path):
-    (tmp_path / "a.jsonl").write_text(json.dumps({"instruction": "Say hi", "input": "", "output": "hi"}) + "\n\n")
-    chat = {"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "2+2?"},
-                         {"role": "assistant", "content": "4"}]}
+    (tmp_path / "a.jsonl").write_text(
+        json.dumps({"instruction": "Say hi", "input": "", "output": "hi"}) + "\n\n"
+    )
+    chat = {
+        "messages": [
+            {"role": "system", "content": "be brief"},
+            {"role": "user", "content": "2+2?"},
+            {"role": "assistant", "content": "4"},
+        ]
+    }
     (tmp_path / "b.json").write_text(json.dumps([chat]))
     (tmp_path / "c.csv").write_text("instruction,input,output\nDouble it,3,6\n")
     examples = load_examples([str(tmp_path / n) for n in ("a.jsonl", "b.json", "c.csv")])
@@ -51,7 +58,9 @@ def test_csv_missing_column_names_row(tmp_path):
 
 def test_chat_row_without_assistant_turn(tmp_path):
     (tmp_path / "b.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
-    with pytest.raises(PeftkitError, match=r"b\.jsonl:1: messages need a prompt turn followed by an assistant"):
+    with pytest.raises(
+        PeftkitError, match=r"b\.jsonl:1: messages need a prompt turn followed by an assistant"
+    ):
         load_examples([str(tmp_path / "b.jsonl")])
 
 
@@ -63,7 +72,9 @@ def test_labels_cover_only_the_response(which, request):
     assert t.labels[: t.prompt_len] == [IGNORE_INDEX] * t.prompt_len
     response = tok.decode(t.input_ids[t.prompt_len :])
     assert response.startswith("tac") and response.endswith(tok.eos_token)
-    assert tok.decode(t.input_ids[: t.prompt_len]).endswith("<|assistant|>" if which == "chat_tok" else "### Response:\n")
+    assert tok.decode(t.input_ids[: t.prompt_len]).endswith(
+        "<|assistant|>" if which == "chat_tok" else "### Response:\n"
+    )
 
 
 def test_alpaca_prompt_has_bos_and_input_section(plain_tok):
@@ -113,17 +124,22 @@ def test_collate_pads_right_by_default_and_left_on_request(chat_tok):
 def test_split_is_reproducible_and_disjoint():
     examples = [Example(({"role": "user", "content": str(i)},), str(i)) for i in range(20)]
     train, held = split_examples(examples, 0.25, seed=1)
-    assert len(held) == 5 and len(train) == 15 and not {e.response for e in held} & {e.response for e in train}
+    assert (
+        len(held) == 5 and len(train) == 15 and not {e.response for e in held} & {e.response for e in train}
+    )
     assert split_examples(examples, 0.25, seed=1) == (train, held)
     with pytest.raises(PeftkitError, match="--eval-split"):
         split_examples(examples, 1.5, seed=1)
 
 
-@pytest.mark.parametrize(("kind", "expected"), [
-    ("constant", [0.5, 1.0, 1.0, 1.0, 1.0]),
-    ("linear", [0.5, 1.0, 1.0, 2 / 3, 1 / 3]),
-    ("cosine", [0.5, 1.0, 1.0, 0.75, 0.25]),
-])
+@pytest.mark.parametrize(
+    ("kind", "expected"),
+    [
+        ("constant", [0.5, 1.0, 1.0, 1.0, 1.0]),
+        ("linear", [0.5, 1.0, 1.0, 2 / 3, 1 / 3]),
+        ("cosine", [0.5, 1.0, 1.0, 0.75, 0.25]),
+    ],
+)
 def test_lr_schedules_warm_up_then_decay(kind, expected):
     factor = lr_factor(kind, warmup=2, total=5)
     assert [factor(s) for s in range(5)] == pytest.approx(expected)

@@ -66,11 +66,14 @@ def test_missing_data_file(train_args, tmp_path, capsys):
     assert "data file not found" in run_error(argv, capsys)
 
 
-@pytest.mark.parametrize(("flag", "value", "message"), [
-    ("--method", "prefix", "unknown --method 'prefix'"),
-    ("--scheduler", "wavy", "--scheduler must be"),
-    ("--batch-size", "0", "--batch-size must be a positive integer"),
-])
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("--method", "prefix", "unknown --method 'prefix'"),
+        ("--scheduler", "wavy", "--scheduler must be"),
+        ("--batch-size", "0", "--batch-size must be a positive integer"),
+    ],
+)
 def test_bad_flag_values(train_args, flag, value, message, capsys):
     assert message in run_error([*train_args(), flag, value], capsys)
 

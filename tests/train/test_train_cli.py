@@ -10,9 +10,17 @@ from safetensors.torch import load_file
 
 from peftkit import cli
 
-ARTIFACTS = ["adapter/adapter_config.json", "adapter/adapter_model.safetensors", "run_config.json", "metrics.jsonl",
-             "loss_curve.png", "report.md", "report.json", "checkpoints/step-2/trainer_state.pt",
-             "checkpoints/step-2/adapter_model.safetensors"]
+ARTIFACTS = [
+    "adapter/adapter_config.json",
+    "adapter/adapter_model.safetensors",
+    "run_config.json",
+    "metrics.jsonl",
+    "loss_curve.png",
+    "report.md",
+    "report.json",
+    "checkpoints/step-2/trainer_state.pt",
+    "checkpoints/step-2/adapter_model.safetensors",
+]
 
 
 def test_train_writes_every_artifact(train_args, tmp_path, capsys):
@@ -33,9 +41,31 @@ def test_train_writes_every_artifact(train_args, tmp_path, capsys):
 
 def test_alpaca_template_and_eval_split(tiny_plain_model, data_files, tmp_path):
     train_file, _ = data_files
-    code = cli.main(["train", "--model", str(tiny_plain_model), "--data", str(train_file), "--eval-split", "0.25",
-                     "--max-steps", "2", "--batch-size", "4", "--threads", "1", "--no-progress",
-                     "--method", "dora", "--targets", "q_proj", "v_proj", "--output", str(tmp_path / "o")])
+    code = cli.main(
+        [
+            "train",
+            "--model",
+            str(tiny_plain_model),
+            "--data",
+            str(train_file),
+            "--eval-split",
+            "0.25",
+            "--max-steps",
+            "2",
+            "--batch-size",
+            "4",
+            "--threads",
+            "1",
+            "--no-progress",
+            "--method",
+            "dora",
+            "--targets",
+            "q_proj",
+            "v_proj",
+            "--output",
+            str(tmp_path / "o"),
+        ]
+    )
     assert code == 0
     config = json.loads((tmp_path / "o/adapter/adapter_config.json").read_text())
     assert config["use_dora"] is True and sorted(config["target_modules"]) == ["q_proj", "v_proj"]
@@ -46,7 +76,9 @@ def _adapter(folder):
     return load_file(str(folder / "adapter" / "adapter_model.safetensors"))
 
 
-def test_ctrl_c_saves_checkpoint_and_resume_matches_uninterrupted_run(train_args, tmp_path, monkeypatch, capsys):
+def test_ctrl_c_saves_checkpoint_and_resume_matches_uninterrupted_run(
+    train_args, tmp_path, monkeypatch, capsys
+):
     assert cli.main(train_args(tmp_path / "full")) == 0
 
     clip = torch.nn.utils.clip_grad_norm_
@@ -94,7 +126,9 @@ def test_overwrite_replaces_an_existing_run(train_args, tmp_path):
     assert cli.main(train_args()) == 0
     assert cli.main([*train_args(), "--overwrite", "--max-steps", "2"]) == 0
     assert json.loads((tmp_path / "out/report.json").read_text())["steps"] == 2
-    assert not (tmp_path / "out/checkpoints").exists()  # the old run's checkpoints are gone; step 2 is the last
+    assert not (
+        tmp_path / "out/checkpoints"
+    ).exists()  # the old run's checkpoints are gone; step 2 is the last
 
 
 @pytest.mark.parametrize("flag", ["--help"])
@@ -102,7 +136,17 @@ def test_every_flag_has_help(flag, capsys):
     with pytest.raises(SystemExit):
         cli.main(["train", flag])
     text = capsys.readouterr().out
-    for option in ["--model", "--data", "--method", "--r", "--alpha", "--targets", "--resume", "--config", "--debug"]:
+    for option in [
+        "--model",
+        "--data",
+        "--method",
+        "--r",
+        "--alpha",
+        "--targets",
+        "--resume",
+        "--config",
+        "--debug",
+    ]:
         assert option in text
     parser = cli.build_parser()
     for action in parser._subparsers._group_actions[0].choices["train"]._actions:

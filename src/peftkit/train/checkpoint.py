@@ -76,7 +76,11 @@ def latest_checkpoint(output: Path) -> Path | None:
     root = output / "checkpoints"
     if not root.is_dir():
         return None
-    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR.match(p.name)) and (p / STATE_NAME).is_file()]
+    found = [
+        (int(m.group(1)), p)
+        for p in root.iterdir()
+        if (m := STEP_DIR.match(p.name)) and (p / STATE_NAME).is_file()
+    ]
     return max(found)[1] if found else None
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import sys
@@ -43,9 +44,17 @@ def load_with_adapters(model: str | None, adapters: list[str], progress: bool):
 def _answer(model, tokenizer, messages: list[dict], args) -> str:
     ids = torch.tensor([encode_prompt(tokenizer, tuple(messages))])  # [1, prompt_len]
     sample = args.temperature > 0
-    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_new_tokens,
-                         do_sample=sample, temperature=args.temperature if sample else None, top_p=None, top_k=None,
-                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=args.max_new_tokens,
+        do_sample=sample,
+        temperature=args.temperature if sample else None,
+        top_p=None,
+        top_k=None,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
     return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
 
 
@@ -69,7 +78,9 @@ def generate(args) -> int:
     set_threads(None)
     model, tokenizer, names = load_with_adapters(args.model, args.adapter, not args.no_progress)
     if args.prompt is not None:
-        for label, text in _answers(model, tokenizer, names, [{"role": "user", "content": args.prompt}], args):
+        for label, text in _answers(
+            model, tokenizer, names, [{"role": "user", "content": args.prompt}], args
+        ):
             print(f"[{label}] {text}" if len(names) + args.base > 1 else text)
         return 0
     print("Interactive chat; /reset clears the history, /quit (or Ctrl-D) exits.", file=sys.stderr)
@@ -98,7 +109,9 @@ def evaluate(args) -> int:
     set_threads(None)
     rows = load_examples(args.data or [bundled(BUNDLED_EVAL)])
     rows = rows[: args.limit] if args.limit else rows
-    model, tokenizer, _ = load_with_adapters(args.model, [args.adapter] if args.adapter else [], not args.no_progress)
+    model, tokenizer, _ = load_with_adapters(
+        args.model, [args.adapter] if args.adapter else [], not args.no_progress
+    )
     items = tokenize_all(tokenizer, rows, args.max_length, "evaluation")
     result = {"rows": len(rows), **eval_loss(model, items, tokenizer.pad_token_id, args.batch_size)}
     if not args.no_exact_match:
@@ -141,14 +154,14 @@ def info(args) -> int:
     params = 0
     if weights.is_file():
         with safe_open(str(weights), framework="pt") as f:
-            params = sum(f.get_slice(k).get_shape().numel() if hasattr(f.get_slice(k).get_shape(), "numel")
-                         else _numel(f.get_slice(k).get_shape()) for k in f.keys())
+            params = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
     targets = config.get("target_modules")
     summary = {
         "method": config.get("peft_type") + (" (DoRA)" if config.get("use_dora") else ""),
         "base_model": config.get("base_model_name_or_path"),
         "task_type": config.get("task_type"),
-        "r": config.get("r"), "alpha": config.get("lora_alpha"),
+        "r": config.get("r"),
+        "alpha": config.get("lora_alpha"),
         "target_modules": sorted(targets) if isinstance(targets, list) else targets,
         "parameters": params,
         "size_bytes": sum(p.stat().st_size for p in folder.glob("adapter_model.*")),
@@ -159,10 +172,3 @@ def info(args) -> int:
         for key, value in summary.items():
             print(f"{key:>15}: {value if value is not None else '-'}")
     return 0
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= int(d)
-    return n

@@ -24,9 +24,7 @@ from peftkit.train.errors import PeftkitError
 
 IGNORE_INDEX = -100
 ALPACA_FIELDS = ("instruction", "output")
-ALPACA_HEADER = (
-    "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
-)
+ALPACA_HEADER = "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
 
 
 @dataclass(frozen=True)
@@ -65,7 +63,11 @@ def _read_rows(source: str) -> list[tuple[str, dict]]:
     path = Path(source).expanduser()
     suffix = path.suffix.lower()
     if not path.exists():
-        if suffix in {".json", ".jsonl", ".csv", ".parquet"} or "/" not in source or source.startswith((".", "/")):
+        if (
+            suffix in {".json", ".jsonl", ".csv", ".parquet"}
+            or "/" not in source
+            or source.startswith((".", "/"))
+        ):
             raise PeftkitError(f"data file not found: {source}")
         return _read_hub(source)
     if path.is_dir():
@@ -79,7 +81,9 @@ def _read_rows(source: str) -> list[tuple[str, dict]]:
             return [(f"{path}:{i + 2}", dict(row)) for i, row in enumerate(csv.DictReader(f))]
     if suffix == ".parquet":
         return _read_parquet(path)
-    raise PeftkitError(f"unsupported data file type {suffix!r} for {source}; use .json, .jsonl, .csv or .parquet")
+    raise PeftkitError(
+        f"unsupported data file type {suffix!r} for {source}; use .json, .jsonl, .csv or .parquet"
+    )
 
 
 def _read_jsonl(path: Path) -> list[tuple[str, dict]]:
@@ -91,7 +95,9 @@ def _read_jsonl(path: Path) -> list[tuple[str, dict]]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise PeftkitError(f"{path}:{lineno}: malformed JSON line ({e.msg} at column {e.colno})") from None
+                raise PeftkitError(
+                    f"{path}:{lineno}: malformed JSON line ({e.msg} at column {e.colno})"
+                ) from None
             rows.append((f"{path}:{lineno}", row))
     return rows
 
@@ -104,7 +110,9 @@ def _read_json(path: Path) -> list[tuple[str, dict]]:
     if isinstance(data, dict) and isinstance(data.get("data"), list):
         data = data["data"]
     if not isinstance(data, list):
-        raise PeftkitError(f"{path}: expected a JSON list of rows (or {{'data': [...]}}), got {type(data).__name__}")
+        raise PeftkitError(
+            f"{path}: expected a JSON list of rows (or {{'data': [...]}}), got {type(data).__name__}"
+        )
     return [(f"{path} row {i}", row) for i, row in enumerate(data)]
 
 
@@ -120,7 +128,9 @@ def _read_hub(name: str) -> list[tuple[str, dict]]:
     try:
         import datasets
     except ImportError:
-        raise PeftkitError(f"{name!r} is not a file; loading a Hub dataset needs `pip install datasets`") from None
+        raise PeftkitError(
+            f"{name!r} is not a file; loading a Hub dataset needs `pip install datasets`"
+        ) from None
     split = datasets.load_dataset(name, split="train")
     return [(f"{name} row {i}", row) for i, row in enumerate(split)]
 
@@ -128,7 +138,9 @@ def _read_hub(name: str) -> list[tuple[str, dict]]:
 def to_example(row: object, where: str) -> Example:
     """Validate one Alpaca or chat row and turn it into an :class:`Example`."""
     if not isinstance(row, dict):
-        raise PeftkitError(f"{where}: expected an object with instruction/output or messages, got {type(row).__name__}")
+        raise PeftkitError(
+            f"{where}: expected an object with instruction/output or messages, got {type(row).__name__}"
+        )
     if "messages" in row:
         return _chat_example(row["messages"], where)
     missing = [k for k in ALPACA_FIELDS if not isinstance(row.get(k), str) or not row[k].strip()]
@@ -144,7 +156,9 @@ def to_example(row: object, where: str) -> Example:
 
 
 def _chat_example(messages: object, where: str) -> Example:
-    ok = isinstance(messages, list) and all(isinstance(m, dict) and {"role", "content"} <= m.keys() for m in messages)
+    ok = isinstance(messages, list) and all(
+        isinstance(m, dict) and {"role", "content"} <= m.keys() for m in messages
+    )
     if not ok:
         raise PeftkitError(f"{where}: messages must be a list of {{role, content}} objects")
     last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
@@ -154,7 +168,9 @@ def _chat_example(messages: object, where: str) -> Example:
     return Example(prompt, str(messages[last]["content"]).strip())
 
 
-def split_examples(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
+def split_examples(
+    examples: list[Example], fraction: float, seed: int
+) -> tuple[list[Example], list[Example]]:
     """Hold out ``fraction`` of the rows (at least one) for evaluation, reproducibly."""
     if not 0.0 < fraction < 1.0:
         raise PeftkitError(f"--eval-split must be between 0 and 1 (exclusive), got {fraction}")
@@ -206,7 +222,9 @@ def tokenize(tokenizer, example: Example, max_length: int) -> Tokenized | None:
     """Prompt + response ids truncated to ``max_length``; None if truncation leaves no response token."""
     prompt_ids = encode_prompt(tokenizer, example.messages)
     prompt = render_prompt(tokenizer, example.messages)
-    response_ids = tokenizer(render_response(tokenizer, example, prompt), add_special_tokens=False)["input_ids"]
+    response_ids = tokenizer(render_response(tokenizer, example, prompt), add_special_tokens=False)[
+        "input_ids"
+    ]
     ids = (prompt_ids + response_ids)[:max_length]
     if len(ids) <= len(prompt_ids):
         return None
@@ -218,7 +236,9 @@ def tokenize_all(tokenizer, examples: list[Example], max_length: int, what: str)
     """Tokenize every example; rows whose response is cut off entirely are dropped (error if all are)."""
     out = [t for t in (tokenize(tokenizer, e, max_length) for e in examples) if t is not None]
     if not out:
-        raise PeftkitError(f"every {what} row is longer than --max-length {max_length} before its response starts")
+        raise PeftkitError(
+            f"every {what} row is longer than --max-length {max_length} before its response starts"
+        )
     return out
 
 
@@ -244,11 +264,16 @@ def length_grouped_batches(lengths: list[int], batch_size: int, seed: int, mega:
 def collate(items: list[Tokenized], pad_id: int, left: bool = False) -> dict[str, torch.Tensor]:
     """Pad to the longest item. Returns input_ids / attention_mask / labels, each ``[batch, max_len]``."""
     width = max(len(t.input_ids) for t in items)
-    ids, mask, labels = [], [], []
-    for t in items:
-        pad = width - len(t.input_ids)
-        side = (lambda seq, fill: [fill] * pad + seq) if left else (lambda seq, fill: seq + [fill] * pad)
-        ids.append(side(t.input_ids, pad_id))
-        mask.append(side([1] * len(t.input_ids), 0))
-        labels.append(side(t.labels, IGNORE_INDEX))
-    return {"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask), "labels": torch.tensor(labels)}
+
+    def pad(seq: list[int], fill: int) -> list[int]:
+        filler = [fill] * (width - len(seq))
+        return filler + seq if left else seq + filler
+
+    ids = [pad(t.input_ids, pad_id) for t in items]
+    mask = [pad([1] * len(t.input_ids), 0) for t in items]
+    labels = [pad(t.labels, IGNORE_INDEX) for t in items]
+    return {
+        "input_ids": torch.tensor(ids),
+        "attention_mask": torch.tensor(mask),
+        "labels": torch.tensor(labels),
+    }

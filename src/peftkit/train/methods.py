@@ -22,7 +22,10 @@ class Method:
 
 
 METHODS: dict[str, Method] = {
-    "lora": Method("LoraConfig", {"r": "r", "alpha": "lora_alpha", "dropout": "lora_dropout", "targets": "target_modules"}),
+    "lora": Method(
+        "LoraConfig",
+        {"r": "r", "alpha": "lora_alpha", "dropout": "lora_dropout", "targets": "target_modules"},
+    ),
     "dora": Method(
         "LoraConfig",
         {"r": "r", "alpha": "lora_alpha", "dropout": "lora_dropout", "targets": "target_modules"},

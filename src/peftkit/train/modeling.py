@@ -29,8 +29,10 @@ def load_model_and_tokenizer(model: str | None, progress: bool = True):
         hf_logging.disable_progress_bar()
     name = resolve_model(model, progress)
     path = Path(name).expanduser()
-    if path.exists() and not (path / "config.json").is_file() or (
-        not path.exists() and (name.startswith((".", "/", "~")) or name.count("/") > 1)
+    if (
+        path.exists()
+        and not (path / "config.json").is_file()
+        or (not path.exists() and (name.startswith((".", "/", "~")) or name.count("/") > 1))
     ):
         raise PeftkitError(f"model not found: {name} (expected a folder with config.json, or a Hub id)")
     try:

@@ -23,16 +23,34 @@ def _opt(default, help: str, **kw):
 class TrainOptions:
     """Every knob of a training run. ``None`` means "decided at run time" (see each help text)."""
 
-    model: str | None = _opt(None, "base model: a local HF folder or Hub id (default: the embedded SmolLM2-135M-Instruct)")
-    data: list[str] | None = _opt(None, "training data: .json/.jsonl/.csv/.parquet files or a datasets Hub name (default: the bundled date-extraction set)", nargs="+")
-    eval_data: list[str] | None = _opt(None, "held-out data in the same forms (default: the bundled held-out set, or --eval-split of --data)", nargs="+")
-    eval_split: float | None = _opt(None, "hold out this fraction of --data for evaluation when --eval-data is not given")
-    eval_limit: int | None = _opt(200, "evaluate loss and exact match on at most this many held-out rows (0 = all)")
+    model: str | None = _opt(
+        None, "base model: a local HF folder or Hub id (default: the embedded SmolLM2-135M-Instruct)"
+    )
+    data: list[str] | None = _opt(
+        None,
+        "training data: .json/.jsonl/.csv/.parquet files or a datasets Hub name (default: the bundled date-extraction set)",
+        nargs="+",
+    )
+    eval_data: list[str] | None = _opt(
+        None,
+        "held-out data in the same forms (default: the bundled held-out set, or --eval-split of --data)",
+        nargs="+",
+    )
+    eval_split: float | None = _opt(
+        None, "hold out this fraction of --data for evaluation when --eval-data is not given"
+    )
+    eval_limit: int | None = _opt(
+        200, "evaluate loss and exact match on at most this many held-out rows (0 = all)"
+    )
     method: str = _opt("lora", "fine-tuning method: lora or dora")
     r: int = _opt(8, "adapter rank")
     alpha: float = _opt(16, "adapter scaling alpha (scale = alpha / r)")
     dropout: float = _opt(0.0, "dropout on the adapter input")
-    targets: list[str] | None = _opt(None, "module names to adapt, e.g. q_proj v_proj (default: all linear layers of the attention and MLP blocks)", nargs="+")
+    targets: list[str] | None = _opt(
+        None,
+        "module names to adapt, e.g. q_proj v_proj (default: all linear layers of the attention and MLP blocks)",
+        nargs="+",
+    )
     epochs: float = _opt(1.0, "passes over the training data (ignored when --max-steps is set)")
     max_steps: int | None = _opt(80, "optimizer steps to run (overrides --epochs; 0 = use --epochs)")
     batch_size: int = _opt(8, "rows per micro-batch")
@@ -44,7 +62,9 @@ class TrainOptions:
     max_grad_norm: float = _opt(1.0, "clip gradients to this global norm (0 = no clipping)")
     seed: int = _opt(0, "random seed (data order, adapter init, dropout)")
     max_length: int = _opt(256, "truncate prompt + response to this many tokens")
-    max_new_tokens: int | None = _opt(None, "tokens to generate for exact match (default: longest reference answer + 8)")
+    max_new_tokens: int | None = _opt(
+        None, "tokens to generate for exact match (default: longest reference answer + 8)"
+    )
     output: str = _opt("peftkit-output", "output folder: adapter, checkpoints, metrics, report")
     save_every: int = _opt(50, "save an adapter-only checkpoint every N optimizer steps (0 = never)")
     log_every: int = _opt(5, "write a metrics.jsonl row every N optimizer steps")
@@ -59,8 +79,25 @@ class TrainOptions:
 FIELDS = {f.name: f for f in dataclasses.fields(TrainOptions)}
 
 # Options that change what a run computes: --resume refuses if any of them differ from the saved run.
-RUN_DEFINING = ("model", "data", "method", "r", "alpha", "dropout", "targets", "batch_size", "grad_accum", "lr",
-                "scheduler", "warmup", "seed", "max_length", "epochs", "max_steps", "weight_decay")
+RUN_DEFINING = (
+    "model",
+    "data",
+    "method",
+    "r",
+    "alpha",
+    "dropout",
+    "targets",
+    "batch_size",
+    "grad_accum",
+    "lr",
+    "scheduler",
+    "warmup",
+    "seed",
+    "max_length",
+    "epochs",
+    "max_steps",
+    "weight_decay",
+)
 
 
 def load_config_file(path: str) -> dict:

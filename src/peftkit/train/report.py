@@ -31,11 +31,17 @@ def render_markdown(r: dict) -> str:
         f"- wall time: {r['wall_seconds']:.0f} s (training {r['train_seconds']:.0f} s)",
         f"- throughput: {r['tokens_per_second']:.0f} tokens/s",
         f"- peak memory (RSS): {r['peak_rss_mb']:.0f} MB",
-        f"- final train loss: {r['final_train_loss']:.4f}" if r.get("final_train_loss") is not None else "- final train loss: n/a",
+        f"- final train loss: {r['final_train_loss']:.4f}"
+        if r.get("final_train_loss") is not None
+        else "- final train loss: n/a",
     ]
     if ev:
-        lines.append(f"- eval loss: {ev['before']['loss']:.4f} -> {ev['after']['loss']:.4f} (perplexity {ev['after']['perplexity']:.2f})")
-        lines.append(f"- held-out exact match: {_fmt_em(ev.get('exact_match_before'))} -> {_fmt_em(ev.get('exact_match_after'))}")
+        lines.append(
+            f"- eval loss: {ev['before']['loss']:.4f} -> {ev['after']['loss']:.4f} (perplexity {ev['after']['perplexity']:.2f})"
+        )
+        lines.append(
+            f"- held-out exact match: {_fmt_em(ev.get('exact_match_before'))} -> {_fmt_em(ev.get('exact_match_after'))}"
+        )
     lines += ["", f"Adapter: `{r['output']}` (load with `PeftModel.from_pretrained(base, path)`)."]
     if r.get("plot_note"):
         lines.append(r["plot_note"])
