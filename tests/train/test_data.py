@@ -154,3 +154,26 @@ def test_bundled_dataset_shape():
     assert not {e.messages[0]["content"] for e in train} & {e.messages[0]["content"] for e in held}
     regenerated = generate()
     assert [r["output"] for r in regenerated[1]] == [e.response for e in held]  # the committed file is ours
+
+
+def test_hub_name_without_datasets_installed_is_a_clear_error(monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_datasets(name, *args, **kwargs):
+        if name == "datasets":
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_datasets)
+    with pytest.raises(PeftkitError, match="pip install datasets"):
+        load_examples(["tatsu-lab/alpaca"])
+
+
+def test_unsupported_extension_and_directory(tmp_path):
+    (tmp_path / "rows.txt").write_text("hello\n")
+    with pytest.raises(PeftkitError, match=r"unsupported data file type '\.txt'"):
+        load_examples([str(tmp_path / "rows.txt")])
+    with pytest.raises(PeftkitError, match="got the directory"):
+        load_examples([str(tmp_path)])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import resource
 import shutil
@@ -151,6 +152,8 @@ def train(o: TrainOptions, progress: bool = True, say=print) -> dict:
         "peak_rss_mb": peak_rss_mb(),
         "final_train_loss": last_loss,
         "threads": threads,
+        "cpu_seconds": cpu_seconds(),
+        "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "plot_note": plot_note,
         "eval": _eval_summary(before, after),
     }
@@ -298,6 +301,12 @@ class MetricsLog:
         self.write(row)
         window.update(loss=0.0, tokens=0, targets=0, t=now)
         return row
+
+
+def cpu_seconds() -> float:
+    """User + system CPU time of this process so far (wall time means little on a busy machine)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def peak_rss_mb() -> float:

@@ -29,7 +29,8 @@ def render_markdown(r: dict) -> str:
         f"- adapter size on disk: {r['adapter_bytes'] / 1e6:.2f} MB",
         f"- steps: {r['steps']} ({r['train_rows']} training rows, {r['tokens']:,} tokens)",
         f"- wall time: {r['wall_seconds']:.0f} s (training {r['train_seconds']:.0f} s)",
-        f"- throughput: {r['tokens_per_second']:.0f} tokens/s",
+        f"- throughput: {r['tokens_per_second']:.0f} tokens/s ({r['threads']} threads; CPU time {r['cpu_seconds']:.0f} s;"
+        f" load average at the end {r['load_average']})",
         f"- peak memory (RSS): {r['peak_rss_mb']:.0f} MB",
         f"- final train loss: {r['final_train_loss']:.4f}"
         if r.get("final_train_loss") is not None
