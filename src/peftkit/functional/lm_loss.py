@@ -43,14 +43,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for start in range(0, hidden.shape[0], chunk_rows):
             h, t = hidden[start : start + chunk_rows], targets[start : start + chunk_rows]
             raw = F.linear(h, weight, bias)  # autocast-aware, like the plain lm_head
-            logits = raw.float()
-            lse = torch.logsumexp(logits, dim=-1)
-            total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            lowp = raw.dtype
+            logp = torch.log_softmax(raw.float(), dim=-1)  # (chunk, V) fp32, as cross_entropy computes it
+            del raw
+            total -= logp.gather(1, t[:, None]).sum()
             if not (want_h or want_w or want_b):
                 continue
-            probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place: d(sum CE)/d(logits) = p - onehot
+            probs = logp.exp_()  # softmax, in place: d(sum CE)/d(logits) = p - onehot
             probs[torch.arange(t.shape[0], device=t.device), t] -= 1.0
-            g = probs.to(raw.dtype)
+            g = probs.to(lowp)
             if want_h:
                 grad_h[start : start + chunk_rows] = (g @ weight.to(g.dtype)).to(hidden.dtype)
             if want_w:
