@@ -130,44 +130,57 @@ def peak_rss(spec: dict) -> float:
     return json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_mib"]
 
 
-def rows_for(shape: tuple[int, int], steps: int) -> list[dict]:
-    """Time every configuration of one batch shape; returns table rows."""
+def rows_for(shape: tuple[int, int], steps: int, args: argparse.Namespace) -> list[dict]:
+    """Time the selected configurations of one batch shape; returns table rows."""
+    rows = []
+    if not args.no_scale:
+        rows += scale_rows(shape, steps)
+    for target in args.targets.split(","):
+        rows += lora_rows(shape, steps, target, args.labels.split(","))
+    return rows
+
+
+def scale_rows(shape: tuple[int, int], steps: int) -> list[dict]:
+    """The no-grad forward and the full fine-tuning step (plain transformers)."""
     rows = []
     batch = make_batch(shape, "all")
     plain = base_model()
     t = interleave({"fwd": forward_only(plain, batch), "full": stepper(plain, batch)}, steps)
     rows.append(
-        {"shape": shape, "config": "no-grad forward", "labels": "-", "kind": "fwd", "peftkit": t["fwd"]}
+        {"shape": shape, "config": "no-grad forward (plain)", "labels": "-", "kind": "fwd", "hf": t["fwd"]}
     )
     rows.append(
-        {"shape": shape, "config": "full fine-tune", "labels": "all", "kind": "full", "peftkit": t["full"]}
+        {"shape": shape, "config": "full fine-tune (plain)", "labels": "all", "kind": "full", "hf": t["full"]}
     )
-    del plain
-    for target in TARGETS:
-        hf, pk = build("hf", target), build("peftkit", target)
-        for labels in ("all", "instr"):
-            batch = make_batch(shape, labels)
-            with torch.no_grad():
-                diff = abs(hf(**batch).loss.item() - pk(**batch).loss.item())
-            t = interleave({"hf": stepper(hf, batch), "peftkit": stepper(pk, batch)}, steps)
-            rows.append(
-                {
-                    "shape": shape,
-                    "config": f"LoRA r16 {target}",
-                    "labels": labels,
-                    "kind": "step",
-                    "target": target,
-                    "hf": t["hf"],
-                    "peftkit": t["peftkit"],
-                    "loss_diff": diff,
-                }
-            )
-            print(
-                f"  {shape} {target} {labels}: hf {t['hf']:.3f}s peftkit {t['peftkit']:.3f}s "
-                f"(|dloss| at init {diff:.1e})",
-                flush=True,
-            )
-        del hf, pk
+    return rows
+
+
+def lora_rows(shape: tuple[int, int], steps: int, target: str, label_modes: list[str]) -> list[dict]:
+    """HF peft vs peftkit LoRA steps, interleaved, for each label mode."""
+    rows = []
+    hf, pk = build("hf", target), build("peftkit", target)
+    for labels in label_modes:
+        batch = make_batch(shape, labels)
+        with torch.no_grad():
+            diff = abs(hf(**batch).loss.item() - pk(**batch).loss.item())
+        t = interleave({"hf": stepper(hf, batch), "peftkit": stepper(pk, batch)}, steps)
+        rows.append(
+            {
+                "shape": shape,
+                "config": f"LoRA r16 {target}",
+                "labels": labels,
+                "kind": "step",
+                "target": target,
+                "hf": t["hf"],
+                "peftkit": t["peftkit"],
+                "loss_diff": diff,
+            }
+        )
+        print(
+            f"  {shape} {target} {labels}: hf {t['hf']:.3f}s peftkit {t['peftkit']:.3f}s "
+            f"(|dloss| at init {diff:.1e})",
+            flush=True,
+        )
     return rows
 
 
@@ -181,8 +194,8 @@ def add_rss(row: dict) -> None:
     if row["kind"] == "step":
         row["hf_rss"] = peak_rss({**spec, "lib": "hf"})
         row["peftkit_rss"] = peak_rss({**spec, "lib": "peftkit"})
-    else:
-        row["peftkit_rss"] = peak_rss({**spec, "lib": "full"})
+    else:  # plain transformers: shown in the HF column
+        row["hf_rss"] = peak_rss({**spec, "lib": "full"})
 
 
 def fmt(v: float | None, unit: str = "") -> str:
@@ -211,6 +224,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None, help="timed steps per configuration (after 1 warm-up)")
     ap.add_argument("--shapes", default=None, help="comma-separated BxT, default 4x128,8x512")
     ap.add_argument("--no-rss", action="store_true", help="skip the peak-RSS child processes")
+    ap.add_argument("--targets", default="qv,all", help="LoRA targets to run: qv, all (comma-separated)")
+    ap.add_argument("--labels", default="all,instr", help="label modes to run: all, instr (comma-separated)")
+    ap.add_argument(
+        "--no-scale", action="store_true", help="skip the no-grad forward and full fine-tune rows"
+    )
     ap.add_argument("--json", default=None, help="also write the rows to this file")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -223,7 +241,7 @@ def main() -> None:
     rows = []
     for shape in parsed:
         steps = args.steps or (3 if args.quick or shape[0] * shape[1] > 1024 else 5)
-        rows += rows_for(shape, steps)
+        rows += rows_for(shape, steps, args)
     if not args.no_rss:
         for row in rows:
             add_rss(row)
