@@ -15,6 +15,7 @@ from peftkit.train.data import (
     load_examples,
     render_prompt,
     split_examples,
+    to_example,
     tokenize,
 )
 from peftkit.train.errors import PeftkitError
@@ -45,9 +46,15 @@ def test_alpaca_chat_csv_and_json_sources(tmp_path):
     (tmp_path / "b.json").write_text(json.dumps([chat]))
     (tmp_path / "c.csv").write_text("instruction,input,output\nDouble it,3,6\n")
     examples = load_examples([str(tmp_path / n) for n in ("a.jsonl", "b.json", "c.csv")])
-    assert examples[0] == Example(({"role": "user", "content": "Say hi"},), "hi")
+    assert examples[0] == Example(({"role": "user", "content": "Say hi"},), "hi", ("Say hi", ""))
     assert [m["role"] for m in examples[1].messages] == ["system", "user"] and examples[1].response == "4"
     assert examples[2].messages[0]["content"] == "Double it\n\n3" and examples[2].response == "6"
+
+
+def test_numbers_become_text_and_blank_cells_are_missing():
+    assert to_example({"instruction": "Add", "input": 2, "output": 4}, "r").response == "4"
+    with pytest.raises(PeftkitError, match="r: missing field.s. output"):
+        to_example({"instruction": "Add", "output": float("nan")}, "r")
 
 
 def test_csv_missing_column_names_row(tmp_path):
@@ -78,9 +85,10 @@ def test_labels_cover_only_the_response(which, request):
 
 
 def test_alpaca_prompt_has_bos_and_input_section(plain_tok):
-    prompt = render_prompt(plain_tok, ({"role": "user", "content": "Reverse the word.\n\ncat"},))
-    assert "### Instruction:\nReverse the word.\n\n### Input:\ncat\n\n### Response:\n" in prompt
-    t = tokenize(plain_tok, Example(({"role": "user", "content": "Say hi"},), "hi"), 512)
+    row = to_example({"instruction": "Reverse the word.\n\nKeep case.", "input": "cat", "output": "tac"}, "r")
+    prompt = render_prompt(plain_tok, row)
+    assert "### Instruction:\nReverse the word.\n\nKeep case.\n\n### Input:\ncat\n\n### Response:\n" in prompt
+    t = tokenize(plain_tok, to_example({"instruction": "Say hi", "output": "hi"}, "r"), 512)
     assert t.input_ids[0] == plain_tok.bos_token_id and "### Input" not in plain_tok.decode(t.input_ids)
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from peftkit.train.data import encode_prompt, load_examples, tokenize_all
+from peftkit.train.data import Example, encode_prompt, load_examples, tokenize_all
 from peftkit.train.errors import PeftkitError
 from peftkit.train.evaluate import default_max_new_tokens, eval_loss, exact_match
 from peftkit.train.modeling import load_model_and_tokenizer, set_threads
@@ -42,7 +42,7 @@ def load_with_adapters(model: str | None, adapters: list[str], progress: bool):
 
 @torch.no_grad()
 def _answer(model, tokenizer, messages: list[dict], args) -> str:
-    ids = torch.tensor([encode_prompt(tokenizer, tuple(messages))])  # [1, prompt_len]
+    ids = torch.tensor([encode_prompt(tokenizer, Example(tuple(messages), ""))])  # [1, prompt_len]
     sample = args.temperature > 0
     out = model.generate(
         input_ids=ids,

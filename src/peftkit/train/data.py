@@ -33,6 +33,7 @@ class Example:
 
     messages: tuple[dict, ...]
     response: str
+    alpaca: tuple[str, str] | None = None  # (instruction, input) of an Alpaca row, for the Alpaca template
 
 
 @dataclass(frozen=True)
@@ -143,16 +144,25 @@ def to_example(row: object, where: str) -> Example:
         )
     if "messages" in row:
         return _chat_example(row["messages"], where)
-    missing = [k for k in ALPACA_FIELDS if not isinstance(row.get(k), str) or not row[k].strip()]
+    fields = {k: _text(row.get(k)) for k in ("instruction", "input", "output")}
+    missing = [k for k in ALPACA_FIELDS if not fields[k]]
     if missing:
         raise PeftkitError(
             f"{where}: missing field(s) {', '.join(missing)}; rows need instruction + output (+ optional input), "
             f"or messages; found keys: {', '.join(map(str, row)) or 'none'}"
         )
-    content = row["instruction"].strip()
-    if isinstance(row.get("input"), str) and row["input"].strip():
-        content += "\n\n" + row["input"].strip()
-    return Example(({"role": "user", "content": content},), row["output"].strip())
+    content = fields["instruction"] + (f"\n\n{fields['input']}" if fields["input"] else "")
+    alpaca = (fields["instruction"], fields["input"])
+    return Example(({"role": "user", "content": content},), fields["output"], alpaca)
+
+
+def _text(value: object) -> str:
+    """A cell as stripped text: numbers become text (CSV, JSON); None, NaN and containers become ''."""
+    if isinstance(value, str):
+        return value.strip()
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value == value:
+        return str(value)
+    return ""
 
 
 def _chat_example(messages: object, where: str) -> Example:
@@ -186,15 +196,17 @@ def split_examples(
 # ---------------------------------------------------------------- prompting and tokenizing
 
 
-def render_prompt(tokenizer, messages: tuple[dict, ...]) -> str:
+def render_prompt(tokenizer, example: Example) -> str:
     """The prompt text, ending where the response starts (chat template, else the Alpaca template)."""
     if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
-    if len(messages) == 1 and messages[0]["role"] == "user":
-        instruction, _, inp = messages[0]["content"].partition("\n\n")
+        return tokenizer.apply_chat_template(
+            list(example.messages), add_generation_prompt=True, tokenize=False
+        )
+    if example.alpaca is not None:
+        instruction, inp = example.alpaca
         text = ALPACA_HEADER + f"### Instruction:\n{instruction}\n\n"
         return text + (f"### Input:\n{inp}\n\n" if inp else "") + "### Response:\n"
-    turns = "".join(f"### {m['role'].capitalize()}:\n{m['content']}\n\n" for m in messages)
+    turns = "".join(f"### {m['role'].capitalize()}:\n{m['content']}\n\n" for m in example.messages)
     return ALPACA_HEADER + turns + "### Response:\n"
 
 
@@ -209,9 +221,14 @@ def render_response(tokenizer, example: Example, prompt: str) -> str:
     return example.response + (tokenizer.eos_token or "")
 
 
-def encode_prompt(tokenizer, messages: tuple[dict, ...]) -> list[int]:
-    """Token ids of the prompt, with BOS where the Alpaca path needs it."""
-    ids = tokenizer(render_prompt(tokenizer, messages), add_special_tokens=False)["input_ids"]
+def encode_prompt(tokenizer, example: Example) -> list[int]:
+    """Token ids of the prompt."""
+    return _prompt_ids(tokenizer, render_prompt(tokenizer, example))
+
+
+def _prompt_ids(tokenizer, prompt: str) -> list[int]:
+    """Tokenize rendered prompt text; the Alpaca path adds BOS (chat templates write their own)."""
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     bos = tokenizer.bos_token_id
     if not getattr(tokenizer, "chat_template", None) and bos is not None and (not ids or ids[0] != bos):
         ids = [bos, *ids]
@@ -220,8 +237,8 @@ def encode_prompt(tokenizer, messages: tuple[dict, ...]) -> list[int]:
 
 def tokenize(tokenizer, example: Example, max_length: int) -> Tokenized | None:
     """Prompt + response ids truncated to ``max_length``; None if truncation leaves no response token."""
-    prompt_ids = encode_prompt(tokenizer, example.messages)
-    prompt = render_prompt(tokenizer, example.messages)
+    prompt = render_prompt(tokenizer, example)
+    prompt_ids = _prompt_ids(tokenizer, prompt)
     response_ids = tokenizer(render_response(tokenizer, example, prompt), add_special_tokens=False)[
         "input_ids"
     ]

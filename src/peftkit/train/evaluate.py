@@ -56,7 +56,7 @@ def exact_match(
     """Fraction of examples whose stripped greedy output equals the stripped reference response."""
     was_training = model.training
     model.eval()
-    prompts = [encode_prompt(tokenizer, e.messages) for e in examples]
+    prompts = [encode_prompt(tokenizer, e) for e in examples]
     order = sorted(range(len(examples)), key=lambda i: len(prompts[i]))  # similar lengths -> little padding
     outputs: dict[int, str] = {}
     for start in range(0, len(order), batch_size):

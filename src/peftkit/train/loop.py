@@ -66,9 +66,8 @@ def train(o: TrainOptions, progress: bool = True, say=print) -> dict:
     resume_from = ckpt.latest_checkpoint(output) if o.resume else None
     model = wrap_model(base, o, resume_from)
     trainable, total = model.get_nb_trainable_parameters()
-    params = [
-        p for _, p in sorted(model.named_parameters()) if p.requires_grad
-    ]  # name order: stable on resume
+    # Sorted by name, so the optimizer state of a checkpoint maps onto the same tensors on resume.
+    params = [p for _, p in sorted(model.named_parameters()) if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
     batches_per_epoch = math.ceil(len(train_items) / o.batch_size)
     total_steps = o.max_steps or max(1, math.ceil(o.epochs * batches_per_epoch / o.grad_accum))
