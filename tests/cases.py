@@ -156,3 +156,84 @@ CASES += [
         perturb=True,
     ),
 ]
+
+# ----- LN tuning: a trainable copy of each norm -----
+CASES += [
+    Case("ln-tuning-llama", "LN_TUNING", M.tiny_llama, {}, perturb=True, lr=0.1),
+    Case(
+        "ln-tuning-bert-seqcls",
+        "LN_TUNING",
+        M.tiny_bert_cls,
+        {"target_modules": ["LayerNorm"]},
+        task_type="SEQ_CLS",
+        perturb=True,
+    ),
+]
+
+# ----- VeRA: shared frozen projections; one case regenerates them from the seed -----
+CASES += [
+    Case("vera-llama", "VERA", M.tiny_llama, {"r": 4, "init_weights": False}, lr=0.3),
+    Case(
+        "vera-gpt2-conv1d",
+        "VERA",
+        M.tiny_gpt2,
+        {"r": 32, "target_modules": ["c_attn", "c_proj", "c_fc"], "init_weights": False},
+        lr=0.1,
+    ),
+    Case(
+        "vera-bert-seqcls-projection-from-seed",
+        "VERA",
+        M.tiny_bert_cls,
+        {"r": 4, "init_weights": False, "save_projection": False, "projection_prng_key": 3},
+        task_type="SEQ_CLS",
+        lr=0.1,
+    ),
+]
+
+# ----- LoHa (nn.Linear and nn.Conv2d only, as in HF peft) -----
+CASES += [
+    Case("loha-llama", "LOHA", M.tiny_llama, {"r": 4, "init_weights": False}),
+    Case("loha-bert-seqcls", "LOHA", M.tiny_bert_cls, {"r": 4, "init_weights": False}, task_type="SEQ_CLS"),
+    Case(
+        "loha-conv2d-effective",
+        "LOHA",
+        M.tiny_convnet,
+        {
+            "r": 2,
+            "target_modules": ["conv1", "conv2", "head"],
+            "use_effective_conv2d": True,
+            "init_weights": False,
+        },
+        inputs=M.image_inputs,
+        task_type=None,
+    ),
+]
+
+# ----- LoKr (nn.Linear and nn.Conv2d only, as in HF peft) -----
+CASES += [
+    Case(
+        "lokr-llama-decompose-both",
+        "LOKR",
+        M.tiny_llama,
+        {
+            "r": 2,
+            "target_modules": ["q_proj", "v_proj", "down_proj"],
+            "decompose_both": True,
+            "init_weights": False,
+        },
+    ),
+    Case("lokr-llama-full-factors", "LOKR", M.tiny_llama, {"r": 8, "alpha": 16, "init_weights": False}),
+    Case(
+        "lokr-conv2d-effective",
+        "LOKR",
+        M.tiny_convnet,
+        {
+            "r": 1,
+            "target_modules": ["conv1", "conv2", "head"],
+            "use_effective_conv2d": True,
+            "init_weights": False,
+        },
+        inputs=M.image_inputs,
+        task_type=None,
+    ),
+]

@@ -17,17 +17,27 @@ from .peft_model import (
     get_peft_model,
 )
 from .registry import register_peft_method
-from .tuners.ia3 import IA3Config, IA3Model
 from .tuners.adalora import AdaLoraConfig, AdaLoraModel
+from .tuners.ia3 import IA3Config, IA3Model
+from .tuners.ln_tuning import LNTuningConfig, LNTuningModel
+from .tuners.loha import LoHaConfig, LoHaModel
+from .tuners.lokr import LoKrConfig, LoKrModel
 from .tuners.lora import LoraConfig, LoraModel
+from .tuners.vera import VeraConfig, VeraModel
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "IA3Config",
-    "IA3Model",
     "AdaLoraConfig",
     "AdaLoraModel",
+    "IA3Config",
+    "IA3Model",
+    "LNTuningConfig",
+    "LNTuningModel",
+    "LoHaConfig",
+    "LoHaModel",
+    "LoKrConfig",
+    "LoKrModel",
     "LoraConfig",
     "LoraModel",
     "PeftConfig",
@@ -40,6 +50,8 @@ __all__ = [
     "PeftModelForTokenClassification",
     "PeftType",
     "TaskType",
+    "VeraConfig",
+    "VeraModel",
     "get_peft_model",
     "register_peft_method",
     "set_fused_causal_lm_loss",

@@ -20,7 +20,7 @@ from safetensors.torch import save as st_save_bytes
 from torch import nn
 
 from .modules_to_save import ModulesToSaveWrapper
-from .tuners.base import AdapterLayer
+from .tuners.base import AdapterLayer, BaseTuner
 
 WEIGHTS_NAME = "adapter_model.bin"
 SAFETENSORS_WEIGHTS_NAME = "adapter_model.safetensors"
@@ -52,8 +52,8 @@ def adapter_key_map(root: nn.Module, adapter_name: str) -> dict[str, str]:
     out: dict[str, str] = {}
     for path, module in root.named_modules():
         prefix = f"{path}." if path else ""
-        if isinstance(module, AdapterLayer):
-            for attr in module.adapter_attrs:
+        if isinstance(module, (AdapterLayer, BaseTuner)):
+            for attr in _adapter_containers(module):
                 container = getattr(module, attr)
                 if adapter_name not in container:
                     continue
@@ -67,6 +67,14 @@ def adapter_key_map(root: nn.Module, adapter_name: str) -> dict[str, str]:
             for k in module.modules_to_save[adapter_name].state_dict():
                 out[f"{prefix}modules_to_save.{adapter_name}.{k}"] = f"{prefix}{k}"
     return out
+
+
+def _adapter_containers(module: nn.Module) -> tuple[str, ...]:
+    """Attributes of `module` holding tensors keyed by adapter name: an adapter layer's `adapter_attrs`, or a
+    tuner's `shared_adapter_attrs` (tensors all its layers share, e.g. VeRA's projections `vera_A`/`vera_B`)."""
+    if isinstance(module, AdapterLayer):
+        return module.adapter_attrs
+    return getattr(module, "shared_adapter_attrs", ())
 
 
 def resolve_adapter_file(

@@ -2,4 +2,8 @@
 
 from . import lora  # noqa: F401
 from . import ia3  # noqa: F401
+from . import ln_tuning  # noqa: F401
+from . import vera  # noqa: F401
+from . import loha  # noqa: F401
+from . import lokr  # noqa: F401
 from . import adalora  # noqa: F401
