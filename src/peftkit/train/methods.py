@@ -1,6 +1,6 @@
 """Fine-tuning methods the CLI knows: one table entry per method.
 
-Each entry names the peftkit config class and maps the generic CLI knobs (r, alpha, dropout, targets) onto
+Each entry names the method's ``peft_type`` in the library registry (which gives the config class) and maps the generic CLI knobs (r, alpha, dropout, targets) onto
 that class's fields, plus fixed extras (DoRA is LoRA with ``use_dora=True``). Adding a method (IA3, LoHa,
 ...) is one more entry here.
 """
@@ -14,33 +14,28 @@ from peftkit.train.errors import PeftkitError
 
 @dataclass(frozen=True)
 class Method:
-    """How to build one method's config: its class name in ``peftkit`` and which knobs it takes."""
+    """How to build one method's config: its registered ``peft_type`` and which CLI knobs it takes."""
 
-    config_class: str
+    peft_type: str
     knobs: dict[str, str]  # CLI knob -> config field
     extras: dict[str, object] = field(default_factory=dict)
 
 
+LORA_KNOBS = {"r": "r", "alpha": "lora_alpha", "dropout": "lora_dropout", "targets": "target_modules"}
+
 METHODS: dict[str, Method] = {
-    "lora": Method(
-        "LoraConfig",
-        {"r": "r", "alpha": "lora_alpha", "dropout": "lora_dropout", "targets": "target_modules"},
-    ),
-    "dora": Method(
-        "LoraConfig",
-        {"r": "r", "alpha": "lora_alpha", "dropout": "lora_dropout", "targets": "target_modules"},
-        {"use_dora": True},
-    ),
+    "lora": Method("LORA", LORA_KNOBS),
+    "dora": Method("LORA", LORA_KNOBS, {"use_dora": True}),
 }
 
 
 def build_peft_config(method: str, knobs: dict[str, object]):
     """The peftkit config for ``method``; ``knobs`` maps CLI knob names to values (None = method default)."""
-    import peftkit
+    from peftkit.registry import get_method
 
     if method not in METHODS:
         raise PeftkitError(f"unknown --method {method!r}; choose one of: {', '.join(METHODS)}")
     spec = METHODS[method]
     kwargs = {spec.knobs[k]: v for k, v in knobs.items() if v is not None and k in spec.knobs}
-    config_class = getattr(peftkit, spec.config_class)
+    config_class = get_method(spec.peft_type).config_cls
     return config_class(task_type="CAUSAL_LM", **kwargs, **spec.extras)
