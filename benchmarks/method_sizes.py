@@ -3,8 +3,9 @@
     python benchmarks/method_sizes.py
 
 The base is the SmolLM2-135M architecture with random seeded weights (no download). Each method runs at its
-default config (targets: the architecture default, e.g. q_proj/v_proj for LoRA, VeRA, LoHa, LoKr; k_proj,
-v_proj, down_proj for IA3; the norms for LN tuning). Prints a Markdown table; the two libraries must agree.
+default config (targets: the architecture default, e.g. q_proj/v_proj for LoRA, VeRA, LoHa, LoKr, OFT and
+BOFT; k_proj, v_proj, down_proj for IA3; the norms for LN tuning). Prints a Markdown table; the two libraries
+must agree.
 """
 
 from __future__ import annotations
@@ -20,7 +21,16 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import peftkit
 
-METHODS = ["LoraConfig", "IA3Config", "LNTuningConfig", "VeraConfig", "LoHaConfig", "LoKrConfig"]
+METHODS = [
+    "LoraConfig",
+    "IA3Config",
+    "LNTuningConfig",
+    "VeraConfig",
+    "LoHaConfig",
+    "LoKrConfig",
+    "OFTConfig",
+    "BOFTConfig",
+]
 
 
 def smollm2_135m() -> LlamaForCausalLM:

@@ -157,6 +157,52 @@ CASES += [
     ),
 ]
 
+# ----- OFT (nn.Linear, nn.Conv2d, nn.Embedding as in HF peft; no GPT-2 Conv1D). Default init is the identity
+# rotation, hence perturb. HF interop holds at the battery's fp32 atol 1e-5 (same Cayley formulas), so no
+# looser tolerance is needed. Conv2d: 1x1 (HF's forward for larger kernels is not self-consistent, see
+# tests/test_oft.py) -----
+CASES += [
+    Case(
+        "oft-llama",
+        "OFT",
+        M.tiny_llama,
+        {"oft_block_size": 8, "target_modules": ["q_proj", "v_proj", "down_proj"]},
+        perturb=True,
+        lr=0.1,
+    ),
+    Case(
+        "oft-llama-random-init-exact-cayley-share",
+        "OFT",
+        M.tiny_llama,
+        {
+            "r": 2,
+            "oft_block_size": 0,
+            "target_modules": "all-linear",
+            "init_weights": False,
+            "use_cayley_neumann": False,
+            "block_share": True,
+        },
+        lr=0.1,
+    ),
+    Case(
+        "oft-llama-coft",
+        "OFT",
+        M.tiny_llama,
+        {"oft_block_size": 8, "target_modules": "all-linear", "coft": True, "eps": 8.0},
+        perturb=True,
+        lr=0.1,
+    ),
+    Case(
+        "oft-conv2d",
+        "OFT",
+        M.tiny_convnet,
+        {"oft_block_size": 4, "target_modules": ["conv2", "head"]},
+        inputs=M.image_inputs,
+        task_type=None,
+        perturb=True,
+    ),
+]
+
 # ----- LN tuning: a trainable copy of each norm -----
 CASES += [
     Case("ln-tuning-llama", "LN_TUNING", M.tiny_llama, {}, perturb=True, lr=0.1),
@@ -235,5 +281,33 @@ CASES += [
         },
         inputs=M.image_inputs,
         task_type=None,
+    ),
+]
+
+# ----- BOFT (nn.Linear and nn.Conv2d, as in HF peft). One butterfly factor: HF peft without its CUDA extension
+# (always on CPU) forces boft_n_butterfly_factor=1; the multi-factor math is checked in tests/test_oft.py -----
+CASES += [
+    Case(
+        "boft-llama",
+        "BOFT",
+        M.tiny_llama,
+        {"boft_block_size": 4, "target_modules": "all-linear"},
+        perturb=True,
+    ),
+    Case(
+        "boft-llama-block-num-random-init",
+        "BOFT",
+        M.tiny_llama,
+        {"boft_block_num": 4, "boft_block_size": 0, "init_weights": False},
+        lr=0.1,
+    ),
+    Case(
+        "boft-conv2d",
+        "BOFT",
+        M.tiny_convnet,
+        {"boft_block_size": 9, "target_modules": ["conv1"]},
+        inputs=M.image_inputs,
+        task_type=None,
+        perturb=True,
     ),
 ]

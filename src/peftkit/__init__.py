@@ -18,11 +18,13 @@ from .peft_model import (
 )
 from .registry import register_peft_method
 from .tuners.adalora import AdaLoraConfig, AdaLoraModel
+from .tuners.boft import BOFTConfig, BOFTModel
 from .tuners.ia3 import IA3Config, IA3Model
 from .tuners.ln_tuning import LNTuningConfig, LNTuningModel
 from .tuners.loha import LoHaConfig, LoHaModel
 from .tuners.lokr import LoKrConfig, LoKrModel
 from .tuners.lora import LoraConfig, LoraModel
+from .tuners.oft import OFTConfig, OFTModel
 from .tuners.vera import VeraConfig, VeraModel
 
 __version__ = "0.1.0"
@@ -30,6 +32,8 @@ __version__ = "0.1.0"
 __all__ = [
     "AdaLoraConfig",
     "AdaLoraModel",
+    "BOFTConfig",
+    "BOFTModel",
     "IA3Config",
     "IA3Model",
     "LNTuningConfig",
@@ -40,6 +44,8 @@ __all__ = [
     "LoKrModel",
     "LoraConfig",
     "LoraModel",
+    "OFTConfig",
+    "OFTModel",
     "PeftConfig",
     "PeftModel",
     "PeftModelForCausalLM",

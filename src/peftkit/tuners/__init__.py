@@ -7,3 +7,5 @@ from . import vera  # noqa: F401
 from . import loha  # noqa: F401
 from . import lokr  # noqa: F401
 from . import adalora  # noqa: F401
+from . import oft  # noqa: F401
+from . import boft  # noqa: F401
