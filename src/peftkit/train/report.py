@@ -17,6 +17,10 @@ def _fmt_em(em: dict | None) -> str:
     return "n/a" if em is None else f"{em['exact_match']:.1%} ({em['correct']}/{em['total']})"
 
 
+def _fmt_load(load: float | None) -> str:
+    return "n/a" if load is None else f"{load:.1f}"
+
+
 def render_markdown(r: dict) -> str:
     """A human summary of a finished run."""
     ev = r.get("eval") or {}
@@ -29,8 +33,8 @@ def render_markdown(r: dict) -> str:
         f"- adapter size on disk: {r['adapter_bytes'] / 1e6:.2f} MB",
         f"- steps: {r['steps']} ({r['train_rows']} training rows, {r['tokens']:,} tokens)",
         f"- wall time: {r['wall_seconds']:.0f} s (training {r['train_seconds']:.0f} s)",
-        f"- throughput: {r['tokens_per_second']:.0f} tokens/s ({r['threads']} threads; CPU time {r['cpu_seconds']:.0f} s;"
-        f" load average at the end {r['load_average']})",
+        f"- throughput: {r['tokens_per_second']:.0f} training tokens/s on {r['threads']} thread(s)",
+        f"- CPU time: {r['cpu_seconds']:.0f} s (load average at the end: {_fmt_load(r['load_average'])})",
         f"- peak memory (RSS): {r['peak_rss_mb']:.0f} MB",
         f"- final train loss: {r['final_train_loss']:.4f}"
         if r.get("final_train_loss") is not None
