@@ -118,8 +118,8 @@ def child(spec: dict) -> None:
     model = build(spec["lib"], spec.get("target", "qv")) if spec["kind"] == "step" else base_model()
     batch = make_batch(shape, spec.get("labels", "all"))
     fn = stepper(model, batch) if spec["kind"] == "step" else forward_only(model, batch)
-    fn()
-    fn()
+    for _ in range(spec.get("steps", 2)):
+        fn()
     print(json.dumps({"peak_rss_mib": rss_mib()}))
 
 
