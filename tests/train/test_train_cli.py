@@ -149,5 +149,6 @@ def test_every_flag_has_help(flag, capsys):
     ]:
         assert option in text
     parser = cli.build_parser()
-    for action in parser._subparsers._group_actions[0].choices["train"]._actions:
-        assert action.help, action.dest
+    for name, sub in parser._subparsers._group_actions[0].choices.items():
+        for action in sub._actions:
+            assert action.help, f"{name} {action.dest}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -62,10 +63,7 @@ def _answers(model, tokenizer, names: list[str], messages: list[dict], args) -> 
     """One (label, answer) per adapter, plus the base model when asked (or when there is no adapter)."""
     results = []
     if args.base or not names:
-        if names:
-            with model.disable_adapter():
-                results.append(("base", _answer(model, tokenizer, messages, args)))
-        else:
+        with model.disable_adapter() if names else contextlib.nullcontext():
             results.append(("base", _answer(model, tokenizer, messages, args)))
     for name in names:
         model.set_adapter(name)

@@ -70,7 +70,10 @@ class TrainOptions:
     log_every: int = _opt(5, "write a metrics.jsonl row every N optimizer steps")
     resume: bool = _opt(False, "continue from the last checkpoint in --output")
     overwrite: bool = _opt(False, "replace a different run already in --output")
-    threads: int | None = _opt(None, "torch CPU threads (default: the number of cores)")
+    threads: int | None = _opt(
+        None,
+        "torch CPU threads (default: the number of cores not already busy, by the 1-minute load average)",
+    )
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
