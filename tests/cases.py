@@ -284,6 +284,33 @@ CASES += [
     ),
 ]
 
+# ----- prompt learning (prompt tuning, prefix tuning, P-tuning): no layers, one prompt encoder per adapter;
+# the battery branches on the registry's is_prompt_learning (no merge; virtual tokens lengthen causal logits).
+# Decoder-only models are `sharp` (larger random weights) so a few virtual tokens can steer them in the training
+# check; T5 keeps its default init (its battery loss is a regression on the logits, which sharp weights blow up).
+_VT = {"num_virtual_tokens": 4}
+_S2S = {"inputs": M.seq2seq_inputs, "task_type": "SEQ_2_SEQ_LM"}
+CASES += [
+    Case("prompt-tuning-llama", "PROMPT_TUNING", M.sharp(M.tiny_llama), _VT, lr=0.1),
+    Case("prompt-tuning-gpt2-sample-vocab", "PROMPT_TUNING", M.sharp(M.tiny_gpt2),
+         {**_VT, "prompt_tuning_init": "SAMPLE_VOCAB"}, lr=0.1),
+    Case("prompt-tuning-bloom", "PROMPT_TUNING", M.sharp(M.tiny_bloom), _VT, lr=0.1),
+    Case("prompt-tuning-t5", "PROMPT_TUNING", M.tiny_t5, {"num_virtual_tokens": 8}, lr=0.3, **_S2S),
+    Case("prompt-tuning-bert-seqcls", "PROMPT_TUNING", M.tiny_bert_cls, _VT, task_type="SEQ_CLS"),
+    Case("prefix-tuning-llama-gqa", "PREFIX_TUNING", M.sharp(M.tiny_llama), _VT, lr=0.1),
+    Case("prefix-tuning-gpt2", "PREFIX_TUNING", M.sharp(M.tiny_gpt2), _VT, lr=0.1),
+    Case("prefix-tuning-bloom", "PREFIX_TUNING", M.sharp(M.tiny_bloom), _VT, lr=0.1),
+    Case("prefix-tuning-projection-llama", "PREFIX_TUNING", M.sharp(M.tiny_llama),
+         {**_VT, "prefix_projection": True, "encoder_hidden_size": 16}, lr=0.1),
+    Case("prefix-tuning-t5", "PREFIX_TUNING", M.tiny_t5, _VT, lr=0.3, **_S2S),
+    Case("p-tuning-mlp-llama", "P_TUNING", M.sharp(M.tiny_llama), {**_VT, "encoder_hidden_size": 16}, lr=0.1),
+    Case("p-tuning-lstm-gpt2", "P_TUNING", M.sharp(M.tiny_gpt2),
+         {**_VT, "encoder_hidden_size": 16, "encoder_reparameterization_type": "LSTM"}, lr=0.1),
+    Case("p-tuning-t5", "P_TUNING", M.tiny_t5, {**_VT, "encoder_hidden_size": 16}, lr=0.1, **_S2S),
+    Case("p-tuning-bert-seqcls", "P_TUNING", M.tiny_bert_cls, {**_VT, "encoder_hidden_size": 16},
+         task_type="SEQ_CLS"),
+]
+
 # ----- BOFT (nn.Linear and nn.Conv2d, as in HF peft). One butterfly factor: HF peft without its CUDA extension
 # (always on CPU) forces boft_n_butterfly_factor=1; the multi-factor math is checked in tests/test_oft.py -----
 CASES += [

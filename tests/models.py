@@ -8,6 +8,8 @@ from torch import nn
 from transformers import (
     BertConfig,
     BertForSequenceClassification,
+    BloomConfig,
+    BloomForCausalLM,
     GPT2Config,
     GPT2LMHeadModel,
     LlamaConfig,
@@ -68,6 +70,30 @@ def tiny_t5(seed: int = 0) -> nn.Module:
         decoder_start_token_id=0,
     )
     return T5ForConditionalGeneration(cfg).eval()
+
+
+def tiny_bloom(seed: int = 0) -> nn.Module:
+    """Bloom: fused query_key_value and ALiBi positions (no position embeddings)."""
+    torch.manual_seed(seed)
+    cfg = BloomConfig(vocab_size=VOCAB, hidden_size=32, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0)
+    return BloomForCausalLM(cfg).eval()
+
+
+def sharp(factory, std: float = 0.3):
+    """`factory` with every matrix redrawn from N(0, std): with the default tiny init (0.02) attention is nearly
+    uniform and values tiny, so virtual tokens (prompt learning) can barely move the output; here they can."""
+
+    def make(seed: int = 0) -> nn.Module:
+        model = factory(seed)
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for _, p in sorted(model.named_parameters()):
+                if p.dim() == 2:
+                    p.copy_(torch.randn(p.shape, generator=g) * std)
+        return model
+
+    make.__name__ = f"sharp_{factory.__name__}"
+    return make
 
 
 class ConvNet(nn.Module):

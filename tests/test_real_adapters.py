@@ -228,79 +228,64 @@ def test_is_trainable_makes_only_adapter_and_head_trainable(spec: RealAdapter) -
     assert ours.get_nb_trainable_parameters() == reference.get_nb_trainable_parameters()
 
 
-# ----- prompt tuning, prefix tuning, IA3 (a later issue) -----------------------------------------------------
-# Until peftkit registers one of these methods, loading its adapter must fail loudly, naming the method, rather
-# than load wrongly. Once the method is registered, the same test compares it with HF peft instead. The bases
-# keep every dimension the adapter touches; only the vocabulary (and, for prompt tuning, which adds virtual
-# tokens in front of the input and touches no layer, the depth) is cut down, to keep the tests fast.
-PENDING_METHOD_ADAPTERS = {
-    "bloomz560m_prompt_tuning": "PROMPT_TUNING",
-    "t5_small_prefix_tuning": "PREFIX_TUNING",
+# ----- prompt learning: bloomz-560m prompt tuning (causal) and t5-small prefix tuning (seq2seq) ---------------
+# The bases have the adapters' real widths (and, for T5, depth); only the vocabulary is cut down, which the
+# adapters never index (prompt tuning only reads the hidden size; bloom's 24 layers are not used by it).
+PROMPT_LEARNING_ADAPTERS = {
+    "bloomz560m_prompt_tuning": "PeftModelForCausalLM",
+    "t5_small_prefix_tuning": "PeftModelForSeq2SeqLM",
 }
 SMALL_VOCAB = 1024
 
 
-def _pending_base(folder: str) -> nn.Module:
+def _prompt_learning_base(folder: str) -> nn.Module:
     torch.manual_seed(SEED)
     if folder == "bloomz560m_prompt_tuning":
         return BloomForCausalLM(BloomConfig(vocab_size=SMALL_VOCAB, hidden_size=1024, n_layer=2, n_head=16))
-    if folder == "t5_small_prefix_tuning":
-        return T5ForConditionalGeneration(
-            T5Config(
-                vocab_size=SMALL_VOCAB,
-                d_model=512,
-                d_kv=64,
-                d_ff=2048,
-                num_layers=6,
-                num_decoder_layers=6,
-                num_heads=8,
-                feed_forward_proj="relu",
-                decoder_start_token_id=0,
-            )
-        )
     return T5ForConditionalGeneration(
         T5Config(
             vocab_size=SMALL_VOCAB,
-            d_model=768,
+            d_model=512,
             d_kv=64,
             d_ff=2048,
-            num_layers=12,
-            num_decoder_layers=12,
-            num_heads=12,
-            feed_forward_proj="gated-gelu",
-            tie_word_embeddings=False,
+            num_layers=6,
+            num_decoder_layers=6,
+            num_heads=8,
+            feed_forward_proj="relu",
             decoder_start_token_id=0,
         )
     )
 
 
-def _is_registered(method: str) -> bool:
-    from peftkit.registry import all_methods
-
-    return method in all_methods()
-
-
-@pytest.mark.parametrize("folder", sorted(PENDING_METHOD_ADAPTERS))
-def test_pending_method_adapter_errors_or_matches_reference(folder: str) -> None:
-    method, path = PENDING_METHOD_ADAPTERS[folder], str(REAL_ADAPTERS / folder)
-    base = _pending_base(folder).eval()
-    if not _is_registered(method):
-        with pytest.raises((ValueError, NotImplementedError), match=method):
-            peftkit.PeftModel.from_pretrained(base, path)
-        return
-    reference = hf_peft.PeftModel.from_pretrained(copy.deepcopy(base), path)
-    ours = peftkit.PeftModel.from_pretrained(base, path)
-    assert type(ours).__name__ == type(reference).__name__
-    assert trainable_names(ours) == set()
+@pytest.mark.parametrize("folder", sorted(PROMPT_LEARNING_ADAPTERS))
+def test_prompt_learning_adapter_matches_reference(folder: str) -> None:
+    path = str(REAL_ADAPTERS / folder)
+    base = _prompt_learning_base(folder).eval()
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, SMALL_VOCAB, (2, 8), generator=g)
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    if folder.startswith("t5") or folder.startswith("flan"):
+    if folder.startswith("t5"):
         inputs["decoder_input_ids"] = ids[:, :3]
+    base_logits = logits(base, inputs)
+    reference = hf_peft.PeftModel.from_pretrained(base, path)  # prompt learning leaves the base untouched
     expected = logits(reference, inputs)
+    ours = peftkit.PeftModel.from_pretrained(reference.get_base_model(), path)
+
+    assert type(ours).__name__ == type(reference).__name__ == PROMPT_LEARNING_ADAPTERS[folder]
+    assert trainable_names(ours) == set() and not ours.training
     got = logits(ours, inputs)
     assert got.shape == expected.shape
     torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
+    with ours.disable_adapter():
+        assert torch.equal(logits(ours, inputs), base_logits)
+    assert (got[:, -base_logits.shape[1] :] - base_logits).abs().max() > 1e-3, "the adapter has no effect"
+    expected_tensors = load_file(REAL_ADAPTERS / folder / "adapter_model.safetensors")
+    state = ours.get_adapter_state_dict()
+    assert sorted(state) == sorted(expected_tensors) == ["prompt_embeddings"]
+    assert torch.equal(state["prompt_embeddings"], expected_tensors["prompt_embeddings"])
+    theirs = reference.peft_config["default"]
+    for field in ("num_virtual_tokens", "token_dim", "num_transformer_submodules", "num_layers", "num_attention_heads"):
+        assert getattr(ours.peft_config["default"], field) == getattr(theirs, field), field
 
 
 # ----- IA3 on seq2seq: flan-t5-base with feedforward_modules=["wo"] -----------------------------------------------

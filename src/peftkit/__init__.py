@@ -25,6 +25,10 @@ from .tuners.loha import LoHaConfig, LoHaModel
 from .tuners.lokr import LoKrConfig, LoKrModel
 from .tuners.lora import LoraConfig, LoraModel
 from .tuners.oft import OFTConfig, OFTModel
+from .tuners.p_tuning import PromptEncoderConfig, PromptEncoderReparameterizationType
+from .tuners.prefix_tuning import PrefixTuningConfig
+from .tuners.prompt_base import PromptLearningConfig
+from .tuners.prompt_tuning import PromptTuningConfig, PromptTuningInit
 from .tuners.vera import VeraConfig, VeraModel
 
 __version__ = "0.1.0"
@@ -55,6 +59,12 @@ __all__ = [
     "PeftModelForSequenceClassification",
     "PeftModelForTokenClassification",
     "PeftType",
+    "PrefixTuningConfig",
+    "PromptEncoderConfig",
+    "PromptEncoderReparameterizationType",
+    "PromptLearningConfig",
+    "PromptTuningConfig",
+    "PromptTuningInit",
     "TaskType",
     "VeraConfig",
     "VeraModel",

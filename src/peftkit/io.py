@@ -24,6 +24,7 @@ from .tuners.base import AdapterLayer, BaseTuner
 
 WEIGHTS_NAME = "adapter_model.bin"
 SAFETENSORS_WEIGHTS_NAME = "adapter_model.safetensors"
+PROMPT_EMBEDDINGS_KEY = "prompt_embeddings"  # the one tensor of a prompt-learning adapter file
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -48,10 +49,19 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 
 def adapter_key_map(root: nn.Module, adapter_name: str) -> dict[str, str]:
-    """{in-memory state-dict key: file key} for every tensor that belongs to `adapter_name` under `root`."""
+    """{in-memory state-dict key: file key} for every tensor that belongs to `adapter_name` under `root`.
+
+    Prompt-learning adapters are one file tensor, `prompt_embeddings` (the prompt encoder's rows; saving puts
+    the computed rows there, see `PromptLearningTuner.tensors_for_saving`). HF peft's prompt-learning wrapper
+    holds the transformers model directly, so the `model.` level of our tuner is dropped from other keys.
+    """
     out: dict[str, str] = {}
+    drop = ""  # "<tuner path>.model." under a prompt-learning tuner: HF's file keys lack that level
     for path, module in root.named_modules():
         prefix = f"{path}." if path else ""
+        if getattr(type(module), "is_prompt_learning", False) and adapter_name in module.prompt_encoder:
+            out[f"{prefix}prompt_encoder.{adapter_name}.embedding.weight"] = PROMPT_EMBEDDINGS_KEY
+            drop = f"{prefix}model."
         if isinstance(module, (AdapterLayer, BaseTuner)):
             for attr in _adapter_containers(module):
                 container = getattr(module, attr)
@@ -65,7 +75,10 @@ def adapter_key_map(root: nn.Module, adapter_name: str) -> dict[str, str]:
                     out[mem] = disk
         elif isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
             for k in module.modules_to_save[adapter_name].state_dict():
-                out[f"{prefix}modules_to_save.{adapter_name}.{k}"] = f"{prefix}{k}"
+                disk = f"{prefix}{k}"
+                if drop and disk.startswith(drop):
+                    disk = drop[: -len("model.")] + disk[len(drop) :]
+                out[f"{prefix}modules_to_save.{adapter_name}.{k}"] = disk
     return out
 
 

@@ -7,5 +7,8 @@ from . import vera  # noqa: F401
 from . import loha  # noqa: F401
 from . import lokr  # noqa: F401
 from . import adalora  # noqa: F401
+from . import prompt_tuning  # noqa: F401
+from . import prefix_tuning  # noqa: F401
+from . import p_tuning  # noqa: F401
 from . import oft  # noqa: F401
 from . import boft  # noqa: F401
