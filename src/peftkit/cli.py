@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-new-tokens",
         type=int,
         default=None,
-        help="tokens to generate for exact match (default: longest reference answer + 8)",
+        help="tokens to generate for exact match (default: longest reference answer + 4)",
     )
     _add_common(p)
 

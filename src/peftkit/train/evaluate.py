@@ -76,4 +76,4 @@ def exact_match(
 def default_max_new_tokens(tokenizer, examples: list[Example]) -> int:
     """Enough tokens for the longest reference answer plus a margin (and the end-of-turn token)."""
     longest = max(len(tokenizer(e.response, add_special_tokens=False)["input_ids"]) for e in examples)
-    return min(longest + 8, 512)
+    return min(longest + 4, 512)

@@ -63,7 +63,7 @@ class TrainOptions:
     seed: int = _opt(0, "random seed (data order, adapter init, dropout)")
     max_length: int = _opt(256, "truncate prompt + response to this many tokens")
     max_new_tokens: int | None = _opt(
-        None, "tokens to generate for exact match (default: longest reference answer + 8)"
+        None, "tokens to generate for exact match (default: longest reference answer + 4)"
     )
     output: str = _opt("runs/peftkit-train", "output folder: adapter, checkpoints, metrics, report")
     save_every: int = _opt(50, "save an adapter-only checkpoint every N optimizer steps (0 = never)")
