@@ -136,7 +136,7 @@ def train(o: TrainOptions, progress: bool = True, say=print) -> dict:
         "method": o.method,
         "r": o.r,
         "alpha": o.alpha,
-        "target_modules": sorted(model.peft_config["default"].target_modules or []),
+        "target_modules": sorted(getattr(model.peft_config["default"], "target_modules", None) or []),
         "trainable_params": trainable,
         "total_params": total,
         "trainable_percent": 100 * trainable / total,

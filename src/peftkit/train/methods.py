@@ -23,9 +23,23 @@ class Method:
 
 LORA_KNOBS = {"r": "r", "alpha": "lora_alpha", "dropout": "lora_dropout", "targets": "target_modules"}
 
+TARGETS = {"targets": "target_modules"}
+VIRTUAL_TOKENS = {"num_virtual_tokens": 20}
+
 METHODS: dict[str, Method] = {
     "lora": Method("LORA", LORA_KNOBS),
     "dora": Method("LORA", LORA_KNOBS, {"use_dora": True}),
+    "rslora": Method("LORA", LORA_KNOBS, {"use_rslora": True}),
+    "ia3": Method("IA3", TARGETS),
+    "loha": Method("LOHA", {"r": "r", "alpha": "alpha", "dropout": "module_dropout", **TARGETS}),
+    "lokr": Method("LOKR", {"r": "r", "alpha": "alpha", "dropout": "module_dropout", **TARGETS}),
+    "vera": Method("VERA", {"r": "r", "dropout": "vera_dropout", **TARGETS}),
+    "oft": Method("OFT", {"dropout": "module_dropout", **TARGETS}),
+    "boft": Method("BOFT", {"dropout": "boft_dropout", **TARGETS}),
+    "ln_tuning": Method("LN_TUNING", {}),
+    "prompt_tuning": Method("PROMPT_TUNING", {}, VIRTUAL_TOKENS),
+    "prefix_tuning": Method("PREFIX_TUNING", {}, VIRTUAL_TOKENS),
+    "p_tuning": Method("P_TUNING", {}, {**VIRTUAL_TOKENS, "encoder_hidden_size": 128}),
 }
 
 

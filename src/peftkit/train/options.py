@@ -42,7 +42,11 @@ class TrainOptions:
     eval_limit: int | None = _opt(
         200, "evaluate loss and exact match on at most this many held-out rows (0 = all)"
     )
-    method: str = _opt("lora", "fine-tuning method: lora or dora")
+    method: str = _opt(
+        "lora",
+        "fine-tuning method: lora, dora, rslora, ia3, loha, lokr, vera, oft, boft, ln_tuning, prompt_tuning,"
+        " prefix_tuning or p_tuning (--r/--alpha/--dropout/--targets apply where the method has them)",
+    )
     r: int = _opt(8, "adapter rank")
     alpha: float = _opt(16, "adapter scaling alpha (scale = alpha / r)")
     dropout: float = _opt(0.0, "dropout on the adapter input")
