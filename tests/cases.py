@@ -122,8 +122,13 @@ CASES: list[Case] = [
 # ----- AdaLoRA (rank reallocation itself is tested in test_adalora.py) -----
 CASES += [
     Case("adalora-llama", "ADALORA", M.tiny_llama, {"init_r": 4, "target_r": 2, "total_step": 10, **_RANDOM}),
-    Case("adalora-gpt2-conv1d", "ADALORA", M.tiny_gpt2, {"init_r": 4, "total_step": 10, "lora_alpha": 32},
-         identity_init=True),
+    Case(
+        "adalora-gpt2-conv1d",
+        "ADALORA",
+        M.tiny_gpt2,
+        {"init_r": 4, "total_step": 10, "lora_alpha": 32},
+        identity_init=True,
+    ),
 ]
 
 # ----- weight-changing methods other than LoRA (IA3, LN tuning, VeRA, LoHa, LoKr) -----
@@ -292,23 +297,43 @@ _VT = {"num_virtual_tokens": 4}
 _S2S = {"inputs": M.seq2seq_inputs, "task_type": "SEQ_2_SEQ_LM"}
 CASES += [
     Case("prompt-tuning-llama", "PROMPT_TUNING", M.sharp(M.tiny_llama), _VT, lr=0.1),
-    Case("prompt-tuning-gpt2-sample-vocab", "PROMPT_TUNING", M.sharp(M.tiny_gpt2),
-         {**_VT, "prompt_tuning_init": "SAMPLE_VOCAB"}, lr=0.1),
+    Case(
+        "prompt-tuning-gpt2-sample-vocab",
+        "PROMPT_TUNING",
+        M.sharp(M.tiny_gpt2),
+        {**_VT, "prompt_tuning_init": "SAMPLE_VOCAB"},
+        lr=0.1,
+    ),
     Case("prompt-tuning-bloom", "PROMPT_TUNING", M.sharp(M.tiny_bloom), _VT, lr=0.1),
     Case("prompt-tuning-t5", "PROMPT_TUNING", M.tiny_t5, {"num_virtual_tokens": 8}, lr=0.3, **_S2S),
     Case("prompt-tuning-bert-seqcls", "PROMPT_TUNING", M.tiny_bert_cls, _VT, task_type="SEQ_CLS"),
     Case("prefix-tuning-llama-gqa", "PREFIX_TUNING", M.sharp(M.tiny_llama), _VT, lr=0.1),
     Case("prefix-tuning-gpt2", "PREFIX_TUNING", M.sharp(M.tiny_gpt2), _VT, lr=0.1),
     Case("prefix-tuning-bloom", "PREFIX_TUNING", M.sharp(M.tiny_bloom), _VT, lr=0.1),
-    Case("prefix-tuning-projection-llama", "PREFIX_TUNING", M.sharp(M.tiny_llama),
-         {**_VT, "prefix_projection": True, "encoder_hidden_size": 16}, lr=0.1),
+    Case(
+        "prefix-tuning-projection-llama",
+        "PREFIX_TUNING",
+        M.sharp(M.tiny_llama),
+        {**_VT, "prefix_projection": True, "encoder_hidden_size": 16},
+        lr=0.1,
+    ),
     Case("prefix-tuning-t5", "PREFIX_TUNING", M.tiny_t5, _VT, lr=0.3, **_S2S),
     Case("p-tuning-mlp-llama", "P_TUNING", M.sharp(M.tiny_llama), {**_VT, "encoder_hidden_size": 16}, lr=0.1),
-    Case("p-tuning-lstm-gpt2", "P_TUNING", M.sharp(M.tiny_gpt2),
-         {**_VT, "encoder_hidden_size": 16, "encoder_reparameterization_type": "LSTM"}, lr=0.1),
+    Case(
+        "p-tuning-lstm-gpt2",
+        "P_TUNING",
+        M.sharp(M.tiny_gpt2),
+        {**_VT, "encoder_hidden_size": 16, "encoder_reparameterization_type": "LSTM"},
+        lr=0.1,
+    ),
     Case("p-tuning-t5", "P_TUNING", M.tiny_t5, {**_VT, "encoder_hidden_size": 16}, lr=0.1, **_S2S),
-    Case("p-tuning-bert-seqcls", "P_TUNING", M.tiny_bert_cls, {**_VT, "encoder_hidden_size": 16},
-         task_type="SEQ_CLS"),
+    Case(
+        "p-tuning-bert-seqcls",
+        "P_TUNING",
+        M.tiny_bert_cls,
+        {**_VT, "encoder_hidden_size": 16},
+        task_type="SEQ_CLS",
+    ),
 ]
 
 # ----- BOFT (nn.Linear and nn.Conv2d, as in HF peft). One butterfly factor: HF peft without its CUDA extension

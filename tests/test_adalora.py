@@ -13,8 +13,9 @@ from .models import tiny_gpt2, tiny_llama, token_inputs
 
 def train_with_allocation(lib, make_model, steps=12):
     torch.manual_seed(0)
-    cfg = lib.AdaLoraConfig(task_type="CAUSAL_LM", init_r=6, target_r=2, total_step=steps, tinit=2, tfinal=3,
-                            lora_alpha=32)
+    cfg = lib.AdaLoraConfig(
+        task_type="CAUSAL_LM", init_r=6, target_r=2, total_step=steps, tinit=2, tfinal=3, lora_alpha=32
+    )
     model = lib.get_peft_model(make_model(), cfg)
     model.train()
     inputs = token_inputs()
@@ -25,8 +26,13 @@ def train_with_allocation(lib, make_model, steps=12):
         opt.step()
         model.base_model.update_and_allocate(step)
         opt.zero_grad()
-        ranks.append(sum(int((m.lora_E["default"] != 0).sum()) for m in model.modules()
-                         if hasattr(m, "lora_E") and "default" in m.lora_E))
+        ranks.append(
+            sum(
+                int((m.lora_E["default"] != 0).sum())
+                for m in model.modules()
+                if hasattr(m, "lora_E") and "default" in m.lora_E
+            )
+        )
     return model.eval(), ranks
 
 
@@ -41,7 +47,9 @@ def test_ranks_shrink_to_the_target_budget(make_model):
     assert ranks[-1] == target and ranks[-4] == target  # fixed at the target in the final phase
 
 
-@pytest.mark.parametrize("src, dst", [(peftkit, hf_peft), (hf_peft, peftkit)], ids=["peftkit->hf", "hf->peftkit"])
+@pytest.mark.parametrize(
+    "src, dst", [(peftkit, hf_peft), (hf_peft, peftkit)], ids=["peftkit->hf", "hf->peftkit"]
+)
 def test_pruned_adapter_interop(src, dst, tmp_path):
     model, _ = train_with_allocation(src, tiny_llama)
     model.save_pretrained(tmp_path)
@@ -67,12 +75,15 @@ def test_orthogonal_penalty_is_added_to_the_loss():
     assert a.item() > b.item() + 0.1  # A A^T and B^T B start far from I with std-0.02 init
 
 
-@pytest.mark.parametrize("kwargs, fragment", [
-    ({}, "total_step must be a positive"),
-    ({"total_step": 10, "tinit": 8, "tfinal": 2}, "tinit (8) must be < total_step - tfinal (8)"),
-    ({"total_step": 10, "use_dora": True}, "does not support DoRA"),
-    ({"total_step": 10, "beta1": 1.0}, "beta1 must be in (0, 1)"),
-])
+@pytest.mark.parametrize(
+    "kwargs, fragment",
+    [
+        ({}, "total_step must be a positive"),
+        ({"total_step": 10, "tinit": 8, "tfinal": 2}, "tinit (8) must be < total_step - tfinal (8)"),
+        ({"total_step": 10, "use_dora": True}, "does not support DoRA"),
+        ({"total_step": 10, "beta1": 1.0}, "beta1 must be in (0, 1)"),
+    ],
+)
 def test_config_validation(kwargs, fragment):
     with pytest.raises(ValueError) as err:
         peftkit.AdaLoraConfig(**kwargs)

@@ -108,9 +108,13 @@ def test_shape_mismatch_names_module_and_shapes(tmp_path):
     with pytest.raises(ValueError) as err:
         peftkit.PeftModel.from_pretrained(bigger, tmp_path)
     msg = str(err.value)
-    assert "adapter_model.safetensors" in msg and re.search(r"module '[\w.]*layers\.\d\.self_attn\.[qv]_proj'", msg)
+    assert "adapter_model.safetensors" in msg and re.search(
+        r"module '[\w.]*layers\.\d\.self_attn\.[qv]_proj'", msg
+    )
     m = re.search(r"has shape (\(\d+, \d+\)) but module .* expects (\(\d+, \d+\))", msg)
-    assert m and m.group(1) != m.group(2), msg  # e.g. q_proj lora_A (4, 32) vs (4, 64), v_proj lora_B (16, 4) vs (32, 4)
+    assert m and m.group(1) != m.group(2), (
+        msg
+    )  # e.g. q_proj lora_A (4, 32) vs (4, 64), v_proj lora_B (16, 4) vs (32, 4)
 
 
 def test_loading_onto_model_without_the_targeted_module(tmp_path):

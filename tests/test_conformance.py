@@ -128,7 +128,9 @@ def test_disable_gives_base_output(case: Case):
     if case.identity_init:
         assert torch.equal(with_adapter, base_out), "a zero-initialised adapter must not change the output"
     else:
-        changed = with_adapter.shape != base_out.shape or not torch.allclose(with_adapter, base_out, atol=1e-6)
+        changed = with_adapter.shape != base_out.shape or not torch.allclose(
+            with_adapter, base_out, atol=1e-6
+        )
         assert changed, "the adapter has no effect"
     assert torch.equal(run_disabled(model, inputs), base_out)
     if is_prompt_learning(case):

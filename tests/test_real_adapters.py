@@ -284,7 +284,13 @@ def test_prompt_learning_adapter_matches_reference(folder: str) -> None:
     assert sorted(state) == sorted(expected_tensors) == ["prompt_embeddings"]
     assert torch.equal(state["prompt_embeddings"], expected_tensors["prompt_embeddings"])
     theirs = reference.peft_config["default"]
-    for field in ("num_virtual_tokens", "token_dim", "num_transformer_submodules", "num_layers", "num_attention_heads"):
+    for field in (
+        "num_virtual_tokens",
+        "token_dim",
+        "num_transformer_submodules",
+        "num_layers",
+        "num_attention_heads",
+    ):
         assert getattr(ours.peft_config["default"], field) == getattr(theirs, field), field
 
 

@@ -3,7 +3,7 @@
 `import peftkit as peft` runs code written for HF peft and reads and writes the same adapter files.
 """
 
-from . import optimizers
+from . import optimizers  # noqa: F401  (peft.optimizers.create_loraplus_optimizer)
 from .config import PeftConfig, PeftType, TaskType
 from .fused_loss import set_fused_causal_lm_loss
 from .peft_model import (

@@ -20,8 +20,13 @@ def _no_decay(name: str, param: nn.Parameter) -> bool:
     return name.endswith("bias") or any(h in lowered for h in _NORM_HINTS)
 
 
-def loraplus_param_groups(model: nn.Module, lr: float, loraplus_lr_ratio: float,
-                          loraplus_lr_embedding: float = 1e-6, weight_decay: float = 0.0) -> list[dict[str, Any]]:
+def loraplus_param_groups(
+    model: nn.Module,
+    lr: float,
+    loraplus_lr_ratio: float,
+    loraplus_lr_embedding: float = 1e-6,
+    weight_decay: float = 0.0,
+) -> list[dict[str, Any]]:
     """The four LoRA+ groups (empty ones dropped) over the model's trainable parameters."""
     groups: dict[str, list[nn.Parameter]] = {"A": [], "embedding": [], "B": [], "B_no_decay": []}
     for name, param in model.named_parameters():
@@ -42,9 +47,15 @@ def loraplus_param_groups(model: nn.Module, lr: float, loraplus_lr_ratio: float,
     return [{"params": ps, "lr": spec[k][0], "weight_decay": spec[k][1]} for k, ps in groups.items() if ps]
 
 
-def create_loraplus_optimizer(model: nn.Module, optimizer_cls: type[torch.optim.Optimizer], *, lr: float,
-                              loraplus_lr_ratio: float, loraplus_lr_embedding: float = 1e-6,
-                              **kwargs: Any) -> torch.optim.Optimizer:
+def create_loraplus_optimizer(
+    model: nn.Module,
+    optimizer_cls: type[torch.optim.Optimizer],
+    *,
+    lr: float,
+    loraplus_lr_ratio: float,
+    loraplus_lr_embedding: float = 1e-6,
+    **kwargs: Any,
+) -> torch.optim.Optimizer:
     """An `optimizer_cls` over the model's trainable parameters with LoRA+ learning rates.
 
     Args:

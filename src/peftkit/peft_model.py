@@ -37,9 +37,15 @@ class PeftModel(PreTrainedModel):
 
     classifier_module_names: tuple[str, ...] = ()
 
-    def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default",
-                 autocast_adapter_dtype: bool = True, low_cpu_mem_usage: bool = False,
-                 init_weights: bool = True) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        peft_config: PeftConfig,
+        adapter_name: str = "default",
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
+        init_weights: bool = True,
+    ) -> None:
         nn.Module.__init__(self)
         self.config = getattr(model, "config", {"model_type": "custom"})
         self.modules_to_save: set[str] | None = None
@@ -116,7 +122,9 @@ class PeftModel(PreTrainedModel):
     def enable_input_require_grads(self) -> None:
         self.get_base_model().enable_input_require_grads()
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **kwargs: Any) -> None:
+    def gradient_checkpointing_enable(
+        self, gradient_checkpointing_kwargs: dict | None = None, **kwargs: Any
+    ) -> None:
         """Checkpoint the base model's blocks. With frozen embeddings, the first block's input would not
         require grad and reentrant checkpointing would drop every gradient, so the embedding output is made
         to require grad.
@@ -129,7 +137,9 @@ class PeftModel(PreTrainedModel):
                 activation_checkpointing_kwargs=gradient_checkpointing_kwargs, **kwargs
             )
         else:
-            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs, **kwargs)
+            base.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs=gradient_checkpointing_kwargs, **kwargs
+            )
         if hasattr(base, "enable_input_require_grads"):
             base.enable_input_require_grads()
 
@@ -157,19 +167,25 @@ class PeftModel(PreTrainedModel):
     def print_trainable_parameters(self) -> None:
         """Print `trainable params: N || all params: M || trainable%: P`, exactly as HF peft does."""
         trainable, total = self.get_nb_trainable_parameters()
-        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+        print(
+            f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
+        )
 
     # ----- adapters ----------------------------------------------------------------------------------------
     def _prepare_config(self, model: nn.Module, config: PeftConfig) -> PeftConfig:
         """A copy of `config` with the task's heads in modules_to_save and the base model's name recorded."""
         changes: dict[str, Any] = {}
         if config.base_model_name_or_path is None:
-            name = getattr(getattr(model, "config", None), "name_or_path", None) or getattr(model, "name_or_path", None)
+            name = getattr(getattr(model, "config", None), "name_or_path", None) or getattr(
+                model, "name_or_path", None
+            )
             if name:
                 changes["base_model_name_or_path"] = name
         if self.classifier_module_names and hasattr(config, "modules_to_save"):
             current = list(config.modules_to_save or [])
-            changes["modules_to_save"] = current + [n for n in self.classifier_module_names if n not in current]
+            changes["modules_to_save"] = current + [
+                n for n in self.classifier_module_names if n not in current
+            ]
         return dataclasses.replace(config, **changes) if changes else config
 
     def _wrap_modules_to_save(self, config: PeftConfig, adapter_name: str) -> None:
@@ -197,12 +213,19 @@ class PeftModel(PreTrainedModel):
                 yield module
 
     def _set_modules_to_save_adapter(self, adapter_name: str) -> None:
-        trainable = not self.peft_config[adapter_name].inference_mode if adapter_name in self.peft_config else False
+        trainable = (
+            not self.peft_config[adapter_name].inference_mode if adapter_name in self.peft_config else False
+        )
         for wrapper in self._wrappers():
             wrapper.set_adapter(adapter_name, trainable=trainable)
 
-    def add_adapter(self, adapter_name: str, peft_config: PeftConfig, low_cpu_mem_usage: bool = False,
-                    init_weights: bool = True) -> None:
+    def add_adapter(
+        self,
+        adapter_name: str,
+        peft_config: PeftConfig,
+        low_cpu_mem_usage: bool = False,
+        init_weights: bool = True,
+    ) -> None:
         """Add a new adapter (not activated: call `set_adapter` to use it)."""
         if peft_config.peft_type != self.peft_type:
             raise ValueError(
@@ -261,8 +284,9 @@ class PeftModel(PreTrainedModel):
                 parent = model.get_submodule(parent_key) if parent_key else model
                 setattr(parent, child, module.active_module)
 
-    def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
-                         adapter_names: list[str] | None = None) -> nn.Module:
+    def merge_and_unload(
+        self, progressbar: bool = False, safe_merge: bool = False, adapter_names: list[str] | None = None
+    ) -> nn.Module:
         """Fold the adapters into the weights and return the plain base model (heads: the trained copies)."""
         model = self.base_model.merge_and_unload(safe_merge=safe_merge, adapter_names=adapter_names)
         self._replace_wrappers()
@@ -276,9 +300,12 @@ class PeftModel(PreTrainedModel):
         return self.base_model.unload()
 
     # ----- files -------------------------------------------------------------------------------------------
-    def get_adapter_state_dict(self, adapter_name: str | None = None,
-                               state_dict: dict[str, torch.Tensor] | None = None,
-                               save_embedding_layers: str | bool = "auto") -> dict[str, torch.Tensor]:
+    def get_adapter_state_dict(
+        self,
+        adapter_name: str | None = None,
+        state_dict: dict[str, torch.Tensor] | None = None,
+        save_embedding_layers: str | bool = "auto",
+    ) -> dict[str, torch.Tensor]:
         """The tensors of one adapter under HF peft's file keys."""
         name = adapter_name or self.active_adapter
         self._check_adapter_name(name)
@@ -288,25 +315,38 @@ class PeftModel(PreTrainedModel):
         out.update({k: source[k] for k in self._extra_saved_keys(name, source, save_embedding_layers)})
         return self.base_model.tensors_for_saving(name, out)
 
-    def _extra_saved_keys(self, adapter_name: str, source: dict[str, torch.Tensor],
-                          save_embedding_layers: str | bool) -> list[str]:
+    def _extra_saved_keys(
+        self, adapter_name: str, source: dict[str, torch.Tensor], save_embedding_layers: str | bool
+    ) -> list[str]:
         """Non-adapter tensors HF peft also saves: trained biases, and base embeddings when they are targets."""
         config = self.peft_config[adapter_name]
         extra = []
         bias = getattr(config, "bias", "none")
         if bias == "all":
-            extra += [k for k in source if k.endswith("bias") and ".modules_to_save." not in k
-                      and ".original_module." not in k]
+            extra += [
+                k
+                for k in source
+                if k.endswith("bias") and ".modules_to_save." not in k and ".original_module." not in k
+            ]
         elif bias == "lora_only":
-            extra += [f"{path}.base_layer.bias" for path, layer in self._adapter_layer_items()
-                      if adapter_name in layer.adapter_names and f"{path}.base_layer.bias" in source]
+            extra += [
+                f"{path}.base_layer.bias"
+                for path, layer in self._adapter_layer_items()
+                if adapter_name in layer.adapter_names and f"{path}.base_layer.bias" in source
+            ]
         targets = getattr(config, "target_modules", None) or []
         embed_names = ("embed_tokens", "lm_head")
         want = save_embedding_layers is True or (
-            save_embedding_layers == "auto" and not isinstance(targets, str) and any(t in embed_names for t in targets))
+            save_embedding_layers == "auto"
+            and not isinstance(targets, str)
+            and any(t in embed_names for t in targets)
+        )
         if want:
-            extra += [f"{path}.base_layer.weight" for path, _ in self._adapter_layer_items()
-                      if path.rsplit(".", 1)[-1] in embed_names and f"{path}.base_layer.weight" in source]
+            extra += [
+                f"{path}.base_layer.weight"
+                for path, _ in self._adapter_layer_items()
+                if path.rsplit(".", 1)[-1] in embed_names and f"{path}.base_layer.weight" in source
+            ]
         return extra
 
     def _adapter_layer_items(self) -> Iterator[tuple[str, nn.Module]]:
@@ -316,10 +356,16 @@ class PeftModel(PreTrainedModel):
             if isinstance(module, AdapterLayer):
                 yield path, module
 
-    def save_pretrained(self, save_directory: str | os.PathLike, safe_serialization: bool = True,
-                        selected_adapters: list[str] | None = None, save_embedding_layers: str | bool = "auto",
-                        is_main_process: bool = True, state_dict: dict[str, torch.Tensor] | None = None,
-                        **kwargs: Any) -> None:
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        safe_serialization: bool = True,
+        selected_adapters: list[str] | None = None,
+        save_embedding_layers: str | bool = "auto",
+        is_main_process: bool = True,
+        state_dict: dict[str, torch.Tensor] | None = None,
+        **kwargs: Any,
+    ) -> None:
         """Write each adapter as `adapter_config.json` + `adapter_model.safetensors` (non-default names in a
         sub-folder of that name). Every file is written to a temporary name and renamed into place."""
         save_directory = os.fspath(save_directory)
@@ -344,8 +390,13 @@ class PeftModel(PreTrainedModel):
         config = dataclasses.replace(self.peft_config[adapter_name], inference_mode=True)
         if config.task_type is None and config.auto_mapping is None:
             base = self.get_base_model()
-            config = dataclasses.replace(config, auto_mapping={
-                "base_model_class": type(base).__name__, "parent_library": type(base).__module__})
+            config = dataclasses.replace(
+                config,
+                auto_mapping={
+                    "base_model_class": type(base).__name__,
+                    "parent_library": type(base).__module__,
+                },
+            )
         return config
 
     def _write_resume_index(self, save_directory: str) -> None:
@@ -353,10 +404,13 @@ class PeftModel(PreTrainedModel):
         `trainer.train(resume_from_checkpoint=...)` restore the adapter through `load_state_dict`."""
         name = self.active_adapter
         keys = io.adapter_key_map(self, name)
-        io.write_json(os.path.join(save_directory, RESUME_INDEX_NAME), {
-            "metadata": {"format": "peftkit-adapter", "adapter_name": name},
-            "weight_map": dict.fromkeys(keys, io.SAFETENSORS_WEIGHTS_NAME),
-        })
+        io.write_json(
+            os.path.join(save_directory, RESUME_INDEX_NAME),
+            {
+                "metadata": {"format": "peftkit-adapter", "adapter_name": name},
+                "weight_map": dict.fromkeys(keys, io.SAFETENSORS_WEIGHTS_NAME),
+            },
+        )
 
     @property
     def _keys_to_ignore_on_save(self) -> list[str]:
@@ -364,15 +418,23 @@ class PeftModel(PreTrainedModel):
         adapter = set(io.adapter_key_map(self, self.active_adapter))
         return [k for k in self.state_dict() if k not in adapter]
 
-    def load_state_dict(self, state_dict: dict[str, torch.Tensor], strict: bool = True, assign: bool = False) -> Any:
+    def load_state_dict(
+        self, state_dict: dict[str, torch.Tensor], strict: bool = True, assign: bool = False
+    ) -> Any:
         """`nn.Module.load_state_dict`, also accepting adapter-file keys for the active adapter."""
         inverse = {disk: mem for mem, disk in io.adapter_key_map(self, self.active_adapter).items()}
         own = self.state_dict().keys()
         renamed = {(k if k in own else inverse.get(k, k)): v for k, v in state_dict.items()}
         return super().load_state_dict(renamed, strict=strict, assign=assign)
 
-    def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False,
-                     torch_device: str | None = None, **kwargs: Any) -> Any:
+    def load_adapter(
+        self,
+        model_id: str | os.PathLike,
+        adapter_name: str,
+        is_trainable: bool = False,
+        torch_device: str | None = None,
+        **kwargs: Any,
+    ) -> Any:
         """Load an adapter folder as `adapter_name` (it becomes trainable only with `is_trainable=True`)."""
         config = PeftConfig.from_pretrained(model_id, subfolder=kwargs.get("subfolder"))
         config = dataclasses.replace(config, inference_mode=not is_trainable)
@@ -392,8 +454,15 @@ class PeftModel(PreTrainedModel):
         return copy_adapter_tensors(self, tensors, adapter_name, source)
 
     @classmethod
-    def from_pretrained(cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = "default",
-                        is_trainable: bool = False, config: PeftConfig | None = None, **kwargs: Any) -> PeftModel:
+    def from_pretrained(
+        cls,
+        model: nn.Module,
+        model_id: str | os.PathLike,
+        adapter_name: str = "default",
+        is_trainable: bool = False,
+        config: PeftConfig | None = None,
+        **kwargs: Any,
+    ) -> PeftModel:
         """Wrap `model` with the adapter saved in `model_id` (a folder or Hub id)."""
         if config is None:
             config = PeftConfig.from_pretrained(model_id, subfolder=kwargs.get("subfolder"))
@@ -410,24 +479,47 @@ class PeftModel(PreTrainedModel):
 class PeftModelForCausalLM(PeftModel):
     """Causal LM: `forward(input_ids, attention_mask, labels, ...)` and `generate`."""
 
-    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
-                inputs_embeds: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                output_attentions: bool | None = None, output_hidden_states: bool | None = None,
-                return_dict: bool | None = None, task_ids: torch.Tensor | None = None, **kwargs: Any) -> Any:
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        task_ids: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> Any:
         """input_ids: (batch, seq); labels: (batch, seq) with -100 where no loss is taken.
 
         Training with labels (train mode, grad enabled) on a standard transformers causal LM takes the loss
         without materialising the (batch, seq, vocab) logits and returns `logits=None`; the loss and its
         gradients equal the plain path's. See `peftkit.fused_loss` (and `set_fused_causal_lm_loss`).
         """
-        extra = {"output_attentions": output_attentions, "output_hidden_states": output_hidden_states, **kwargs}
-        body_kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "inputs_embeds": inputs_embeds}
+        extra = {
+            "output_attentions": output_attentions,
+            "output_hidden_states": output_hidden_states,
+            **kwargs,
+        }
+        body_kwargs = {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "inputs_embeds": inputs_embeds,
+        }
         fused = try_fused_forward(self, self.get_base_model(), labels, return_dict, {**body_kwargs, **extra})
         if fused is not None:
             return fused
-        return self.base_model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
-                               labels=labels, output_attentions=output_attentions,
-                               output_hidden_states=output_hidden_states, return_dict=return_dict, **kwargs)
+        return self.base_model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds,
+            labels=labels,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=return_dict,
+            **kwargs,
+        )
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         """The tuner's generate: the base model's, except where a method changes it (prompt learning)."""
@@ -440,29 +532,60 @@ class PeftModelForCausalLM(PeftModel):
 class PeftModelForSeq2SeqLM(PeftModelForCausalLM):
     """Encoder-decoder LM (T5, BART): forward passes decoder inputs through; `generate` works."""
 
-    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
-                inputs_embeds: torch.Tensor | None = None, decoder_input_ids: torch.Tensor | None = None,
-                decoder_attention_mask: torch.Tensor | None = None, decoder_inputs_embeds: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None, output_attentions: bool | None = None,
-                output_hidden_states: bool | None = None, return_dict: bool | None = None,
-                task_ids: torch.Tensor | None = None, **kwargs: Any) -> Any:
-        return self.base_model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
-                               decoder_input_ids=decoder_input_ids, decoder_attention_mask=decoder_attention_mask,
-                               decoder_inputs_embeds=decoder_inputs_embeds, labels=labels,
-                               output_attentions=output_attentions, output_hidden_states=output_hidden_states,
-                               return_dict=return_dict, **kwargs)
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        decoder_input_ids: torch.Tensor | None = None,
+        decoder_attention_mask: torch.Tensor | None = None,
+        decoder_inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        task_ids: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        return self.base_model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds,
+            decoder_input_ids=decoder_input_ids,
+            decoder_attention_mask=decoder_attention_mask,
+            decoder_inputs_embeds=decoder_inputs_embeds,
+            labels=labels,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=return_dict,
+            **kwargs,
+        )
 
 
 class _EncoderTaskModel(PeftModel):
-    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
-                inputs_embeds: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                output_attentions: bool | None = None, output_hidden_states: bool | None = None,
-                return_dict: bool | None = None, task_ids: torch.Tensor | None = None, **kwargs: Any) -> Any:
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        task_ids: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> Any:
         if labels is not None:
             kwargs["labels"] = labels
-        return self.base_model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
-                               output_attentions=output_attentions, output_hidden_states=output_hidden_states,
-                               return_dict=return_dict, **kwargs)
+        return self.base_model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=return_dict,
+            **kwargs,
+        )
 
 
 class PeftModelForSequenceClassification(_EncoderTaskModel):
@@ -489,13 +612,26 @@ class PeftModelForQuestionAnswering(PeftModel):
 class PeftModelForFeatureExtraction(PeftModel):
     """Embeddings / hidden states (no head)."""
 
-    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
-                inputs_embeds: torch.Tensor | None = None, output_attentions: bool | None = None,
-                output_hidden_states: bool | None = None, return_dict: bool | None = None,
-                task_ids: torch.Tensor | None = None, **kwargs: Any) -> Any:
-        return self.base_model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
-                               output_attentions=output_attentions, output_hidden_states=output_hidden_states,
-                               return_dict=return_dict, **kwargs)
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        task_ids: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        return self.base_model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=return_dict,
+            **kwargs,
+        )
 
 
 TASK_MODELS: dict[str | None, type[PeftModel]] = {
@@ -508,17 +644,23 @@ TASK_MODELS: dict[str | None, type[PeftModel]] = {
 }
 
 
-def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default",
-                   mixed: bool = False, autocast_adapter_dtype: bool = True, revision: str | None = None,
-                   low_cpu_mem_usage: bool = False) -> PeftModel:
+def get_peft_model(
+    model: nn.Module,
+    peft_config: PeftConfig,
+    adapter_name: str = "default",
+    mixed: bool = False,
+    autocast_adapter_dtype: bool = True,
+    revision: str | None = None,
+    low_cpu_mem_usage: bool = False,
+) -> PeftModel:
     """Wrap `model` with a new adapter described by `peft_config` (the task wrapper follows `task_type`)."""
     if mixed:
         raise NotImplementedError("mixed-method models (PeftMixedModel) are not supported by peftkit yet")
     if isinstance(model, PeftModel):
-        raise ValueError("get_peft_model: the model already has adapters; use model.add_adapter(name, config)")
+        raise ValueError(
+            "get_peft_model: the model already has adapters; use model.add_adapter(name, config)"
+        )
     if revision is not None:
         peft_config = dataclasses.replace(peft_config, revision=revision)
     cls = TASK_MODELS.get(peft_config.task_type, PeftModel)
     return cls(model, peft_config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
-
-

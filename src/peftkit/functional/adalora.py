@@ -11,13 +11,16 @@ import torch
 EPS = 1e-5  # keeps the rank normaliser away from zero, as in the reference
 
 
-def svd_delta(A: torch.Tensor, E: torch.Tensor, B: torch.Tensor, scaling: float, ranknum: float) -> torch.Tensor:
+def svd_delta(
+    A: torch.Tensor, E: torch.Tensor, B: torch.Tensor, scaling: float, ranknum: float
+) -> torch.Tensor:
     """The dense update (out, in) = B @ (A * E) * scaling / (ranknum + EPS)."""
     return (B @ (A * E)) * (scaling / (ranknum + EPS))
 
 
-def svd_forward(x: torch.Tensor, A: torch.Tensor, E: torch.Tensor, B: torch.Tensor, scaling: float,
-                ranknum: float) -> torch.Tensor:
+def svd_forward(
+    x: torch.Tensor, A: torch.Tensor, E: torch.Tensor, B: torch.Tensor, scaling: float, ranknum: float
+) -> torch.Tensor:
     """x (..., in) -> the update's output (..., out), without forming the dense delta."""
     return (x @ (A * E).T @ B.T) * (scaling / (ranknum + EPS))
 
@@ -27,15 +30,20 @@ def orthogonal_penalty(As: list[torch.Tensor], Bs: list[torch.Tensor]) -> torch.
     terms = []
     for A in As:
         cov = A @ A.T
-        terms.append(torch.linalg.matrix_norm(cov - torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)))
+        terms.append(
+            torch.linalg.matrix_norm(cov - torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device))
+        )
     for B in Bs:
         cov = B.T @ B
-        terms.append(torch.linalg.matrix_norm(cov - torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)))
+        terms.append(
+            torch.linalg.matrix_norm(cov - torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device))
+        )
     return torch.stack(terms).mean() if terms else 0.0
 
 
-def budget_at(step: int, init_budget: int, target_budget: int, tinit: int, tfinal: int, total_step: int,
-              delta_t: int) -> tuple[int, bool]:
+def budget_at(
+    step: int, init_budget: int, target_budget: int, tinit: int, tfinal: int, total_step: int, delta_t: int
+) -> tuple[int, bool]:
     """(rank budget at `step`, whether to re-mask now): flat during warm-up, cubic decay to the target, then
     fixed at the target for the last `tfinal` steps."""
     if step <= tinit:

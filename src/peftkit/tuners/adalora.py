@@ -53,7 +53,9 @@ class AdaLoraConfig(LoraConfig):
         if self.use_dora:
             raise ValueError("AdaLoraConfig: AdaLoRA does not support DoRA (use_dora=True)")
         if self.total_step is None or self.total_step <= 0:
-            raise ValueError(f"AdaLoraConfig: total_step must be a positive number of steps, got {self.total_step!r}")
+            raise ValueError(
+                f"AdaLoraConfig: total_step must be a positive number of steps, got {self.total_step!r}"
+            )
         if self.tinit >= self.total_step - self.tfinal:
             raise ValueError(
                 f"AdaLoraConfig: tinit ({self.tinit}) must be < total_step - tfinal ({self.total_step - self.tfinal}) "
@@ -80,7 +82,9 @@ class AdaLoraLayer(AdapterLayer):
         super().__init__(base_layer, module_name)
         self.transposed = isinstance(Conv1D, type) and isinstance(base_layer, Conv1D)
         w = base_layer.weight
-        self.in_features, self.out_features = (w.shape[0], w.shape[1]) if self.transposed else (w.shape[1], w.shape[0])
+        self.in_features, self.out_features = (
+            (w.shape[0], w.shape[1]) if self.transposed else (w.shape[1], w.shape[0])
+        )
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
         self.lora_E = nn.ParameterDict()
@@ -112,11 +116,18 @@ class AdaLoraLayer(AdapterLayer):
         with torch.no_grad():
             for attr, sl in (("lora_A", (keep,)), ("lora_E", (keep,)), ("lora_B", (slice(None), keep))):
                 container = getattr(self, attr)
-                container[adapter_name] = nn.Parameter(container[adapter_name][sl].clone(), requires_grad=trainable)
+                container[adapter_name] = nn.Parameter(
+                    container[adapter_name][sl].clone(), requires_grad=trainable
+                )
 
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
-        d = FA.svd_delta(self.lora_A[adapter_name], self.lora_E[adapter_name], self.lora_B[adapter_name],
-                         self.scaling[adapter_name], self.ranknum[adapter_name])
+        d = FA.svd_delta(
+            self.lora_A[adapter_name],
+            self.lora_E[adapter_name],
+            self.lora_B[adapter_name],
+            self.scaling[adapter_name],
+            self.ranknum[adapter_name],
+        )
         return d.T if self.transposed else d
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -125,7 +136,9 @@ class AdaLoraLayer(AdapterLayer):
         for name in self._active_unmerged():
             A = self.lora_A[name]
             xa = self.lora_dropout[name](x.to(A.dtype))
-            upd = FA.svd_forward(xa, A, self.lora_E[name], self.lora_B[name], self.scaling[name], self.ranknum[name])
+            upd = FA.svd_forward(
+                xa, A, self.lora_E[name], self.lora_B[name], self.scaling[name], self.ranknum[name]
+            )
             result = result + upd.to(result.dtype)
         return result
 
@@ -165,13 +178,16 @@ class RankAllocator:
     def mask_to_budget(self, budget: int) -> dict[str, list[bool]]:
         """Zero the E entries of the least important triplets so `budget` ranks remain; returns the masks."""
         scores = {}
-        for path, layer in self.layers.items():
+        for path in self.layers:
             if (path, "lora_E") not in self.sensitivity:
                 return {}
-            scores[path] = FA.triplet_scores(self._score(path, "lora_A"), self._score(path, "lora_E"),
-                                             self._score(path, "lora_B"))
+            scores[path] = FA.triplet_scores(
+                self._score(path, "lora_A"), self._score(path, "lora_E"), self._score(path, "lora_B")
+            )
         k = self.init_budget - budget
-        threshold = torch.kthvalue(torch.cat(list(scores.values())), k).values.item() if k > 0 else -float("inf")
+        threshold = (
+            torch.kthvalue(torch.cat(list(scores.values())), k).values.item() if k > 0 else -float("inf")
+        )
         pattern = {}
         with torch.no_grad():
             for path, layer in self.layers.items():
@@ -193,18 +209,30 @@ class AdaLoraModel(LoraModel):
 
     prefix = "lora_"
 
-    def __init__(self, model: nn.Module, config: AdaLoraConfig, adapter_name: str = "default",
-                 init_weights: bool = True) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        config: AdaLoraConfig,
+        adapter_name: str = "default",
+        init_weights: bool = True,
+    ) -> None:
         super().__init__(model, config, adapter_name, init_weights=init_weights)
-        self.rankallocator = RankAllocator(self.peft_config[adapter_name], self._svd_layers(adapter_name), adapter_name)
+        self.rankallocator = RankAllocator(
+            self.peft_config[adapter_name], self._svd_layers(adapter_name), adapter_name
+        )
 
     def _svd_layers(self, adapter_name: str) -> dict[str, AdaLoraLayer]:
-        return {p: m for p, m in self.adapter_layers() if isinstance(m, AdaLoraLayer) and adapter_name in m.lora_E}
+        return {
+            p: m for p, m in self.adapter_layers() if isinstance(m, AdaLoraLayer) and adapter_name in m.lora_E
+        }
 
-    def create_layer(self, target: nn.Module, config: AdaLoraConfig, adapter_name: str, key: str,
-                     init_weights: bool = True) -> AdaLoraLayer:
+    def create_layer(
+        self, target: nn.Module, config: AdaLoraConfig, adapter_name: str, key: str, init_weights: bool = True
+    ) -> AdaLoraLayer:
         if not isinstance(target, LINEAR_TYPES):
-            raise ValueError(f"Target module {key!r} is a {type(target).__name__}; AdaLoRA supports Linear and Conv1D")
+            raise ValueError(
+                f"Target module {key!r} is a {type(target).__name__}; AdaLoRA supports Linear and Conv1D"
+            )
         layer = AdaLoraLayer(target, key)
         layer.update_layer(adapter_name, config, init_weights)
         layer.set_adapter(self.active_adapters)
@@ -218,7 +246,9 @@ class AdaLoraModel(LoraModel):
         weight = self.peft_config[name].orth_reg_weight if name in self.peft_config else 0
         if isinstance(loss, torch.Tensor) and weight > 0:
             layers = self._svd_layers(name).values()
-            penalty = FA.orthogonal_penalty([m.lora_A[name] for m in layers], [m.lora_B[name] for m in layers])
+            penalty = FA.orthogonal_penalty(
+                [m.lora_A[name] for m in layers], [m.lora_B[name] for m in layers]
+            )
             outputs.loss = loss + weight * penalty
         return outputs
 
@@ -229,8 +259,15 @@ class AdaLoraModel(LoraModel):
         final_start = config.total_step - config.tfinal
         if global_step < final_start:
             alloc.update_importance()
-            budget, remask = FA.budget_at(global_step, alloc.init_budget, alloc.target_budget, config.tinit,
-                                          config.tfinal, config.total_step, config.deltaT)
+            budget, remask = FA.budget_at(
+                global_step,
+                alloc.init_budget,
+                alloc.target_budget,
+                config.tinit,
+                config.tfinal,
+                config.total_step,
+                config.deltaT,
+            )
             pattern = alloc.mask_to_budget(budget) if remask else {}
         elif global_step == final_start:
             pattern = alloc.mask_to_budget(alloc.target_budget)
@@ -243,7 +280,9 @@ class AdaLoraModel(LoraModel):
             self.peft_config[name] = dataclasses.replace(config, rank_pattern=pattern)
             alloc.config = self.peft_config[name]
 
-    def tensors_for_saving(self, adapter_name: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def tensors_for_saving(
+        self, adapter_name: str, tensors: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
         """Drop pruned ranks, as the reference does, so files are small and interchangeable."""
         pattern = self.peft_config[adapter_name].rank_pattern
         if not pattern:

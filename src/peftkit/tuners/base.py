@@ -223,7 +223,9 @@ class BaseTuner(nn.Module):
         self.peft_config[adapter_name] = config
         self.set_adapter(self.active_adapter)
 
-    def tensors_for_saving(self, adapter_name: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def tensors_for_saving(
+        self, adapter_name: str, tensors: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
         """Hook: adjust an adapter's file tensors before they are written (AdaLoRA drops pruned ranks)."""
         return tensors
 
