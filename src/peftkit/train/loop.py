@@ -64,13 +64,15 @@ def train(o: TrainOptions, progress: bool = True, say=print) -> dict:
 
     # ---- the adapter: fresh, or the last checkpoint when resuming
     resume_from = ckpt.latest_checkpoint(output) if o.resume else None
-    model = wrap_model(base, o, resume_from)
+    batches_per_epoch = math.ceil(len(train_items) / o.batch_size)
+    total_steps = o.max_steps or max(1, math.ceil(o.epochs * batches_per_epoch / o.grad_accum))
+    model = wrap_model(base, o, resume_from, total_steps)
     trainable, total = model.get_nb_trainable_parameters()
     # Sorted by name, so the optimizer state of a checkpoint maps onto the same tensors on resume.
     params = [p for _, p in sorted(model.named_parameters()) if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
-    batches_per_epoch = math.ceil(len(train_items) / o.batch_size)
-    total_steps = o.max_steps or max(1, math.ceil(o.epochs * batches_per_epoch / o.grad_accum))
+    # AdaLoRA reallocates ranks from the gradients of each step (after the update, before zeroing them)
+    allocate = getattr(model.base_model, "update_and_allocate", None)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(o.scheduler, o.warmup, total_steps))
     step = ckpt.load_trainer_state(resume_from, optimizer, scheduler) if resume_from else 0
     ckpt.write_json_atomic(output / "run_config.json", {**o.to_dict(), "resolved_model": model_name})
@@ -106,6 +108,8 @@ def train(o: TrainOptions, progress: bool = True, say=print) -> dict:
                     torch.nn.utils.clip_grad_norm_(params, o.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
+                if allocate is not None:
+                    allocate(step)
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
                 bar.update()
@@ -209,7 +213,7 @@ def load_data(o: TrainOptions):
     return train_rows, []
 
 
-def wrap_model(base, o: TrainOptions, resume_from: Path | None):
+def wrap_model(base, o: TrainOptions, resume_from: Path | None, total_steps: int):
     """The base model with a trainable adapter: a new one, or the one saved in ``resume_from``."""
     import peftkit
 
@@ -221,6 +225,7 @@ def wrap_model(base, o: TrainOptions, resume_from: Path | None):
         "alpha": o.alpha,
         "dropout": o.dropout,
         "targets": "all-linear" if targets == ["all-linear"] else list(targets),
+        "total_steps": total_steps,
     }
     return peftkit.get_peft_model(base, build_peft_config(o.method, knobs))
 

@@ -30,6 +30,17 @@ METHODS: dict[str, Method] = {
     "lora": Method("LORA", LORA_KNOBS),
     "dora": Method("LORA", LORA_KNOBS, {"use_dora": True}),
     "rslora": Method("LORA", LORA_KNOBS, {"use_rslora": True}),
+    # --r is AdaLoRA's target average rank; every layer starts at init_r=12 and the budget shrinks to it
+    "adalora": Method(
+        "ADALORA",
+        {
+            "r": "target_r",
+            "alpha": "lora_alpha",
+            "dropout": "lora_dropout",
+            **TARGETS,
+            "total_steps": "total_step",
+        },
+    ),
     "ia3": Method("IA3", TARGETS),
     "loha": Method("LOHA", {"r": "r", "alpha": "alpha", "dropout": "module_dropout", **TARGETS}),
     "lokr": Method("LOKR", {"r": "r", "alpha": "alpha", "dropout": "module_dropout", **TARGETS}),

@@ -44,7 +44,7 @@ class TrainOptions:
     )
     method: str = _opt(
         "lora",
-        "fine-tuning method: lora, dora, rslora, ia3, loha, lokr, vera, oft, boft, ln_tuning, prompt_tuning,"
+        "fine-tuning method: lora, dora, rslora, adalora, ia3, loha, lokr, vera, oft, boft, ln_tuning, prompt_tuning,"
         " prefix_tuning or p_tuning (--r/--alpha/--dropout/--targets apply where the method has them)",
     )
     r: int = _opt(8, "adapter rank")
