@@ -223,6 +223,30 @@ class LoraLayer(AdapterLayer):
         )
         return self._from_rows(orig)
 
+    def _frozen_output(self, xa: torch.Tensor) -> torch.Tensor:
+        """The frozen layer on the (dropped-out) adapter input, without bias."""
+        raise NotImplementedError
+
+    def _bias_view(self) -> torch.Tensor:
+        """The base bias shaped to broadcast over the layer output."""
+        return self.bias
+
+    def _dora_update(
+        self, result: torch.Tensor, xa: torch.Tensor, lora: torch.Tensor, name: str, no_dropout: bool
+    ) -> torch.Tensor:
+        """DoRA's output from the base output `result`, the adapter input `xa` and `lora` = s * B(A(xa)).
+
+        Without dropout the frozen layer's bias-free output is `result - bias` (no second matmul); with dropout
+        it is recomputed on the dropped-out input."""
+        if no_dropout:
+            base_nb = result if self.bias is None else result - self._bias_view()
+        else:
+            base_nb = self._frozen_output(xa)
+        norm = self._dora_norm(name).to(lora.dtype)
+        return FL.dora_output(result, base_nb.to(lora.dtype), lora, norm, self._magnitude(name)).to(
+            result.dtype
+        )
+
     def _dora_norm(self, adapter_name: str) -> torch.Tensor:
         """||W + dW||_row, detached (DoRA treats it as a constant). (out,)"""
         w = self._weight_rows()
@@ -320,18 +344,12 @@ class LoraLinear(LoraLayer):
             if not self.use_dora[name]:
                 result = result + lora.to(result.dtype)
                 continue
-            if isinstance(drop, nn.Identity):
-                base_nb = result if self.bias is None else result - self.bias
-            else:
-                base_nb = F.linear(xa, self._weight_rows().to(xa.dtype))
-            result = FL.dora_output(
-                result,
-                base_nb.to(lora.dtype),
-                lora,
-                self._dora_norm(name).to(lora.dtype),
-                self._magnitude(name),
-            ).to(result.dtype)
+            result = self._dora_update(result, xa, lora, name, isinstance(drop, nn.Identity))
         return result
+
+    def _frozen_output(self, xa: torch.Tensor) -> torch.Tensor:
+        """The frozen layer on xa (..., in) without its bias: (..., out)."""
+        return F.linear(xa, self._weight_rows().to(xa.dtype))
 
 
 class LoraEmbedding(LoraLayer):
@@ -435,21 +453,16 @@ class LoraConv2d(LoraLayer):
             if not self.use_dora[name]:
                 result = result + lora.to(result.dtype)
                 continue
-            if isinstance(drop, nn.Identity):
-                base_nb = result if self.bias is None else result - self.bias.reshape(1, -1, 1, 1)
-            else:
-                base = self.base_layer
-                base_nb = F.conv2d(
-                    xa, base.weight.to(xa.dtype), None, base.stride, base.padding, base.dilation
-                )
-            result = FL.dora_output(
-                result,
-                base_nb.to(lora.dtype),
-                lora,
-                self._dora_norm(name).to(lora.dtype),
-                self._magnitude(name),
-            ).to(result.dtype)
+            result = self._dora_update(result, xa, lora, name, isinstance(drop, nn.Identity))
         return result
+
+    def _frozen_output(self, xa: torch.Tensor) -> torch.Tensor:
+        """The frozen conv on xa (N, in, H, W) without its bias: (N, out, H', W')."""
+        base = self.base_layer
+        return F.conv2d(xa, base.weight.to(xa.dtype), None, base.stride, base.padding, base.dilation)
+
+    def _bias_view(self) -> torch.Tensor:
+        return self.bias.reshape(1, -1, 1, 1)
 
 
 class LoraModel(BaseTuner):
