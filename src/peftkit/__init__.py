@@ -5,7 +5,9 @@
 
 from . import optimizers  # noqa: F401  (peft.optimizers.create_loraplus_optimizer)
 from .config import PeftConfig, PeftType, TaskType
+from .fast_attention import set_fast_attention
 from .fused_loss import set_fused_causal_lm_loss
+from .shared_prefix import set_shared_prefix
 from .peft_model import (
     PeftModel,
     PeftModelForCausalLM,
@@ -70,5 +72,7 @@ __all__ = [
     "VeraModel",
     "get_peft_model",
     "register_peft_method",
+    "set_fast_attention",
     "set_fused_causal_lm_loss",
+    "set_shared_prefix",
 ]

@@ -20,6 +20,7 @@ from transformers.loss.loss_utils import ForCausalLMLoss
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .functional.lm_loss import causal_lm_loss
+from .shared_prefix import prefix_length, run_with_shared_prefix
 
 # Classes whose forward is exactly `body -> lm_head(hidden) -> ForCausalLMLoss` (checked in transformers 5).
 STANDARD_CAUSAL_LMS = frozenset(
@@ -110,6 +111,13 @@ def try_fused_forward(
     body, head = parts
     kwargs = {k: v for k, v in body_kwargs.items() if k not in _HEAD_ONLY_KWARGS and v is not None}
     num_items = kwargs.pop("num_items_in_batch", None)
-    out = body(**kwargs)
-    loss = causal_lm_loss(out.last_hidden_state, head.weight, labels, head.bias, num_items)
-    return CausalLMOutputWithPast(loss=loss, logits=None, cache=getattr(out, "cache", None))
+    shared = prefix_length(model, body, kwargs, labels)
+    ran = run_with_shared_prefix(body, kwargs, shared) if shared else None
+    if ran is None:
+        out = body(**kwargs)
+        hidden, cache = out.last_hidden_state, getattr(out, "cache", None)
+    else:  # the suffix's hidden states; the label at the first suffix position is -100 (see shared_prefix)
+        (hidden, positions), cache = ran, None
+        labels = labels[:, positions]
+    loss = causal_lm_loss(hidden, head.weight, labels, head.bias, num_items)
+    return CausalLMOutputWithPast(loss=loss, logits=None, cache=cache)

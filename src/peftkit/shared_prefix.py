@@ -1,0 +1,116 @@
+"""Shared-prefix training: run the opening every row of a batch has in common once, not once per row.
+
+Instruction data repeats the same start in every example: the chat template's system prompt, the task's
+fixed instruction, the Alpaca header. In a causal model those positions' hidden states depend only on the
+tokens before them, so for a batch whose rows agree on their first P tokens the decoder computes the same
+thing B times. Here the prefix runs once with batch 1, its keys and values are broadcast to the B rows as a
+KV cache (a view, no copies), and the rows run only their own suffix on top of it. Autograd sums the rows'
+gradients through the broadcast, which is what the B identical copies would have received, so the loss and
+every gradient equal the plain computation (up to fp32 summation order).
+
+It applies inside the fused causal-LM loss path (`fused_loss.try_fused_forward`) when
+- the rows share at least `MIN_PREFIX` tokens, all attended (attention_mask 1) and all unlabelled: the
+  label at position P (predicted from position P-1, inside the prefix) must be -100 too;
+- nothing in the model is random while training (every `nn.Dropout` has p=0 and no attention/hidden dropout
+  in the config): with dropout the B copies would draw different masks, which one shared pass cannot;
+- the caller passed input_ids (no inputs_embeds, position_ids or cache of its own), the body does not use
+  gradient checkpointing, and the model's cache holds plain full-length layers (no sliding window).
+Right padding keeps the prefix intact (`peftkit train` pads right); left padding simply finds no prefix.
+
+Switch off: `peftkit.set_shared_prefix(False)` for every model, or `model.shared_prefix = False`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.cache_utils import DynamicLayer
+
+IGNORE_INDEX = -100
+MIN_PREFIX = 8
+_CALLER_STATE = ("inputs_embeds", "position_ids", "cache", "past_key_values", "cache_position")
+_enabled = True
+
+
+def set_shared_prefix(enabled: bool) -> None:
+    """Switch shared-prefix training on (default) or off for every model."""
+    global _enabled
+    _enabled = bool(enabled)
+
+
+def common_prefix_length(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor
+) -> int:
+    """The largest P such that every row has the same input_ids[:, :P], attention_mask is 1 there and
+    labels[:, :P+1] are all -100. input_ids, attention_mask, labels: (batch, seq). Returns 0..seq-2."""
+    same = (input_ids == input_ids[:1]).all(0)  # (seq,)
+    if attention_mask is not None:
+        same &= (attention_mask != 0).all(0)
+    prefix = int(same.int().argmin()) if not bool(same.all()) else same.numel()
+    labelled = (labels != IGNORE_INDEX).any(0)  # (seq,)
+    if not bool(labelled.any()):
+        return 0
+    return max(0, min(prefix, int(labelled.int().argmax()) - 1))
+
+
+def _is_stochastic(body: nn.Module) -> bool:
+    """True if a training forward of `body` draws random numbers: a dropout module with p > 0, or a
+    dropout probability in its config (attention dropout is a float there, not a module)."""
+    if any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 and m.training for m in body.modules()):
+        return True
+    config = vars(getattr(body, "config", None) or object())
+    return any(("dropout" in k or "pdrop" in k) and isinstance(v, float) and v > 0 for k, v in config.items())
+
+
+def prefix_length(model: nn.Module, body: nn.Module, kwargs: dict[str, Any], labels: torch.Tensor) -> int:
+    """How many leading tokens the fused forward of `body` may run once for the whole batch (0: none).
+
+    model: the PeftModel (its switch); body: the decoder (e.g. LlamaModel); kwargs: the body's inputs."""
+    if not (_enabled and getattr(model, "shared_prefix", True)):
+        return 0
+    ids = kwargs.get("input_ids")
+    if (
+        ids is None
+        or ids.dim() != 2
+        or ids.shape[0] < 2
+        or any(kwargs.get(k) is not None for k in _CALLER_STATE)
+    ):
+        return 0
+    if getattr(body, "gradient_checkpointing", False) or labels.shape != ids.shape:
+        return 0
+    p = common_prefix_length(ids, kwargs.get("attention_mask"), labels)
+    if p < MIN_PREFIX or _is_stochastic(body):
+        return 0
+    return p
+
+
+def _broadcast_cache(cache: Any, batch: int) -> bool:
+    """Expand every layer's (1, kv_heads, P, head_dim) keys/values to `batch` rows, as views. False if the
+    cache is not made of plain full-length layers (then the caller falls back to the plain forward)."""
+    layers = getattr(cache, "layers", None)
+    if not layers or any(type(layer) is not DynamicLayer or layer.keys is None for layer in layers):
+        return False
+    for layer in layers:
+        layer.keys = layer.keys.expand(batch, -1, -1, -1)
+        layer.values = layer.values.expand(batch, -1, -1, -1)
+    return True
+
+
+def run_with_shared_prefix(
+    body: nn.Module, kwargs: dict[str, Any], prefix: int
+) -> tuple[torch.Tensor, slice] | None:
+    """Run `body` on input_ids[:1, :prefix] once and on every row's suffix with that KV cache.
+
+    Returns (hidden states of the suffix (batch, seq - prefix, hidden), the slice of positions they cover),
+    or None if the model's cache cannot be shared (the caller runs the plain forward)."""
+    ids = kwargs["input_ids"]
+    head = body(input_ids=ids[:1, :prefix], use_cache=True)
+    cache = getattr(head, "cache", None)
+    if cache is None or not _broadcast_cache(cache, ids.shape[0]):
+        return None
+    rest = {k: v for k, v in kwargs.items() if k != "use_cache"}
+    rest["input_ids"] = ids[:, prefix:]
+    out = body(**rest, cache=cache, use_cache=True)
+    return out.last_hidden_state, slice(prefix, None)
