@@ -102,6 +102,7 @@ def peftkit_run(a: argparse.Namespace) -> dict:
         str(out),
         "--overwrite",
         "--no-progress",
+        "--skip-eval-before",  # the HF side evaluates the trained model only, so do we
         "--epochs",
         str(a.epochs),
         "--max-steps",

@@ -114,6 +114,16 @@ def test_resume_with_changed_settings_is_refused(train_args, tmp_path, capsys):
     assert "different settings: r (was 4, now 8)" in capsys.readouterr().err
 
 
+def test_skip_eval_before_measures_the_trained_model_only(train_args, tmp_path):
+    assert cli.main([*train_args(), "--skip-eval-before", "--max-steps", "2"]) == 0
+    report = json.loads((tmp_path / "out/report.json").read_text())
+    assert report["eval"]["before"] is None and report["eval"]["exact_match_before"] is None
+    assert report["eval"]["after"]["loss"] > 0 and report["eval"]["exact_match_after"]["total"] > 0
+    assert "eval loss: not measured ->" in (tmp_path / "out/report.md").read_text()
+    rows = [json.loads(x) for x in (tmp_path / "out/metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "eval_loss" in r] == [2]  # no step-0 (base model) row
+
+
 def test_config_file_sets_options_and_flags_override(train_args, tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text("max_steps: 3\nweight_decay: 0.01\nscheduler: linear\n")

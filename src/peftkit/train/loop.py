@@ -60,7 +60,11 @@ def train(o: TrainOptions, progress: bool = True, say=print) -> dict:
     )
 
     # ---- held-out metrics of the base model
-    before = held_out_metrics(base, tokenizer, eval_rows, eval_items, max_new, progress, "before")
+    before = (
+        None
+        if o.skip_eval_before
+        else held_out_metrics(base, tokenizer, eval_rows, eval_items, max_new, progress, "before")
+    )
 
     # ---- the adapter: fresh, or the last checkpoint when resuming
     resume_from = ckpt.latest_checkpoint(output) if o.resume else None
@@ -269,12 +273,12 @@ def held_out_metrics(model, tokenizer, rows, items, max_new: int, progress: bool
 
 
 def _eval_summary(before: dict | None, after: dict | None) -> dict | None:
-    if not before or not after:
+    if not after:
         return None
     return {
-        "before": before["loss"],
+        "before": before["loss"] if before else None,
         "after": after["loss"],
-        "exact_match_before": before["exact_match"],
+        "exact_match_before": before["exact_match"] if before else None,
         "exact_match_after": after["exact_match"],
     }
 

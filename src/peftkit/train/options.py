@@ -42,6 +42,9 @@ class TrainOptions:
     eval_limit: int | None = _opt(
         200, "evaluate loss and exact match on at most this many held-out rows (0 = all)"
     )
+    skip_eval_before: bool = _opt(
+        False, "do not evaluate the base model before training (the report then shows the trained model only)"
+    )
     method: str = _opt(
         "lora",
         "fine-tuning method: lora, dora, rslora, adalora, ia3, loha, lokr, vera, oft, boft, ln_tuning, prompt_tuning,"

@@ -42,7 +42,7 @@ def render_markdown(r: dict) -> str:
     ]
     if ev:
         lines.append(
-            f"- eval loss: {ev['before']['loss']:.4f} -> {ev['after']['loss']:.4f} (perplexity {ev['after']['perplexity']:.2f})"
+            f"- eval loss: {_fmt_loss(ev['before'])} -> {ev['after']['loss']:.4f} (perplexity {ev['after']['perplexity']:.2f})"
         )
         lines.append(
             f"- held-out exact match: {_fmt_em(ev.get('exact_match_before'))} -> {_fmt_em(ev.get('exact_match_after'))}"
@@ -51,6 +51,10 @@ def render_markdown(r: dict) -> str:
     if r.get("plot_note"):
         lines.append(r["plot_note"])
     return "\n".join(lines) + "\n"
+
+
+def _fmt_loss(loss: dict | None) -> str:
+    return "not measured" if loss is None else f"{loss['loss']:.4f}"
 
 
 def write_reports(output: Path, report: dict) -> str:
