@@ -7,7 +7,6 @@ from . import optimizers  # noqa: F401  (peft.optimizers.create_loraplus_optimiz
 from .config import PeftConfig, PeftType, TaskType
 from .fast_attention import set_fast_attention
 from .fused_loss import set_fused_causal_lm_loss
-from .shared_prefix import set_shared_prefix
 from .peft_model import (
     PeftModel,
     PeftModelForCausalLM,
@@ -19,6 +18,7 @@ from .peft_model import (
     get_peft_model,
 )
 from .registry import register_peft_method
+from .shared_prefix import set_shared_prefix
 from .tuners.adalora import AdaLoraConfig, AdaLoraModel
 from .tuners.boft import BOFTConfig, BOFTModel
 from .tuners.ia3 import IA3Config, IA3Model

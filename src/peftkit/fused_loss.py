@@ -105,6 +105,14 @@ def try_fused_forward(
         return None
     if _asks_for_more(body_kwargs) or not _tuner_is_passthrough(model):
         return None
+    return fused_loss_forward(model, base, labels, body_kwargs)
+
+
+def fused_loss_forward(
+    model: nn.Module, base: nn.Module, labels: torch.Tensor, body_kwargs: dict[str, Any]
+) -> CausalLMOutputWithPast | None:
+    """Decoder body (with a shared prefix run once, see `shared_prefix`) + the chunked loss, in whatever mode
+    the model is in; None if `base` is not a standard causal LM. Callers decide when logits=None is fine."""
     parts = _body_and_head(base)
     if parts is None:
         return None
@@ -121,3 +129,23 @@ def try_fused_forward(
         labels = labels[:, positions]
     loss = causal_lm_loss(hidden, head.weight, labels, head.bias, num_items)
     return CausalLMOutputWithPast(loss=loss, logits=None, cache=cache)
+
+
+def loss_only(model: nn.Module, batch: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor | None:
+    """The causal-LM loss of a peftkit PeftModel or plain transformers causal LM on `batch` (input_ids, attention_mask, labels: (batch, seq))
+    without the (batch, seq, vocab) logits, in any mode (held-out evaluation); equal to `model(**batch).loss`.
+    None when the fused path cannot run (another library's model, a non-standard LM, prompt learning...):
+    the caller then takes the plain forward."""
+    if not (_enabled and getattr(model, "fused_causal_lm_loss", True)):
+        return None
+    if _body_and_head(model) is not None:  # a plain transformers causal LM (e.g. the base before training)
+        base = model
+    elif _tuner_is_passthrough(model):
+        base = model.get_base_model()
+    else:
+        return None
+    body_kwargs = {k: v for k, v in batch.items() if k != "labels"}
+    if num_items_in_batch is not None:
+        body_kwargs["num_items_in_batch"] = num_items_in_batch
+    out = fused_loss_forward(model, base, batch["labels"], body_kwargs)
+    return None if out is None else out.loss

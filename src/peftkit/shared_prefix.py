@@ -60,6 +60,8 @@ def _is_stochastic(body: nn.Module) -> bool:
     dropout probability in its config (attention dropout is a float there, not a module)."""
     if any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 and m.training for m in body.modules()):
         return True
+    if not body.training:  # attention dropout applies in training only
+        return False
     config = vars(getattr(body, "config", None) or object())
     return any(("dropout" in k or "pdrop" in k) and isinstance(v, float) and v > 0 for k, v in config.items())
 

@@ -135,3 +135,43 @@ def test_off_for_short_prefix_single_row_and_eval(monkeypatch):
     model.eval()
     with torch.no_grad():
         assert model(**_batch()).logits is not None  # plain path, full logits
+
+
+@pytest.mark.parametrize("wrap", [True, False], ids=["peft_model", "plain_transformers"])
+def test_loss_only_equals_model_loss_in_eval(wrap):
+    from peftkit.fused_loss import loss_only
+
+    model = _lora(tiny_llama()) if wrap else tiny_llama()
+    model.eval()
+    batch = _batch()
+    with torch.no_grad():
+        want = model(**batch, num_items_in_batch=1).loss
+        got = loss_only(model, batch, num_items_in_batch=1)
+    assert got is not None and got.dim() == 0
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_eval_loss_uses_shared_prefix_and_matches_plain(monkeypatch):
+    from peftkit.train.data import Tokenized
+    from peftkit.train.evaluate import eval_loss
+
+    model = _lora(tiny_llama())
+    batch = _batch()
+    items = [
+        Tokenized(input_ids=ids[m.bool()].tolist(), labels=lab[m.bool()].tolist(), prompt_len=0)
+        for ids, m, lab in zip(batch["input_ids"], batch["attention_mask"], batch["labels"])
+    ]
+    calls: list[int] = []
+    real = sp.run_with_shared_prefix
+    monkeypatch.setattr(
+        "peftkit.fused_loss.run_with_shared_prefix", lambda *a: calls.append(a[2]) or real(*a)
+    )
+    fast = eval_loss(model, items, pad_id=0)
+    assert calls and model.training  # the shared prefix ran; the model's mode is restored
+    peftkit.set_fused_causal_lm_loss(False)
+    try:
+        plain = eval_loss(model, items, pad_id=0)
+    finally:
+        peftkit.set_fused_causal_lm_loss(True)
+    assert len(calls) == 1 and fast["tokens"] == plain["tokens"] == 9
+    assert fast["loss"] == pytest.approx(plain["loss"], rel=1e-5)

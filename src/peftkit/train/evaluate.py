@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from peftkit.fused_loss import loss_only
 from peftkit.train.data import IGNORE_INDEX, Example, Tokenized, collate, encode_prompt
 
 
@@ -24,7 +25,9 @@ def eval_loss(model, items: list[Tokenized], pad_id: int, batch_size: int = 16) 
     for start in range(0, len(order), batch_size):
         batch = collate([items[i] for i in order[start : start + batch_size]], pad_id)
         n = count_targets(batch["labels"])
-        loss_sum = model(**batch, num_items_in_batch=1).loss  # num_items_in_batch=1: the summed loss
+        loss_sum = loss_only(model, batch, num_items_in_batch=1)  # 1: the summed loss; no full logits
+        if loss_sum is None:  # not a model the fused path supports: the plain forward
+            loss_sum = model(**batch, num_items_in_batch=1).loss
         total, count = total + float(loss_sum), count + n
     model.train(was_training)
     mean = total / max(count, 1)
