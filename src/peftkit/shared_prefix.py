@@ -88,7 +88,7 @@ def prefix_length(model: nn.Module, body: nn.Module, kwargs: dict[str, Any], lab
     return p
 
 
-def _broadcast_cache(cache: Any, batch: int) -> bool:
+def broadcast_cache(cache: Any, batch: int) -> bool:
     """Expand every layer's (1, kv_heads, P, head_dim) keys/values to `batch` rows, as views. False if the
     cache is not made of plain full-length layers (then the caller falls back to the plain forward)."""
     layers = getattr(cache, "layers", None)
@@ -110,7 +110,7 @@ def run_with_shared_prefix(
     ids = kwargs["input_ids"]
     head = body(input_ids=ids[:1, :prefix], use_cache=True)
     cache = getattr(head, "cache", None)
-    if cache is None or not _broadcast_cache(cache, ids.shape[0]):
+    if cache is None or not broadcast_cache(cache, ids.shape[0]):
         return None
     rest = {k: v for k, v in kwargs.items() if k != "use_cache"}
     rest["input_ids"] = ids[:, prefix:]

@@ -7,6 +7,7 @@ import math
 import torch
 
 from peftkit.fused_loss import loss_only
+from peftkit.shared_prefix import MIN_PREFIX, broadcast_cache
 from peftkit.train.data import IGNORE_INDEX, Example, Tokenized, collate, encode_prompt
 
 
@@ -36,11 +37,21 @@ def eval_loss(model, items: list[Tokenized], pad_id: int, batch_size: int = 16) 
 
 @torch.no_grad()
 def generate_batch(model, tokenizer, prompts: list[list[int]], max_new_tokens: int) -> list[str]:
-    """Greedy continuations of tokenized prompts: left-padded, batched, with the KV cache."""
+    """Greedy continuations of tokenized prompts: batched, with the KV cache.
+
+    The opening all prompts share (chat template, system prompt, fixed instruction) is run once and its KV
+    cache broadcast to the rows; each row is then [shared | pads | own rest] with the pads masked, so
+    positions (from the attention mask) and results are those of plain left padding."""
     pad_id = tokenizer.pad_token_id
-    width = max(len(p) for p in prompts)
-    ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts])  # [batch, width]
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    shared = _shared_prompt_length(model, prompts)
+    cache = _prefix_cache(model, prompts[0][:shared], len(prompts)) if shared else None
+    if cache is None:
+        shared = 0
+    width = max(len(p) for p in prompts) - shared
+    ids = torch.tensor([p[:shared] + [pad_id] * (width + shared - len(p)) + p[shared:] for p in prompts])
+    mask = torch.tensor(
+        [[1] * shared + [0] * (width + shared - len(p)) + [1] * (len(p) - shared) for p in prompts]
+    )
     out = model.generate(
         input_ids=ids,
         attention_mask=mask,
@@ -49,8 +60,38 @@ def generate_batch(model, tokenizer, prompts: list[list[int]], max_new_tokens: i
         use_cache=True,
         pad_token_id=pad_id,
         eos_token_id=tokenizer.eos_token_id,
-    )  # [batch, width + new]
-    return tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+        **({"cache": cache} if cache is not None else {}),
+    )  # [batch, shared + width + new]
+    return tokenizer.batch_decode(out[:, shared + width :], skip_special_tokens=True)
+
+
+def _shared_prompt_length(model, prompts: list[list[int]]) -> int:
+    """Tokens every prompt starts with (each keeps at least one of its own), or 0 when not worth sharing or
+    when the adapter itself prepends to the input (prompt learning)."""
+    if len(prompts) < 2 or _adds_virtual_tokens(model):
+        return 0
+    limit, first = min(len(p) for p in prompts) - 1, prompts[0]
+    n = 0
+    while n < limit and all(p[n] == first[n] for p in prompts):
+        n += 1
+    return n if n >= MIN_PREFIX else 0
+
+
+def _adds_virtual_tokens(model) -> bool:
+    """True if the model's active adapter is a prompt-learning one (its generate prepends virtual tokens)."""
+    config = getattr(model, "active_peft_config", None)  # HF peft's PeftModel
+    if config is None:
+        configs, name = getattr(model, "peft_config", None), getattr(model, "active_adapter", None)
+        config = configs.get(name) if isinstance(configs, dict) and isinstance(name, str) else None
+    return bool(getattr(config, "is_prompt_learning", False))
+
+
+def _prefix_cache(model, prefix: list[int], rows: int):
+    """The KV cache of `prefix` (run once), broadcast to `rows` rows; None if the model's cache is not a
+    plain full-length one."""
+    out = model(input_ids=torch.tensor([prefix]), use_cache=True)
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None and broadcast_cache(cache, rows) else None
 
 
 def exact_match(

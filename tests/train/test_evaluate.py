@@ -1,0 +1,44 @@
+"""Held-out evaluation: batched greedy generation with the shared prompt opening run once equals plain
+left-padded generation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import peftkit
+from peftkit.train import evaluate as ev
+from peftkit.train.data import Example, encode_prompt
+from tests.train.tiny import WORDS
+
+
+@pytest.mark.parametrize("wrap", [None, "lora", "prompt_tuning"])
+def test_generation_with_shared_opening_equals_left_padding(tiny_chat_model, wrap, monkeypatch):
+    tok = AutoTokenizer.from_pretrained(tiny_chat_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_chat_model).eval()
+    if wrap == "lora":
+        config = peftkit.LoraConfig(
+            r=4, target_modules="all-linear", init_lora_weights=False, task_type="CAUSAL_LM"
+        )
+        model = peftkit.get_peft_model(model, config).eval()
+    elif wrap == "prompt_tuning":
+        model = peftkit.get_peft_model(
+            model, peftkit.PromptTuningConfig(num_virtual_tokens=3, task_type="CAUSAL_LM")
+        )
+    # different lengths after a long common opening (the instruction)
+    opening = {"role": "system", "content": "Reverse the word. " * 4}
+    rows = [
+        Example(messages=(opening, {"role": "user", "content": " ".join(WORDS[: i + 1])}), response="x")
+        for i in range(4)
+    ]
+    prompts = [encode_prompt(tok, e) for e in rows]
+    shared = ev._shared_prompt_length(model, prompts)
+    assert (shared >= ev.MIN_PREFIX) == (wrap != "prompt_tuning")
+    if shared:  # the opening's cache is really built and broadcast (no silent fallback)
+        cache = ev._prefix_cache(model, prompts[0][:shared], len(prompts))
+        assert cache is not None and cache.layers[0].keys.shape[0] == len(prompts)
+    fast = ev.generate_batch(model, tok, prompts, max_new_tokens=6)
+    monkeypatch.setattr(ev, "_shared_prompt_length", lambda m, p: 0)
+    plain = ev.generate_batch(model, tok, prompts, max_new_tokens=6)
+    assert fast == plain and any(fast)
