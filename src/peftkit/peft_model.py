@@ -20,6 +20,7 @@ from transformers import PreTrainedModel
 
 from . import io
 from .config import PeftConfig
+from .fast_attention import fast_attention
 from .fused_loss import try_fused_forward
 from .modules_to_save import ModulesToSaveWrapper
 from .registry import get_method
@@ -496,6 +497,8 @@ class PeftModelForCausalLM(PeftModel):
         Training with labels (train mode, grad enabled) on a standard transformers causal LM takes the loss
         without materialising the (batch, seq, vocab) logits and returns `logits=None`; the loss and its
         gradients equal the plain path's. See `peftkit.fused_loss` (and `set_fused_causal_lm_loss`).
+        Training forwards also run transformers' "sdpa" attention as a blocked causal kernel on CPU; see
+        `peftkit.fast_attention` (and `set_fast_attention`).
         """
         extra = {
             "output_attentions": output_attentions,
@@ -507,19 +510,22 @@ class PeftModelForCausalLM(PeftModel):
             "attention_mask": attention_mask,
             "inputs_embeds": inputs_embeds,
         }
-        fused = try_fused_forward(self, self.get_base_model(), labels, return_dict, {**body_kwargs, **extra})
-        if fused is not None:
-            return fused
-        return self.base_model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            inputs_embeds=inputs_embeds,
-            labels=labels,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
-            return_dict=return_dict,
-            **kwargs,
-        )
+        with fast_attention(self, self.get_base_model()):
+            fused = try_fused_forward(
+                self, self.get_base_model(), labels, return_dict, {**body_kwargs, **extra}
+            )
+            if fused is not None:
+                return fused
+            return self.base_model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                inputs_embeds=inputs_embeds,
+                labels=labels,
+                output_attentions=output_attentions,
+                output_hidden_states=output_hidden_states,
+                return_dict=return_dict,
+                **kwargs,
+            )
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         """The tuner's generate: the base model's, except where a method changes it (prompt learning)."""
