@@ -20,12 +20,16 @@ from torch import nn
 from ..config import PeftConfig
 from ..functional import lora as FL
 from ..functional.lora_branch import lora_branch_
+from ..functional.lora_merged import merged_lora_linear
 from ..inject import LINEAR_TYPES, Conv1D, all_linear_names, default_targets
 from ..registry import register_peft_method
 from .base import AdapterLayer, BaseTuner
 
 _INITS = (True, False, "gaussian", "pissa", "olora")
 _BIAS_MODES = ("none", "all", "lora_only")
+# Rows (tokens) from which a dropout-free LoRA Linear trains through one GEMM with W + s*B@A (see
+# functional/lora_merged.py); below it building that weight costs more than the rank-r GEMMs it saves.
+_MERGED_MIN_ROWS = 1024
 
 
 @dataclass
@@ -316,24 +320,55 @@ class LoraLinear(LoraLayer):
             self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight, self.scaling[adapter_name]
         )
 
-    def _in_place_ok(self, name: str, result: torch.Tensor, x: torch.Tensor) -> bool:
-        """Whether `lora_branch_` may add this adapter into `result` in place: plain LoRA, a base whose
-        backward does not need its output, one dtype throughout (no autocast), a contiguous output."""
+    def _plain(self, name: str, x: torch.Tensor) -> bool:
+        """Plain LoRA (no DoRA, no custom dropout) on a Linear/Conv1D, adapter in x's dtype, no autocast: what
+        the custom autograd Functions of `lora_branch` and `lora_merged` handle."""
         base, drop, A = self.base_layer, self.lora_dropout[name], self.lora_A[name].weight
         return (
             not self.use_dora[name]
             and (type(base) is nn.Linear or (isinstance(Conv1D, type) and type(base) is Conv1D))
             and type(drop) in (nn.Identity, nn.Dropout)
-            and result.dtype == x.dtype == A.dtype == self.lora_B[name].weight.dtype
+            and x.dtype == A.dtype == self.lora_B[name].weight.dtype
             and not torch.is_autocast_enabled(x.device.type)
+        )
+
+    def _in_place_ok(self, name: str, result: torch.Tensor, x: torch.Tensor) -> bool:
+        """Whether `lora_branch_` may add this adapter into `result` in place: plain LoRA (a base whose
+        backward does not need its output), one dtype throughout, a contiguous output."""
+        return (
+            self._plain(name, x)
+            and result.dtype == x.dtype
             and result.is_contiguous()
             and result.shape[:-1] == x.shape[:-1]
         )
 
+    def _merged_ok(self, names: list[str], x: torch.Tensor) -> bool:
+        """Whether forward may run as one GEMM with W + sum s*B@A (`merged_lora_linear`): training-size
+        input with grad on, and every adapter plain dropout-free LoRA on a frozen, hook-free base in x's dtype."""
+        base, w = self.base_layer, self.base_layer.weight
+        return (
+            bool(names)
+            and torch.is_grad_enabled()
+            and x.numel() >= _MERGED_MIN_ROWS * x.shape[-1] > 0
+            and not w.requires_grad
+            and not (base._forward_hooks or base._forward_pre_hooks)
+            and x.dtype == w.dtype == (x.dtype if base.bias is None else base.bias.dtype)
+            and all(self._plain(n, x) and self._no_dropout(n) for n in names)
+        )
+
+    def _no_dropout(self, name: str) -> bool:
+        """Whether this adapter's dropout is the identity right now (none, p == 0, or eval mode)."""
+        drop = self.lora_dropout[name]
+        return isinstance(drop, nn.Identity) or drop.p == 0.0 or not drop.training
+
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """x: (..., in) -> (..., out)."""
+        names = self._active_unmerged()
+        if not (args or kwargs) and self._merged_ok(names, x):  # one GEMM each way: see lora_merged
+            adapters = [(self.lora_A[n].weight, self.lora_B[n].weight, self.scaling[n]) for n in names]
+            return merged_lora_linear(x, self._weight_rows(), self.base_layer.bias, adapters)
         result = self.base_layer(x, *args, **kwargs)
-        for name in self._active_unmerged():
+        for name in names:
             A, B, drop = self.lora_A[name], self.lora_B[name], self.lora_dropout[name]
             if self._in_place_ok(name, result, x):  # same math, no (N, out) temporaries: see lora_branch
                 p = drop.p if isinstance(drop, nn.Dropout) else 0.0
