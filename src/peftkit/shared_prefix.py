@@ -80,7 +80,10 @@ def prefix_length(model: nn.Module, body: nn.Module, kwargs: dict[str, Any], lab
         or any(kwargs.get(k) is not None for k in _CALLER_STATE)
     ):
         return 0
+    mask = kwargs.get("attention_mask")
     if getattr(body, "gradient_checkpointing", False) or labels.shape != ids.shape:
+        return 0
+    if mask is not None and mask.shape != ids.shape:  # a 4-D mask of the caller's own: leave it alone
         return 0
     p = common_prefix_length(ids, kwargs.get("attention_mask"), labels)
     if p < MIN_PREFIX or _is_stochastic(body):

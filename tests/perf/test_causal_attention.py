@@ -165,8 +165,9 @@ def blocked_calls(monkeypatch):
     monkeypatch.setattr(
         fast_attention, "blocked_causal_attention", lambda *a, **k: calls.append(1) or kernel(*a, **k)
     )
+    peftkit.set_fast_attention(True)  # off by default (see fast_attention's docstring)
     yield calls
-    peftkit.set_fast_attention(True)
+    peftkit.set_fast_attention(False)
 
 
 @pytest.mark.parametrize("padding", [False, True])
@@ -207,8 +208,13 @@ def test_eval_and_no_grad_forwards_untouched(blocked_calls):
     assert blocked_calls == []
 
 
-def test_config_restored_after_a_forward_that_raises(monkeypatch):
-    monkeypatch.setattr(fast_attention, "MIN_QUERIES", 2)
+def test_off_by_default(blocked_calls):
+    peftkit.set_fast_attention(False)
+    _lora_llama()(**_batch(False)).loss.backward()
+    assert blocked_calls == []
+
+
+def test_config_restored_after_a_forward_that_raises(blocked_calls, monkeypatch):
     model = _lora_llama()
     config = model.get_base_model().config
     seen = []
@@ -235,7 +241,6 @@ def test_other_implementations_are_left_alone(blocked_calls):
 def test_mask_allowing_future_keys_falls_back_to_sdpa(blocked_calls):
     """A 4D mask that lets a query see a later key is not causal: the plain sdpa path must run."""
     model, batch = _lora_llama(), _batch(False)
-    model.fused_causal_lm_loss = False
     mask = torch.ones(3, 1, 40, 40, dtype=torch.bool)  # bidirectional
     model(input_ids=batch["input_ids"], attention_mask=mask, labels=batch["labels"]).loss.backward()
     assert blocked_calls == []

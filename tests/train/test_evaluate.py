@@ -4,7 +4,6 @@ left-padded generation."""
 from __future__ import annotations
 
 import pytest
-import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import peftkit
