@@ -6,7 +6,7 @@ Times: one process holds an HF-peft model and a peftkit model built from the sam
 steps interleaved (HF, peftkit, HF, peftkit, ...) on the same batch, so load from other processes hits both
 alike; medians are printed with the ratio peftkit/HF. A step is forward + backward + AdamW step.
 Peak RSS: one fresh child process per (library, configuration), run one after another; each builds the
-model, takes two steps and reports its own ru_maxrss.
+model, takes two steps and reports its own peak RSS (VmHWM).
 Rows: LoRA r=16 on q,v and on all linear layers, labels on every position ("all") or instruction-style
 ("instr": the first half of each row is -100); a no-grad forward (the yardstick: a LoRA step can approach
 about two of them) and a full fine-tuning step (plain transformers) for scale.
@@ -108,6 +108,16 @@ def interleave(fns: dict[str, Callable[[], None]], steps: int) -> dict[str, floa
 
 
 def rss_mib() -> float:
+    """This process's peak RSS in MiB: VmHWM of its own address space. (ru_maxrss is not used: Linux carries
+    the parent's RSS at fork into a child's ru_maxrss across exec, so a child started by a large benchmark
+    process would report the parent's size.)"""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 

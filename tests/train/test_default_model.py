@@ -78,3 +78,19 @@ def test_default_train_runs_a_few_steps(tmp_path, capsys):
     assert report["eval"]["exact_match_before"]["total"] == 8 and report["adapter_bytes"] > 1_000_000
     assert (out / "adapter" / "adapter_model.safetensors").is_file() and (out / "loss_curve.png").is_file()
     assert "held-out exact match" in capsys.readouterr().out
+
+
+def test_stale_gguf_quantization_config_is_dropped_from_the_cache(monkeypatch, tmp_path):
+    """Older conversions left quantization_config (gguf) in config.json; Trainer then refuses to train."""
+    monkeypatch.setenv("PEFTKIT_CACHE", str(tmp_path))
+    folder = default_model.cache_dir() / default_model.MODEL_DIRNAME
+    folder.mkdir(parents=True)
+    (folder / "model.safetensors").write_bytes(b"")
+    stale = {"model_type": "llama", "quantization_config": {"quant_method": "gguf", "gguf_file": "x.gguf"}}
+    (folder / "config.json").write_text(json.dumps(stale))
+    assert default_model.default_model_path(progress=False) == folder
+    assert json.loads((folder / "config.json").read_text()) == {"model_type": "llama"}
+    other = {"model_type": "llama", "quantization_config": {"quant_method": "bitsandbytes"}}
+    (folder / "config.json").write_text(json.dumps(other))
+    default_model.default_model_path(progress=False)
+    assert json.loads((folder / "config.json").read_text()) == other  # not ours to touch

@@ -9,6 +9,7 @@ later call just returns that folder.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
@@ -48,12 +49,25 @@ def default_model_path(progress: bool = True) -> Path:
     """Return the cached HF folder of the default model, converting it from GGUF on first use."""
     target = cache_dir() / MODEL_DIRNAME
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        _drop_gguf_quantization(target / "config.json")
         return target
     gguf_path = find_gguf()
     if importlib.util.find_spec("gguf") is None:
         raise PeftkitError(f"converting the default model needs the `gguf` package; run: {INSTALL_HINT}")
     _convert(gguf_path, target, progress)
     return target
+
+
+def _drop_gguf_quantization(config_path: Path) -> None:
+    """Remove a stale `quantization_config` (quant_method gguf) that older conversions left in config.json:
+    the saved weights are dequantized fp32, and transformers' Trainer refuses to train a "GGUF-quantized" model."""
+    config = json.loads(config_path.read_text())
+    if (config.get("quantization_config") or {}).get("quant_method") != "gguf":
+        return
+    del config["quantization_config"]
+    tmp = config_path.with_name(config_path.name + ".tmp")
+    tmp.write_text(json.dumps(config, indent=2) + "\n")
+    os.replace(tmp, config_path)
 
 
 def _convert(gguf_path: Path, target: Path, progress: bool) -> None:
@@ -74,6 +88,8 @@ def _convert(gguf_path: Path, target: Path, progress: bool) -> None:
     # transformers refuses save_pretrained on a GGUF-loaded model: copy the weights into a fresh one.
     bar.set_postfix_str(steps[2])
     config = loaded.config
+    if hasattr(config, "quantization_config"):  # the weights are plain fp32 now, not GGUF-quantized
+        del config.quantization_config
     fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     fresh.load_state_dict(loaded.state_dict())
     fresh.generation_config = loaded.generation_config
