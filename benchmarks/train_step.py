@@ -219,7 +219,7 @@ def print_table(rows: list[dict]) -> None:
     for r in rows:
         hf, pk = r.get("hf"), r.get("peftkit")
         hr, pr = r.get("hf_rss"), r.get("peftkit_rss")
-        ratio = f"{pk / hf:.2f}" if hf else "-"
+        ratio = f"{pk / hf:.2f}" if hf and pk else "-"
         rratio = f"{pr / hr:.2f}" if hr and pr else "-"
         batch = f"{r['shape'][0]}x{r['shape'][1]}"
         print(
@@ -255,10 +255,10 @@ def main() -> None:
     if not args.no_rss:
         for row in rows:
             add_rss(row)
-    print_table(rows)
-    if args.json:
+    if args.json:  # first, so a printing problem cannot lose a long run
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
+    print_table(rows)
 
 
 if __name__ == "__main__":
