@@ -17,6 +17,7 @@ import warnings
 
 import peft
 import torch
+from train_step import SMOLLM2_135M  # benchmarks/ is on sys.path when run as a script
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import peftkit
@@ -35,16 +36,7 @@ METHODS = [
 
 def smollm2_135m() -> LlamaForCausalLM:
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=49152,
-        hidden_size=576,
-        intermediate_size=1536,
-        num_hidden_layers=30,
-        num_attention_heads=9,
-        num_key_value_heads=3,
-        head_dim=64,
-        tie_word_embeddings=True,
-    )
+    config = LlamaConfig(**SMOLLM2_135M)  # the same architecture as the train-step benchmark
     return LlamaForCausalLM(config).eval()
 
 

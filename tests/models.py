@@ -35,10 +35,18 @@ def tiny_llama(seed: int = 0) -> nn.Module:
     return LlamaForCausalLM(cfg).eval()
 
 
-def tiny_gpt2(seed: int = 0) -> nn.Module:
+def tiny_gpt2(seed: int = 0, **config: object) -> nn.Module:
+    """config: GPT2Config overrides (e.g. the dropout probabilities)."""
     torch.manual_seed(seed)
     cfg = GPT2Config(
-        vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0
+        vocab_size=VOCAB,
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        n_positions=64,
+        bos_token_id=0,
+        eos_token_id=0,
+        **config,
     )
     return GPT2LMHeadModel(cfg).eval()
 

@@ -49,6 +49,11 @@ def fused_causal_lm_loss_enabled() -> bool:
     return _enabled
 
 
+def _switched_on(model: nn.Module) -> bool:
+    """Both switches: `set_fused_causal_lm_loss` and the model's `fused_causal_lm_loss` attribute."""
+    return _enabled and getattr(model, "fused_causal_lm_loss", True)
+
+
 def _body_and_head(base: nn.Module) -> tuple[nn.Module, nn.Linear] | None:
     """The decoder body and plain Linear head of a standard causal LM, or None if it is not one."""
     cls = type(base)
@@ -99,7 +104,7 @@ def try_fused_forward(
 
     body_kwargs: input_ids / attention_mask / inputs_embeds and the caller's extra kwargs (not modified).
     """
-    if labels is None or not (_enabled and getattr(model, "fused_causal_lm_loss", True)):
+    if labels is None or not _switched_on(model):
         return None
     if not (model.training and torch.is_grad_enabled()) or return_dict is False:
         return None
@@ -136,7 +141,7 @@ def loss_only(model: nn.Module, batch: dict[str, Any], num_items_in_batch: Any =
     without the (batch, seq, vocab) logits, in any mode (held-out evaluation); equal to `model(**batch).loss`.
     None when the fused path cannot run (another library's model, a non-standard LM, prompt learning...):
     the caller then takes the plain forward."""
-    if not (_enabled and getattr(model, "fused_causal_lm_loss", True)):
+    if not _switched_on(model):
         return None
     if _body_and_head(model) is not None:  # a plain transformers causal LM (e.g. the base before training)
         base = model

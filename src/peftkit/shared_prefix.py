@@ -91,7 +91,7 @@ def prefix_length(model: nn.Module, body: nn.Module, kwargs: dict[str, Any], lab
     return p
 
 
-def broadcast_cache(cache: Any, batch: int) -> bool:
+def _broadcast_cache(cache: Any, batch: int) -> bool:
     """Expand every layer's (1, kv_heads, P, head_dim) keys/values to `batch` rows, as views. False if the
     cache is not made of plain full-length layers (then the caller falls back to the plain forward)."""
     layers = getattr(cache, "layers", None)
@@ -103,6 +103,13 @@ def broadcast_cache(cache: Any, batch: int) -> bool:
     return True
 
 
+def prefix_cache(module: nn.Module, prefix_ids: torch.Tensor, rows: int) -> Any:
+    """Run `module` (a decoder body or a causal LM) once on prefix_ids (1, P) and return its KV cache
+    broadcast to `rows` rows, or None if the cache is not made of plain full-length layers."""
+    cache = getattr(module(input_ids=prefix_ids, use_cache=True), "cache", None)
+    return cache if cache is not None and _broadcast_cache(cache, rows) else None
+
+
 def run_with_shared_prefix(
     body: nn.Module, kwargs: dict[str, Any], prefix: int
 ) -> tuple[torch.Tensor, slice] | None:
@@ -111,9 +118,8 @@ def run_with_shared_prefix(
     Returns (hidden states of the suffix (batch, seq - prefix, hidden), the slice of positions they cover),
     or None if the model's cache cannot be shared (the caller runs the plain forward)."""
     ids = kwargs["input_ids"]
-    head = body(input_ids=ids[:1, :prefix], use_cache=True)
-    cache = getattr(head, "cache", None)
-    if cache is None or not broadcast_cache(cache, ids.shape[0]):
+    cache = prefix_cache(body, ids[:1, :prefix], ids.shape[0])
+    if cache is None:
         return None
     rest = {k: v for k, v in kwargs.items() if k != "use_cache"}
     rest["input_ids"] = ids[:, prefix:]

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
 
 import peftkit
 from peftkit import LoraConfig, get_peft_model
 from peftkit import shared_prefix as sp
-from tests.models import VOCAB, tiny_llama
+from tests.models import VOCAB, tiny_gpt2, tiny_llama
 
 
 def _batch(prefix: int = 10, rows: int = 3, suffix=(6, 9, 4), pad_id: int = 0, seed: int = 1) -> dict:
@@ -50,30 +49,25 @@ def _loss_and_grads(model: torch.nn.Module, batch: dict, shared: bool) -> tuple[
 
 
 def _tiny_gpt2_no_dropout() -> torch.nn.Module:
-    torch.manual_seed(0)
-    cfg = GPT2Config(
-        vocab_size=VOCAB,
-        n_embd=32,
-        n_layer=2,
-        n_head=4,
-        n_positions=64,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-        summary_first_dropout=0.0,
-    )
-    return GPT2LMHeadModel(cfg)
+    return tiny_gpt2(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, summary_first_dropout=0.0)
 
 
-@pytest.mark.parametrize("build", [tiny_llama, _tiny_gpt2_no_dropout], ids=["llama", "gpt2"])
-def test_equals_plain_forward(build, monkeypatch):
-    model = _lora(build())
-    batch = _batch()
-    calls = []
+@pytest.fixture
+def prefix_calls(monkeypatch) -> list[int]:
+    """The prefix lengths the fused path runs once (one entry per shared-prefix forward)."""
+    calls: list[int] = []
     real = sp.run_with_shared_prefix
     monkeypatch.setattr(
         "peftkit.fused_loss.run_with_shared_prefix", lambda *a: calls.append(a[2]) or real(*a)
     )
+    return calls
+
+
+@pytest.mark.parametrize("build", [tiny_llama, _tiny_gpt2_no_dropout], ids=["llama", "gpt2"])
+def test_equals_plain_forward(build, prefix_calls):
+    model = _lora(build())
+    batch = _batch()
+    calls = prefix_calls
     loss_on, grads_on = _loss_and_grads(model, batch, True)
     assert calls == [10]  # 10 common tokens, the first label is at position 11
     loss_off, grads_off = _loss_and_grads(model, batch, False)
@@ -99,39 +93,33 @@ def test_common_prefix_length():
     assert sp.common_prefix_length(ids, mask, torch.full_like(ids, -100)) == 0
 
 
-def _prefix_runs(model: torch.nn.Module, batch: dict, monkeypatch) -> list[int]:
-    calls: list[int] = []
-    real = sp.run_with_shared_prefix
-    monkeypatch.setattr(
-        "peftkit.fused_loss.run_with_shared_prefix", lambda *a: calls.append(a[2]) or real(*a)
-    )
+def _prefix_runs(model: torch.nn.Module, batch: dict, calls: list[int]) -> list[int]:
+    """The shared-prefix runs of one training step of `model` (calls: the prefix_calls fixture)."""
+    calls.clear()
     model(**batch).loss.backward()
-    return calls
+    return list(calls)
 
 
-def test_off_with_dropout_or_switch(monkeypatch):
+def test_off_with_dropout_or_switch(prefix_calls):
     batch = _batch()
-    assert _prefix_runs(_lora(tiny_llama(), dropout=0.1), batch, monkeypatch) == []  # LoRA dropout
-    gpt2_default = GPT2LMHeadModel(
-        GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64)
-    )
-    assert _prefix_runs(_lora(gpt2_default), batch, monkeypatch) == []  # GPT-2's own dropouts (0.1)
+    assert _prefix_runs(_lora(tiny_llama(), dropout=0.1), batch, prefix_calls) == []  # LoRA dropout
+    assert _prefix_runs(_lora(tiny_gpt2()), batch, prefix_calls) == []  # GPT-2's own dropouts (0.1)
     model = _lora(tiny_llama())
     model.shared_prefix = False
-    assert _prefix_runs(model, batch, monkeypatch) == []
+    assert _prefix_runs(model, batch, prefix_calls) == []
     model.shared_prefix = True
     peftkit.set_shared_prefix(False)
     try:
-        assert _prefix_runs(model, batch, monkeypatch) == []
+        assert _prefix_runs(model, batch, prefix_calls) == []
     finally:
         peftkit.set_shared_prefix(True)
-    assert _prefix_runs(model, batch, monkeypatch) == [10]
+    assert _prefix_runs(model, batch, prefix_calls) == [10]
 
 
-def test_off_for_short_prefix_single_row_and_eval(monkeypatch):
+def test_off_for_short_prefix_single_row_and_eval(prefix_calls):
     model = _lora(tiny_llama())
-    assert _prefix_runs(model, _batch(prefix=sp.MIN_PREFIX - 1), monkeypatch) == []  # 6 < MIN_PREFIX
-    assert _prefix_runs(model, _batch(rows=1), monkeypatch) == []
+    assert _prefix_runs(model, _batch(prefix=sp.MIN_PREFIX - 1), prefix_calls) == []  # 7 < MIN_PREFIX
+    assert _prefix_runs(model, _batch(rows=1), prefix_calls) == []
     model.eval()
     with torch.no_grad():
         assert model(**_batch()).logits is not None  # plain path, full logits
@@ -151,7 +139,7 @@ def test_loss_only_equals_model_loss_in_eval(wrap):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
-def test_eval_loss_uses_shared_prefix_and_matches_plain(monkeypatch):
+def test_eval_loss_uses_shared_prefix_and_matches_plain(prefix_calls):
     from peftkit.train.data import Tokenized
     from peftkit.train.evaluate import eval_loss
 
@@ -161,11 +149,7 @@ def test_eval_loss_uses_shared_prefix_and_matches_plain(monkeypatch):
         Tokenized(input_ids=ids[m.bool()].tolist(), labels=lab[m.bool()].tolist(), prompt_len=0)
         for ids, m, lab in zip(batch["input_ids"], batch["attention_mask"], batch["labels"])
     ]
-    calls: list[int] = []
-    real = sp.run_with_shared_prefix
-    monkeypatch.setattr(
-        "peftkit.fused_loss.run_with_shared_prefix", lambda *a: calls.append(a[2]) or real(*a)
-    )
+    calls = prefix_calls
     fast = eval_loss(model, items, pad_id=0)
     assert calls and model.training  # the shared prefix ran; the model's mode is restored
     peftkit.set_fused_causal_lm_loss(False)

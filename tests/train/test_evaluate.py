@@ -4,9 +4,11 @@ left-padded generation."""
 from __future__ import annotations
 
 import pytest
+import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import peftkit
+from peftkit.shared_prefix import prefix_cache
 from peftkit.train import evaluate as ev
 from peftkit.train.data import Example, encode_prompt
 from tests.train.tiny import WORDS
@@ -35,7 +37,7 @@ def test_generation_with_shared_opening_equals_left_padding(tiny_chat_model, wra
     shared = ev._shared_prompt_length(model, prompts)
     assert (shared >= ev.MIN_PREFIX) == (wrap != "prompt_tuning")
     if shared:  # the opening's cache is really built and broadcast (no silent fallback)
-        cache = ev._prefix_cache(model, prompts[0][:shared], len(prompts))
+        cache = prefix_cache(model, torch.tensor([prompts[0][:shared]]), len(prompts))
         assert cache is not None and cache.layers[0].keys.shape[0] == len(prompts)
     fast = ev.generate_batch(model, tok, prompts, max_new_tokens=6)
     monkeypatch.setattr(ev, "_shared_prompt_length", lambda m, p: 0)

@@ -7,7 +7,7 @@ import math
 import torch
 
 from peftkit.fused_loss import loss_only
-from peftkit.shared_prefix import MIN_PREFIX, broadcast_cache
+from peftkit.shared_prefix import MIN_PREFIX, prefix_cache
 from peftkit.train.data import IGNORE_INDEX, Example, Tokenized, collate, encode_prompt
 
 
@@ -44,7 +44,7 @@ def generate_batch(model, tokenizer, prompts: list[list[int]], max_new_tokens: i
     positions (from the attention mask) and results are those of plain left padding."""
     pad_id = tokenizer.pad_token_id
     shared = _shared_prompt_length(model, prompts)
-    cache = _prefix_cache(model, prompts[0][:shared], len(prompts)) if shared else None
+    cache = prefix_cache(model, torch.tensor([prompts[0][:shared]]), len(prompts)) if shared else None
     if cache is None:
         shared = 0
     width = max(len(p) for p in prompts) - shared
@@ -84,14 +84,6 @@ def _adds_virtual_tokens(model) -> bool:
         configs, name = getattr(model, "peft_config", None), getattr(model, "active_adapter", None)
         config = configs.get(name) if isinstance(configs, dict) and isinstance(name, str) else None
     return bool(getattr(config, "is_prompt_learning", False))
-
-
-def _prefix_cache(model, prefix: list[int], rows: int):
-    """The KV cache of `prefix` (run once), broadcast to `rows` rows; None if the model's cache is not a
-    plain full-length one."""
-    out = model(input_ids=torch.tensor([prefix]), use_cache=True)
-    cache = getattr(out, "cache", None)
-    return cache if cache is not None and broadcast_cache(cache, rows) else None
 
 
 def exact_match(
