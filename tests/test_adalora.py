@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+
 import peft as hf_peft
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 
 import peftkit
 
@@ -88,3 +92,97 @@ def test_config_validation(kwargs, fragment):
     with pytest.raises(ValueError) as err:
         peftkit.AdaLoraConfig(**kwargs)
     assert fragment in str(err.value)
+
+
+class IndexOnTensorsDevice(TorchFunctionMode):
+    """Fails an index_select whose index is not on the indexed tensor's device (on CUDA that raises)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in (torch.Tensor.index_select, torch.index_select):
+            tensor, index = args[0], args[2] if len(args) > 2 else kwargs["index"]
+            assert index.device == tensor.device, f"index on {index.device} for a tensor on {tensor.device}"
+        return func(*args, **kwargs)
+
+
+def pruned_model_on_meta():
+    """An AdaLoRA model (init_r 4) whose allocation keeps ranks 0 and 2 of every layer, moved to `meta`."""
+    torch.manual_seed(0)
+    model = peftkit.get_peft_model(
+        tiny_llama(), peftkit.AdaLoraConfig(task_type="CAUSAL_LM", init_r=4, target_r=2, total_step=10)
+    )
+    paths = model.base_model._svd_layers("default")
+    pattern = {f"{p}.lora_E": [True, False, True, False] for p in paths}
+    config = model.base_model.peft_config["default"]
+    model.base_model.peft_config["default"] = dataclasses.replace(config, rank_pattern=pattern)
+    return model.to("meta"), paths
+
+
+def test_saving_a_pruned_adapter_indexes_on_the_tensors_device():
+    model, paths = pruned_model_on_meta()
+    with IndexOnTensorsDevice():
+        tensors = model.get_adapter_state_dict()
+    for path in paths:
+        A, E, B = (tensors[f"base_model.model.{path}.{attr}"] for attr in ("lora_A", "lora_E", "lora_B"))
+        assert A.shape[0] == E.shape[0] == B.shape[1] == 2 and {A.device, E.device, B.device} == {A.device}
+        assert A.device.type == "meta"
+
+
+def test_loading_a_pruned_adapter_shrinks_on_the_tensors_device():
+    model, paths = pruned_model_on_meta()
+    with IndexOnTensorsDevice():
+        model.base_model.before_loading("default")
+    for layer in paths.values():
+        assert layer.lora_A["default"].shape[0] == layer.lora_E["default"].shape[0] == 2
+        assert layer.lora_B["default"].shape[1] == 2 and layer.lora_B["default"].device.type == "meta"
+
+
+def test_training_state_resumes_allocation_exactly(tmp_path):
+    """Stop mid-budget, save adapter + optimizer + allocator, load into a fresh model: the rest of the run is
+    bit for bit the uninterrupted one (ranks, scores, masked-but-trained triplets, optimizer moments)."""
+    steps, cut, inputs = 10, 4, token_inputs()
+    cfg = dict(
+        task_type="CAUSAL_LM", init_r=6, target_r=2, total_step=steps, tinit=1, tfinal=3, lora_dropout=0.1
+    )
+
+    def make_optimizer(model):
+        return torch.optim.AdamW([p for _, p in sorted(model.named_parameters()) if p.requires_grad], lr=1e-2)
+
+    def run(model, opt, start, stop):
+        for step in range(start, stop):
+            model(**inputs, labels=inputs["input_ids"]).loss.backward()
+            opt.step()
+            model.base_model.update_and_allocate(step)
+            opt.zero_grad()
+
+    torch.manual_seed(0)
+    full = peftkit.get_peft_model(tiny_llama(), peftkit.AdaLoraConfig(**cfg)).train()
+    opt = make_optimizer(full)
+    run(full, opt, 0, cut)
+    assert full.peft_config["default"].rank_pattern  # the budget already shrank: the saved file is pruned
+    full.save_pretrained(tmp_path)
+    state, opt_state = full.base_model.training_state(), copy.deepcopy(opt.state_dict())
+    rng = torch.get_rng_state()
+    run(full, opt, cut, steps)
+
+    resumed = peftkit.PeftModel.from_pretrained(tiny_llama(), tmp_path, is_trainable=True).train()
+    resumed.base_model.load_training_state(state)
+    opt = make_optimizer(resumed)
+    opt.load_state_dict(opt_state)
+    torch.set_rng_state(rng)
+    run(resumed, opt, cut, steps)
+
+    assert resumed.peft_config["default"].rank_pattern == full.peft_config["default"].rank_pattern
+    want, got = full.state_dict(), resumed.state_dict()
+    adapter_keys = [k for k in want if "lora_" in k]
+    assert adapter_keys and all(torch.equal(got[k], want[k]) for k in adapter_keys)
+
+
+def test_training_state_for_other_modules_is_refused():
+    torch.manual_seed(0)
+    cfg = peftkit.AdaLoraConfig(task_type="CAUSAL_LM", init_r=4, target_r=2, total_step=10)
+    state = peftkit.get_peft_model(tiny_llama(), cfg).base_model.training_state()
+    narrow = dataclasses.replace(cfg, target_modules=["q_proj"])
+    other = peftkit.get_peft_model(tiny_llama(), narrow)
+    with pytest.raises(ValueError, match="AdaLoRA training state of adapter 'default' is for modules"):
+        other.base_model.load_training_state(state)

@@ -1,7 +1,8 @@
 """Checkpoints and atomic files: a run never leaves a half-written file over a good one.
 
 A checkpoint folder ``checkpoints/step-N/`` holds the adapter (peftkit ``save_pretrained``) and
-``trainer_state.pt`` (optimizer, scheduler, RNG states, step), so ``--resume`` continues exactly.
+``trainer_state.pt`` (optimizer, scheduler, RNG states, step, and a tuner's own training state), so
+``--resume`` continues exactly. A checkpoint holds the state of the last completed step, never part of one.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import tempfile
 from pathlib import Path
 
 import torch
+
+from peftkit.train.errors import PeftkitError
 
 STATE_NAME = "trainer_state.pt"
 STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -58,14 +61,30 @@ def save_adapter_atomic(model, folder: Path, extra=None) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def save_checkpoint(model, optimizer, scheduler, step: int, output: Path) -> Path:
-    """Write ``output/checkpoints/step-{step}``: the adapter plus everything needed to resume."""
+def rng_state() -> dict:
+    """A snapshot of every random number generator the loop draws from (dropout masks, data order)."""
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def save_checkpoint(model, optimizer, scheduler, step: int, output: Path, rng: dict) -> Path:
+    """Write ``output/checkpoints/step-{step}``: the adapter plus everything needed to resume.
+
+    ``rng`` is the RNG snapshot taken when step ``step`` completed (see ``rng_state``), not the state now:
+    an interrupted step may already have drawn dropout masks. A tuner with training state of its own
+    (AdaLoRA's rank allocator and its full-rank tensors) adds it under ``"tuner"``.
+    """
     state = {
         "step": step,
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
-        "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
+        "rng": rng,
     }
+    tuner_state = getattr(model.base_model, "training_state", None)
+    if tuner_state is not None:
+        state["tuner"] = tuner_state()
     folder = output / "checkpoints" / f"step-{step}"
     save_adapter_atomic(model, folder, extra=lambda tmp: torch.save(state, tmp / STATE_NAME))
     return folder
@@ -84,11 +103,30 @@ def latest_checkpoint(output: Path) -> Path | None:
     return max(found)[1] if found else None
 
 
-def load_trainer_state(folder: Path, optimizer, scheduler) -> int:
-    """Restore optimizer, scheduler and RNG states from a checkpoint; returns its step."""
-    state = torch.load(folder / STATE_NAME, weights_only=False)
+def read_trainer_state(folder: Path) -> dict:
+    """The ``trainer_state.pt`` of a checkpoint folder."""
+    return torch.load(folder / STATE_NAME, weights_only=False)
+
+
+def restore_tuner(model, state: dict, folder: Path) -> None:
+    """Give the tuner its training state back (before the optimizer is built: it may replace parameters)."""
+    load = getattr(model.base_model, "load_training_state", None)
+    if load is None:
+        return
+    if "tuner" not in state:
+        raise PeftkitError(
+            f"--resume: {folder / STATE_NAME} lacks the {type(model.base_model).__name__} training state "
+            "(written by an older peftkit), so the run cannot continue exactly; start again with --overwrite"
+        )
+    load(state["tuner"])
+
+
+def restore_trainer(state: dict, optimizer, scheduler) -> int:
+    """Restore optimizer, scheduler and RNG states from a checkpoint's state; returns its step."""
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["rng"]["torch"])
     random.setstate(state["rng"]["python"])
+    if "cuda" in state["rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
     return int(state["step"])

@@ -13,7 +13,6 @@ import os
 import random
 import resource
 import shutil
-import signal
 import sys
 import time
 from importlib import resources
@@ -25,6 +24,7 @@ from peftkit.train import checkpoint as ckpt
 from peftkit.train.data import collate, length_grouped_batches, load_examples, split_examples, tokenize_all
 from peftkit.train.errors import Interrupted, PeftkitError
 from peftkit.train.evaluate import count_targets, default_max_new_tokens, eval_loss, exact_match
+from peftkit.train.interrupts import deferred_interrupts, interrupt_hook, sigterm_as_interrupt
 from peftkit.train.methods import build_peft_config
 from peftkit.train.modeling import load_model_and_tokenizer, set_threads
 from peftkit.train.options import RUN_DEFINING, TrainOptions
@@ -68,9 +68,12 @@ def train(o: TrainOptions, progress: bool = True, say=print) -> dict:
 
     # ---- the adapter: fresh, or the last checkpoint when resuming
     resume_from = ckpt.latest_checkpoint(output) if o.resume else None
+    saved = ckpt.read_trainer_state(resume_from) if resume_from else None
     batches_per_epoch = math.ceil(len(train_items) / o.batch_size)
     total_steps = o.max_steps or max(1, math.ceil(o.epochs * batches_per_epoch / o.grad_accum))
     model = wrap_model(base, o, resume_from, total_steps)
+    if saved:
+        ckpt.restore_tuner(model, saved, resume_from)
     trainable, total = model.get_nb_trainable_parameters()
     # Sorted by name, so the optimizer state of a checkpoint maps onto the same tensors on resume.
     params = [p for _, p in sorted(model.named_parameters()) if p.requires_grad]
@@ -78,7 +81,7 @@ def train(o: TrainOptions, progress: bool = True, say=print) -> dict:
     # AdaLoRA reallocates ranks from the gradients of each step (after the update, before zeroing them)
     allocate = getattr(model.base_model, "update_and_allocate", None)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(o.scheduler, o.warmup, total_steps))
-    step = ckpt.load_trainer_state(resume_from, optimizer, scheduler) if resume_from else 0
+    step = ckpt.restore_trainer(saved, optimizer, scheduler) if saved else 0
     ckpt.write_json_atomic(output / "run_config.json", {**o.to_dict(), "resolved_model": model_name})
     metrics = MetricsLog(output / "metrics.jsonl", keep_until=step)
     if step == 0 and before:
@@ -95,8 +98,10 @@ def train(o: TrainOptions, progress: bool = True, say=print) -> dict:
     model.train()
     t_train, tokens_seen, window = time.time(), 0, {"loss": 0.0, "tokens": 0, "targets": 0, "t": time.time()}
     last_loss = None
+    hook = interrupt_hook()
+    rng = ckpt.rng_state()  # as the last completed step left it: what a checkpoint of `step` restores
     try:
-        with _sigterm_as_interrupt():
+        with sigterm_as_interrupt():
             while step < total_steps:
                 chunks = [
                     collate([train_items[i] for i in next(stream)], pad_id) for _ in range(o.grad_accum)
@@ -104,28 +109,35 @@ def train(o: TrainOptions, progress: bool = True, say=print) -> dict:
                 n_targets = sum(count_targets(c["labels"]) for c in chunks)  # loss = sum over the step / this
                 for batch in chunks:
                     loss = model(**batch, num_items_in_batch=n_targets).loss
+                    hook(step, "forward")
                     loss.backward()
                     window["loss"] += loss.detach().item() * n_targets
                     window["tokens"] += int(batch["attention_mask"].sum())
                 window["targets"] += n_targets
-                if o.max_grad_norm:
-                    torch.nn.utils.clip_grad_norm_(params, o.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                if allocate is not None:
-                    allocate(step)
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                bar.update()
-                if step % o.log_every == 0 or step == total_steps:
-                    row = metrics.log_window(step, window, scheduler.get_last_lr()[0])
-                    tokens_seen, last_loss = tokens_seen + row["tokens"], row["loss"]
-                    bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
+                # The step commits as a whole: Ctrl-C from here on is raised once the counter, the RNG
+                # snapshot and the metrics row have moved too, so a checkpoint never holds half a step.
+                with deferred_interrupts():
+                    if o.max_grad_norm:
+                        torch.nn.utils.clip_grad_norm_(params, o.max_grad_norm)
+                    optimizer.step()
+                    hook(step, "optimizer_step")
+                    scheduler.step()
+                    if allocate is not None:
+                        allocate(step)
+                    optimizer.zero_grad(set_to_none=True)
+                    step, rng = step + 1, ckpt.rng_state()
+                    bar.update()
+                    if step % o.log_every == 0 or step == total_steps:
+                        row = metrics.log_window(step, window, scheduler.get_last_lr()[0])
+                        tokens_seen, last_loss = tokens_seen + row["tokens"], row["loss"]
+                        bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
+                hook(step - 1, "step_done")
                 if o.save_every and step % o.save_every == 0 and step < total_steps:
-                    ckpt.save_checkpoint(model, optimizer, scheduler, step, output)
+                    ckpt.save_checkpoint(model, optimizer, scheduler, step, output, rng)
     except KeyboardInterrupt:
         bar.close()
-        folder = ckpt.save_checkpoint(model, optimizer, scheduler, step, output)
+        # the parameters, optimizer and scheduler are as step `step` left them; `rng` was taken then too
+        folder = ckpt.save_checkpoint(model, optimizer, scheduler, step, output, rng)
         raise Interrupted(
             f"interrupted at step {step}/{total_steps}; checkpoint saved to {folder}; "
             f"continue with --resume --output {o.output}"
@@ -329,23 +341,3 @@ def _progress_bar(total: int, initial: int, enabled: bool):
     return tqdm(
         total=total, initial=initial, desc="training", unit="step", disable=not enabled, dynamic_ncols=True
     )
-
-
-def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt
-
-
-class _sigterm_as_interrupt:
-    """Treat SIGTERM like Ctrl-C inside the loop, so a killed run still saves a checkpoint."""
-
-    def __enter__(self):
-        try:
-            self.old = signal.signal(signal.SIGTERM, _raise_interrupt)
-        except ValueError:  # not the main thread
-            self.old = None
-        return self
-
-    def __exit__(self, *exc):
-        if self.old is not None:
-            signal.signal(signal.SIGTERM, self.old)
-        return False

@@ -110,15 +110,24 @@ class AdaLoraLayer(AdapterLayer):
                 nn.init.normal_(self.lora_B[adapter_name], std=0.02)
         self.set_adapter(self.active_adapters or [adapter_name])
 
-    def keep_ranks(self, adapter_name: str, keep: torch.Tensor) -> None:
+    def keep_ranks(self, adapter_name: str, keep: list[bool]) -> None:
         """Shrink an adapter to the ranks where `keep` (r,) is True (used when loading a pruned adapter)."""
         trainable = self.lora_A[adapter_name].requires_grad
         with torch.no_grad():
-            for attr, sl in (("lora_A", (keep,)), ("lora_E", (keep,)), ("lora_B", (slice(None), keep))):
+            for attr, dim in (("lora_A", 0), ("lora_E", 0), ("lora_B", 1)):
                 container = getattr(self, attr)
-                container[adapter_name] = nn.Parameter(
-                    container[adapter_name][sl].clone(), requires_grad=trainable
-                )
+                kept = container[adapter_name].index_select(dim, kept_index(keep, container[adapter_name]))
+                container[adapter_name] = nn.Parameter(kept, requires_grad=trainable)
+
+    def set_full_ranks(self, adapter_name: str, tensors: dict[str, torch.Tensor]) -> None:
+        """Replace A, E, B with `tensors` ({"lora_A": (r, in), ...}), e.g. the unpruned ones of a checkpoint."""
+        trainable = self.lora_A[adapter_name].requires_grad
+        for attr in ("lora_A", "lora_E", "lora_B"):
+            container, value = getattr(self, attr), tensors[attr]
+            like = container[adapter_name]
+            container[adapter_name] = nn.Parameter(
+                value.to(device=like.device, dtype=like.dtype).clone(), requires_grad=trainable
+            )
 
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
         d = FA.svd_delta(
@@ -173,7 +182,9 @@ class RankAllocator:
 
     def _score(self, path: str, attr: str) -> torch.Tensor:
         key = (path, attr)
-        return self.sensitivity[key] * self.uncertainty[key] if key in self.sensitivity else torch.zeros(0)
+        if key not in self.sensitivity:
+            return getattr(self.layers[path], attr)[self.adapter].new_zeros(0)
+        return self.sensitivity[key] * self.uncertainty[key]
 
     def mask_to_budget(self, budget: int) -> dict[str, list[bool]]:
         """Zero the E entries of the least important triplets so `budget` ranks remain; returns the masks."""
@@ -202,6 +213,34 @@ class RankAllocator:
             for path, layer in self.layers.items():
                 keep = torch.tensor(pattern[f"{path}.lora_E"], device=layer.lora_E[self.adapter].device)
                 layer.lora_E[self.adapter].masked_fill_(~keep.view(-1, 1), 0.0)
+
+    def state(self) -> dict[str, dict[str, torch.Tensor]]:
+        """The importance EMAs, keyed "<module>.<lora_A|lora_E|lora_B>" (a checkpoint's part of the allocator)."""
+        return {
+            name: {f"{path}.{attr}": t.clone() for (path, attr), t in scores.items()}
+            for name, scores in (("sensitivity", self.sensitivity), ("uncertainty", self.uncertainty))
+        }
+
+    def load_state(self, state: dict[str, dict[str, torch.Tensor]]) -> None:
+        """Inverse of `state`; each tensor goes to its parameter's device."""
+        self.reset()
+        for name, target in (("sensitivity", self.sensitivity), ("uncertainty", self.uncertainty)):
+            for key, value in state[name].items():
+                path, _, attr = key.rpartition(".")
+                if path not in self.layers:
+                    raise ValueError(
+                        f"AdaLoRA allocator state names module {path!r}, which has no AdaLoRA layer"
+                    )
+                target[(path, attr)] = value.to(getattr(self.layers[path], attr)[self.adapter].device)
+
+
+def kept_index(keep: list[bool] | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Positions (k,) of the True entries of `keep` (r,), on `like`'s device (index_select needs both there).
+
+    Built from the host-side mask, so it also works for tensors on `meta`, whose values are unknown.
+    """
+    flags = keep.tolist() if isinstance(keep, torch.Tensor) else keep
+    return torch.tensor([i for i, k in enumerate(flags) if k], dtype=torch.long, device=like.device)
 
 
 class AdaLoraModel(LoraModel):
@@ -290,11 +329,10 @@ class AdaLoraModel(LoraModel):
         out = dict(tensors)
         for key, keep in pattern.items():
             module = key[: -len(".lora_E")]
-            keep_t = torch.tensor(keep)
             for attr, dim in (("lora_A", 0), ("lora_E", 0), ("lora_B", 1)):
                 file_key = f"base_model.model.{module}.{attr}"
-                if file_key in out and out[file_key].shape[dim] == keep_t.numel():
-                    out[file_key] = out[file_key].index_select(dim, keep_t.nonzero().view(-1))
+                if file_key in out and out[file_key].shape[dim] == len(keep):
+                    out[file_key] = out[file_key].index_select(dim, kept_index(keep, out[file_key]))
         return out
 
     def before_loading(self, adapter_name: str) -> None:
@@ -303,7 +341,44 @@ class AdaLoraModel(LoraModel):
         for path, layer in self._svd_layers(adapter_name).items():
             keep = (pattern or {}).get(f"{path}.lora_E")
             if keep is not None and layer.lora_E[adapter_name].shape[0] == len(keep):
-                layer.keep_ranks(adapter_name, torch.tensor(keep, dtype=torch.bool))
+                layer.keep_ranks(adapter_name, keep)
+
+    def training_state(self) -> dict[str, Any]:
+        """What an exact resume needs beyond the saved adapter: the allocator's importance EMAs, the current
+        allocation, and the *unpruned* A/E/B (masked ranks keep training and can win their rank back)."""
+        alloc = self.rankallocator
+        name = alloc.adapter
+        return {
+            "adapter": name,
+            "rank_pattern": self.peft_config[name].rank_pattern,
+            "tensors": {
+                f"{path}.{attr}": getattr(layer, attr)[name].detach().clone()
+                for path, layer in alloc.layers.items()
+                for attr in ("lora_A", "lora_E", "lora_B")
+            },
+            "allocator": alloc.state(),
+        }
+
+    def load_training_state(self, state: dict[str, Any]) -> None:
+        """Inverse of `training_state`, on a model loaded from that checkpoint; call before building the
+        optimizer (the layers get their full-rank parameters back, as new tensors)."""
+        name = state["adapter"]
+        layers = self._svd_layers(name)
+        saved = {key.rpartition(".")[0] for key in state["tensors"]}
+        if saved != set(layers):
+            raise ValueError(
+                f"AdaLoRA training state of adapter {name!r} is for modules {sorted(saved - set(layers))} "
+                f"but this model has {sorted(set(layers) - saved)}"
+            )
+        for path, layer in layers.items():
+            layer.set_full_ranks(
+                name, {attr: state["tensors"][f"{path}.{attr}"] for attr in ("lora_A", "lora_E", "lora_B")}
+            )
+        self.peft_config[name] = dataclasses.replace(
+            self.peft_config[name], rank_pattern=state["rank_pattern"]
+        )
+        self.rankallocator = RankAllocator(self.peft_config[name], layers, name)
+        self.rankallocator.load_state(state["allocator"])
 
 
 register_peft_method(peft_type="ADALORA", config_cls=AdaLoraConfig, tuner_cls=AdaLoraModel, prefix="lora_")
