@@ -1,4 +1,5 @@
-"""Ctrl-C and ``--resume`` of real ``peftkit train`` processes: the resumed run is the uninterrupted run.
+"""Ctrl-C and ``--resume`` of real ``peftkit train`` processes: the resumed run is the uninterrupted run;
+and ``--resume`` refuses every changed setting that would make it another run.
 
 Each interruption is a real SIGINT that the process sends itself at a chosen step and phase (the
 ``PEFTKIT_INTERRUPT_AT`` hook), with dropout on, gradient accumulation across an epoch boundary and a
@@ -8,6 +9,7 @@ allocator) shows up as a difference in the final adapter, compared bit for bit.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -17,7 +19,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from peftkit import cli
+from peftkit.train import checkpoint as ckpt
+from peftkit.train.errors import PeftkitError
 from peftkit.train.interrupts import ENV_HOOK
+from peftkit.train.loop import prepare_output
+from peftkit.train.options import RUN_DEFINING, TrainOptions
 
 
 def run_cli(args: list[str], interrupt_at: str | None = None) -> subprocess.CompletedProcess:
@@ -85,3 +92,91 @@ def test_interrupted_and_resumed_run_equals_the_uninterrupted_run(method, cuts, 
     expected = [json.loads(x) for x in (full / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [r["step"] for r in expected]
     assert [r.get("loss") for r in rows] == [r.get("loss") for r in expected]  # same batches, same masks
+
+
+# ---------------------------------------------------------------- which settings --resume may change
+
+# One different, valid value for every setting that changes the math of a run.
+CHANGED = {
+    "model": "another-model",
+    "data": ["other.jsonl"],
+    "method": "dora",
+    "r": 16,
+    "alpha": 32.0,
+    "dropout": 0.1,
+    "targets": ["q_proj"],
+    "batch_size": 4,
+    "grad_accum": 2,
+    "lr": 1e-3,
+    "scheduler": "linear",
+    "warmup": 0,
+    "seed": 1,
+    "max_length": 128,
+    "epochs": 2.0,
+    "max_steps": 10,
+    "weight_decay": 0.01,
+    "max_grad_norm": 0.5,
+    "eval_split": 0.2,
+}
+# Settings that only change what is measured, logged or where it goes: a resume may change them.
+FREE = {
+    "eval_data": ["held-out.jsonl"],
+    "eval_limit": 3,
+    "skip_eval_before": True,
+    "max_new_tokens": 7,
+    "save_every": 3,
+    "log_every": 2,
+    "threads": 2,
+    "overwrite": True,
+}
+RUN_CONTROL = {"output", "resume"}  # which run, and that it is resumed
+
+
+def test_every_option_is_classified_for_resume():
+    """A new option must be added to RUN_DEFINING (and CHANGED) or to FREE: decide, do not forget."""
+    fields = {f.name for f in dataclasses.fields(TrainOptions)}
+    assert set(RUN_DEFINING) == set(CHANGED)
+    assert fields == set(CHANGED) | set(FREE) | RUN_CONTROL
+
+
+def saved_run(tmp_path, **settings) -> TrainOptions:
+    """A run folder (run_config.json + a checkpoint) of a run on --data (and --eval-split, by default)."""
+    run = TrainOptions(**{"data": ["train.jsonl"], "eval_split": 0.1, "output": str(tmp_path), **settings})
+    ckpt.write_json_atomic(tmp_path / "run_config.json", run.to_dict())
+    (tmp_path / "checkpoints" / "step-2").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "step-2" / ckpt.STATE_NAME).write_bytes(b"")
+    return dataclasses.replace(run, resume=True)
+
+
+@pytest.mark.parametrize("name", sorted(CHANGED))
+def test_resume_refuses_a_changed_run_setting(name, tmp_path):
+    resume = saved_run(tmp_path)
+    with pytest.raises(PeftkitError) as err:
+        prepare_output(dataclasses.replace(resume, **{name: CHANGED[name]}), tmp_path)
+    message = str(err.value)
+    assert "\n" not in message
+    assert f"different settings: {name} (was {getattr(resume, name)!r}, now {CHANGED[name]!r})" in message
+
+
+@pytest.mark.parametrize("name", sorted(FREE))
+def test_resume_accepts_a_changed_free_setting(name, tmp_path):
+    resume = saved_run(tmp_path, eval_split=None)  # (--eval-data would stop a --eval-split: see below)
+    prepare_output(dataclasses.replace(resume, **{name: FREE[name]}), tmp_path)
+
+
+def test_eval_split_counts_only_where_it_picks_the_training_rows(tmp_path):
+    resume = saved_run(tmp_path, eval_data=["held-out.jsonl"])
+    prepare_output(dataclasses.replace(resume, eval_split=0.3), tmp_path)  # --eval-data wins: no split
+    with pytest.raises(PeftkitError, match=r"eval_split \(was None, now 0.3\)"):  # now it splits --data
+        prepare_output(dataclasses.replace(resume, eval_split=0.3, eval_data=None), tmp_path)
+    with pytest.raises(PeftkitError, match=r"eval_split \(was None, now 0.1\)"):  # the 0.1 starts to split
+        prepare_output(dataclasses.replace(resume, eval_data=None), tmp_path)
+
+
+def test_cli_resume_with_another_max_grad_norm_is_one_line_naming_it(train_args, tmp_path, capsys):
+    assert cli.main(train_args(None, "--max-steps", "1", "--skip-eval-before")) == 0
+    capsys.readouterr()
+    argv = train_args(None, "--max-steps", "1", "--skip-eval-before", "--resume", "--max-grad-norm", "0.5")
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "max_grad_norm (was 1.0, now 0.5)" in err and "Traceback" not in err

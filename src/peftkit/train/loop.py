@@ -189,11 +189,12 @@ def prepare_output(o: TrainOptions, output: Path) -> None:
         saved = output / "run_config.json"
         if not saved.is_file():
             raise PeftkitError(f"--resume: no run to continue in {output} (run_config.json not found)")
-        old, new = json.loads(saved.read_text()), o.to_dict()
-        changed = [f"{k} (was {old.get(k)!r}, now {new[k]!r})" for k in RUN_DEFINING if old.get(k) != new[k]]
+        old, new = run_settings(json.loads(saved.read_text())), run_settings(o.to_dict())
+        changed = [f"{k} (was {old[k]!r}, now {new[k]!r})" for k in RUN_DEFINING if old[k] != new[k]]
         if changed:
             raise PeftkitError(
-                f"--resume: {output} holds a run with different settings: {', '.join(changed)}"
+                f"--resume: {output} holds a run with different settings: {', '.join(changed)}; "
+                "resume with the saved values, or start a new run with --overwrite or another --output"
             )
         if ckpt.latest_checkpoint(output) is None:
             raise PeftkitError(f"--resume: {output} has no checkpoint yet; run again with --overwrite")
@@ -213,6 +214,18 @@ def prepare_output(o: TrainOptions, output: Path) -> None:
             elif path.exists():
                 path.unlink()
     output.mkdir(parents=True, exist_ok=True)
+
+
+def run_settings(options: dict) -> dict:
+    """The values of ``RUN_DEFINING`` that shape the run's math, from a ``TrainOptions.to_dict()``.
+
+    --eval-split counts only where it picks the training rows (--data without --eval-data); a setting
+    missing from an older run_config.json reads as None, so it counts as changed.
+    """
+    values = {k: options.get(k) for k in RUN_DEFINING}
+    if not options.get("data") or options.get("eval_data"):
+        values["eval_split"] = None
+    return values
 
 
 def load_data(o: TrainOptions):

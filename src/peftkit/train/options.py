@@ -107,6 +107,8 @@ RUN_DEFINING = (
     "epochs",
     "max_steps",
     "weight_decay",
+    "max_grad_norm",
+    "eval_split",  # with --data and no --eval-data it decides which rows train (see loop.run_settings)
 )
 
 
