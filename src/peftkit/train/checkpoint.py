@@ -69,11 +69,15 @@ def rng_state() -> dict:
     return state
 
 
-def save_checkpoint(model, optimizer, scheduler, step: int, output: Path, rng: dict) -> Path:
+def save_checkpoint(
+    model, optimizer, scheduler, step: int, output: Path, rng: dict, window: dict | None = None
+) -> Path:
     """Write ``output/checkpoints/step-{step}``: the adapter plus everything needed to resume.
 
     ``rng`` is the RNG snapshot taken when step ``step`` completed (see ``rng_state``), not the state now:
-    an interrupted step may already have drawn dropout masks. A tuner with training state of its own
+    an interrupted step may already have drawn dropout masks. ``window`` holds the loss sum and target count
+    of the steps since the last metrics row (kept, so a resumed run logs the same losses; the token count
+    and time restart, as tokens/s is per process). A tuner with training state of its own
     (AdaLoRA's rank allocator and its full-rank tensors) adds it under ``"tuner"``.
     """
     state = {
@@ -81,6 +85,7 @@ def save_checkpoint(model, optimizer, scheduler, step: int, output: Path, rng: d
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "rng": rng,
+        "window": {k: window[k] for k in ("loss", "targets")} if window else {},
     }
     tuner_state = getattr(model.base_model, "training_state", None)
     if tuner_state is not None:

@@ -97,6 +97,8 @@ def train(o: TrainOptions, progress: bool = True, say=print) -> dict:
     bar = _progress_bar(total_steps, step, progress)
     model.train()
     t_train, tokens_seen, window = time.time(), 0, {"loss": 0.0, "tokens": 0, "targets": 0, "t": time.time()}
+    if saved:  # the steps since the last metrics row, so the next row averages all of them
+        window.update(saved.get("window", {}))
     last_loss = None
     hook = interrupt_hook()
     rng = ckpt.rng_state()  # as the last completed step left it: what a checkpoint of `step` restores
@@ -107,13 +109,13 @@ def train(o: TrainOptions, progress: bool = True, say=print) -> dict:
                     collate([train_items[i] for i in next(stream)], pad_id) for _ in range(o.grad_accum)
                 ]
                 n_targets = sum(count_targets(c["labels"]) for c in chunks)  # loss = sum over the step / this
+                step_loss, step_tokens = 0.0, 0
                 for batch in chunks:
                     loss = model(**batch, num_items_in_batch=n_targets).loss
                     hook(step, "forward")
                     loss.backward()
-                    window["loss"] += loss.detach().item() * n_targets
-                    window["tokens"] += int(batch["attention_mask"].sum())
-                window["targets"] += n_targets
+                    step_loss += loss.detach().item() * n_targets
+                    step_tokens += int(batch["attention_mask"].sum())
                 # The step commits as a whole: Ctrl-C from here on is raised once the counter, the RNG
                 # snapshot and the metrics row have moved too, so a checkpoint never holds half a step.
                 with deferred_interrupts():
@@ -126,6 +128,11 @@ def train(o: TrainOptions, progress: bool = True, say=print) -> dict:
                         allocate(step)
                     optimizer.zero_grad(set_to_none=True)
                     step, rng = step + 1, ckpt.rng_state()
+                    window.update(
+                        loss=window["loss"] + step_loss,
+                        tokens=window["tokens"] + step_tokens,
+                        targets=window["targets"] + n_targets,
+                    )
                     bar.update()
                     if step % o.log_every == 0 or step == total_steps:
                         row = metrics.log_window(step, window, scheduler.get_last_lr()[0])
@@ -133,11 +140,11 @@ def train(o: TrainOptions, progress: bool = True, say=print) -> dict:
                         bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
                 hook(step - 1, "step_done")
                 if o.save_every and step % o.save_every == 0 and step < total_steps:
-                    ckpt.save_checkpoint(model, optimizer, scheduler, step, output, rng)
+                    ckpt.save_checkpoint(model, optimizer, scheduler, step, output, rng, window)
     except KeyboardInterrupt:
         bar.close()
         # the parameters, optimizer and scheduler are as step `step` left them; `rng` was taken then too
-        folder = ckpt.save_checkpoint(model, optimizer, scheduler, step, output, rng)
+        folder = ckpt.save_checkpoint(model, optimizer, scheduler, step, output, rng, window)
         raise Interrupted(
             f"interrupted at step {step}/{total_steps}; checkpoint saved to {folder}; "
             f"continue with --resume --output {o.output}"
