@@ -184,3 +184,21 @@ def test_cli_resume_with_another_max_grad_norm_is_one_line_naming_it(train_args,
     assert cli.main(argv) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "max_grad_norm (was 1.0, now 0.5)" in err and "Traceback" not in err
+
+
+def test_adalora_checkpoint_without_allocator_state_is_a_clear_error(train_args, tmp_path, capsys):
+    out = tmp_path / "ada"
+    args = train_args(
+        out, "--method", "adalora", "--max-steps", "3", "--save-every", "1", "--skip-eval-before"
+    )
+    assert cli.main(args) == 0
+    state_file = out / "checkpoints" / "step-2" / ckpt.STATE_NAME
+    state = torch.load(state_file, weights_only=False)
+    assert {"adapter", "rank_pattern", "tensors", "allocator"} <= set(state["tuner"])
+    del state["tuner"]  # as an older peftkit wrote it
+    torch.save(state, state_file)
+    capsys.readouterr()
+    assert cli.main([*args, "--resume"]) == 1
+    error = capsys.readouterr().err.splitlines()[-1]  # (after the "model ..." progress line)
+    assert error.startswith("peftkit train: error: --resume: ") and "Traceback" not in error
+    assert "lacks the AdaLoraModel training state" in error and "--overwrite" in error
