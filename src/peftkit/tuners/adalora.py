@@ -3,6 +3,8 @@
 Call `model.base_model.update_and_allocate(step)` after `loss.backward()` each step (before zeroing
 grads). The final allocation is stored in the config's `rank_pattern` ({"<module>.lora_E": [keep, ...]});
 saving drops the pruned ranks and loading shrinks the layers to match, as HF peft does.
+To stop and continue training exactly, `training_state()` / `load_training_state()` carry what the adapter
+file does not: the allocator's importance scores and the unpruned tensors (masked ranks keep training).
 """
 
 from __future__ import annotations
@@ -367,8 +369,8 @@ class AdaLoraModel(LoraModel):
         saved = {key.rpartition(".")[0] for key in state["tensors"]}
         if saved != set(layers):
             raise ValueError(
-                f"AdaLoRA training state of adapter {name!r} is for modules {sorted(saved - set(layers))} "
-                f"but this model has {sorted(set(layers) - saved)}"
+                f"AdaLoRA training state of adapter {name!r} does not fit this model: modules only in the "
+                f"state {sorted(saved - set(layers))}, only in the model {sorted(set(layers) - saved)}"
             )
         for path, layer in layers.items():
             layer.set_full_ranks(
