@@ -10,6 +10,7 @@ allocator) shows up as a difference in the final adapter, compared bit for bit.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
 import subprocess
@@ -23,7 +24,7 @@ from peftkit import cli
 from peftkit.train import checkpoint as ckpt
 from peftkit.train.errors import PeftkitError
 from peftkit.train.interrupts import ENV_HOOK
-from peftkit.train.loop import prepare_output
+from peftkit.train.loop import micro_batches, prepare_output
 from peftkit.train.options import RUN_DEFINING, TrainOptions
 
 
@@ -202,3 +203,10 @@ def test_adalora_checkpoint_without_allocator_state_is_a_clear_error(train_args,
     error = capsys.readouterr().err.splitlines()[-1]  # (after the "model ..." progress line)
     assert error.startswith("peftkit train: error: --resume: ") and "Traceback" not in error
     assert "lacks the AdaLoraModel training state" in error and "--overwrite" in error
+
+
+@pytest.mark.parametrize("start", [0, 1, 3, 4, 7])
+def test_data_stream_resumed_at_a_position_is_the_tail_of_the_whole_stream(start):
+    lengths = [5, 9, 2, 7, 7, 3, 8, 1, 4, 6]  # 10 rows of batch 4: 3 batches per epoch, the last one short
+    whole = list(itertools.islice(micro_batches(lengths, 4, seed=3), 12))
+    assert list(itertools.islice(micro_batches(lengths, 4, seed=3, start=start), 12 - start)) == whole[start:]
