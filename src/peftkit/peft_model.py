@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from . import io
+from . import io, merge
 from .config import PeftConfig
 from .fast_attention import fast_attention
 from .fused_loss import try_fused_forward
@@ -257,6 +257,36 @@ class PeftModel(PreTrainedModel):
                 del wrapper.modules_to_save[adapter_name]
         if self.peft_config and adapter_name == self.active_adapter:
             self.set_adapter(next(iter(self.peft_config)))
+
+    def add_weighted_adapter(
+        self,
+        adapters: list[str],
+        weights: list[float],
+        adapter_name: str,
+        combination_type: str = "svd",
+        svd_rank: int | None = None,
+        svd_clamp: float | None = None,
+        svd_full_matrices: bool = True,
+        svd_driver: str | None = None,
+        density: float | None = None,
+        majority_sign_method: str = "total",
+        generator: torch.Generator | None = None,
+    ) -> None:
+        """Add `adapter_name`, a weighted combination of existing LoRA (or IA3) adapters; see `peftkit.merge`."""
+        merge.add_weighted_adapter(
+            self,
+            adapters,
+            weights,
+            adapter_name,
+            combination_type=combination_type,
+            svd_rank=svd_rank,
+            svd_clamp=svd_clamp,
+            svd_full_matrices=svd_full_matrices,
+            svd_driver=svd_driver,
+            density=density,
+            majority_sign_method=majority_sign_method,
+            generator=generator,
+        )
 
     @contextmanager
     def disable_adapter(self) -> Iterator[None]:
