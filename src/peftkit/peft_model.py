@@ -22,6 +22,7 @@ from . import io, merge
 from .config import PeftConfig
 from .fast_attention import fast_attention
 from .fused_loss import try_fused_forward
+from .mixed_batch import mixed_call
 from .modules_to_save import ModulesToSaveWrapper
 from .registry import get_method
 
@@ -108,6 +109,21 @@ class PeftModel(PreTrainedModel):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.base_model(*args, **kwargs)
+
+    def __call__(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
+        """`adapter_names` (one per row, `"__base__"` for none) runs a mixed-adapter batch: see `mixed_batch`."""
+        if adapter_names is None:
+            return super().__call__(*args, **kwargs)
+        with mixed_call(self, adapter_names, args, kwargs):
+            return super().__call__(*args, **kwargs)
+
+    def generate(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
+        """The tuner's generate: the base model's, except where a method changes it (prompt learning).
+        `adapter_names` (one per prompt) generates each row with its own adapter: see `mixed_batch`."""
+        if adapter_names is None:
+            return self.base_model.generate(*args, **kwargs)
+        with mixed_call(self, adapter_names, args, kwargs):
+            return self.base_model.generate(*args, **kwargs)
 
     def get_input_embeddings(self) -> nn.Module:
         return self.get_base_model().get_input_embeddings()
@@ -556,10 +572,6 @@ class PeftModelForCausalLM(PeftModel):
                 return_dict=return_dict,
                 **kwargs,
             )
-
-    def generate(self, *args: Any, **kwargs: Any) -> Any:
-        """The tuner's generate: the base model's, except where a method changes it (prompt learning)."""
-        return self.base_model.generate(*args, **kwargs)
 
     def prepare_inputs_for_generation(self, *args: Any, **kwargs: Any) -> Any:
         return self.get_base_model().prepare_inputs_for_generation(*args, **kwargs)

@@ -1,0 +1,64 @@
+"""Rows of one batch through different adapters: group the rows, run each group once, put rows back.
+
+A batch of B rows comes with one adapter per row. Rows are grouped by adapter (an index tensor per group),
+so each adapter does work proportional to its own rows, never to the whole batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+
+def row_groups(names: Sequence[str], rows: int) -> list[tuple[str, torch.Tensor]]:
+    """[(name, row indices (n_g,) int64)] for `rows` rows labelled by `names` (one per row, or one per
+    group of `rows // len(names)` consecutive rows: `generate` repeats each prompt for beams/samples)."""
+    if rows % len(names):
+        raise ValueError(
+            f"adapter_names has {len(names)} entries but the batch has {rows} rows; give one name per row"
+        )
+    per = rows // len(names)
+    order: dict[str, list[int]] = {}
+    for i, name in enumerate(names):
+        order.setdefault(name, []).extend(range(i * per, (i + 1) * per))
+    return [(name, torch.tensor(idx, dtype=torch.long)) for name, idx in order.items()]
+
+
+def grouped_apply(
+    x: torch.Tensor,
+    groups: list[tuple[str, torch.Tensor]],
+    fn: Callable[[str, torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """Concatenate `fn(name, x[idx])` over the groups and restore row order.
+
+    x: (B, ...). fn maps (n_g, ...) to (n_g, ...'). Returns (B, ...'); differentiable.
+    """
+    if len(groups) == 1:
+        return fn(groups[0][0], x)
+    parts, perm = [], []
+    for name, idx in groups:
+        idx = idx.to(x.device)
+        parts.append(fn(name, x.index_select(0, idx)))
+        perm.append(idx)
+    inverse = torch.argsort(torch.cat(perm))
+    return torch.cat(parts, dim=0).index_select(0, inverse)
+
+
+def segmented_lora(
+    result: torch.Tensor,
+    x: torch.Tensor,
+    segments: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, float, Callable]],
+) -> torch.Tensor:
+    """Add each segment's LoRA update to its rows of `result`.
+
+    result: (B, ..., out), the frozen layer's output. x: (B, ..., in).
+    segments: (row indices (n_g,), A (r_g, in), B (out, r_g), scaling, dropout) per adapter; ranks may differ.
+    Returns (B, ..., out) = result + scaling_g * dropout(x[rows_g]) @ A_g.T @ B_g.T on each group's rows.
+    """
+    for idx, A, B, scaling, dropout in segments:
+        idx = idx.to(x.device)
+        xa = dropout(x.index_select(0, idx).to(A.dtype))
+        update = (xa @ A.T * scaling) @ B.T  # (n_g, ..., out)
+        result = result.index_add(0, idx, update.to(result.dtype))
+    return result
