@@ -252,3 +252,19 @@ def test_ties_math_by_hand():
     got = C.combine("ties", [a, b], [1.0, 2.0], density=0.5)
     want = torch.tensor([3.0, -6.0, 0.0, -4.0])
     torch.testing.assert_close(got, want)
+
+
+def test_second_all_linear_adapter_targets_the_same_layers():
+    """all-linear on a model that already has LoRA layers means the original Linears, not lora_A/lora_B."""
+    model = peftkit.get_peft_model(tiny_llama(), _lora(peftkit, r=4, target_modules="all-linear"), "a")
+    model.add_adapter("b", _lora(peftkit, r=2, target_modules="all-linear"))
+    assert set(model.peft_config["b"].target_modules) == set(model.peft_config["a"].target_modules)
+    assert set(model.peft_config["a"].target_modules) == {
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    }
