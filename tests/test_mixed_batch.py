@@ -228,7 +228,7 @@ def test_segmented_lora_equals_per_row_computation():
     }
     names = ["p", "q", "x", "q", "p", "p"]
     segments = [(idx, *adapters[n], torch.nn.Identity()) for n, idx in row_groups(names, 6) if n in adapters]
-    got = segmented_lora(result, x, segments)
+    got = segmented_lora(result.clone(), x, segments)
     for i, n in enumerate(names):
         want = (
             result[i]
@@ -264,3 +264,27 @@ def test_causal_lm_training_loss_with_labels_uses_every_rows_adapter():
 def vars_of(config):
     keys = ("r", "target_modules", "lora_alpha", "init_lora_weights")
     return {k: getattr(config, k) for k in keys}
+
+
+def test_batched_lora_equals_per_row_computation_with_padding_and_ranks():
+    from peftkit.functional.segmented import batched_lora_, padded_groups
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(7, 2, 8, generator=g)
+    result = torch.randn(7, 2, 5, generator=g)
+    ranks = {"p": 2, "q": 4, "s": 1}
+    weights = {n: (torch.randn(r, 8, generator=g), torch.randn(5, r, generator=g)) for n, r in ranks.items()}
+    scale = {"p": 0.5, "q": 2.0, "s": -1.0}
+    names = ["p", "q", "__base__", "q", "s", "q", "p"]
+    groups = [(n, idx) for n, idx in row_groups(names, 7) if n in ranks]
+    order = [n for n, _ in groups]
+    A = torch.stack([torch.nn.functional.pad(weights[n][0], (0, 0, 0, 4 - ranks[n])) for n in order])
+    B = torch.stack([torch.nn.functional.pad(weights[n][1], (0, 4 - ranks[n])) for n in order])
+    got = batched_lora_(
+        result.clone(), x, padded_groups(groups, 7), A, B, torch.tensor([scale[n] for n in order])
+    )
+    for i, n in enumerate(names):
+        want = (
+            result[i] if n not in ranks else result[i] + scale[n] * x[i] @ weights[n][0].T @ weights[n][1].T
+        )
+        torch.testing.assert_close(got[i], want)

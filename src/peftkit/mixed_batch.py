@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from .functional.segmented import grouped_apply, row_groups, segmented_lora
+from .functional.segmented import batched_lora_, grouped_apply, padded_groups, row_groups, segmented_lora
 from .modules_to_save import ModulesToSaveWrapper
 from .tuners.base import AdapterLayer
 
@@ -87,12 +87,41 @@ def _lora_forward(layer: Any, names: list[str], x: torch.Tensor, *args: Any, **k
     result = layer.base_layer(x, *args, **kwargs)
     if layer.disable_adapters:
         return result
+    groups = [(n, idx) for n, idx in row_groups(names, x.shape[0]) if n in layer.lora_A]
+    if not groups:
+        return result
+    if (
+        len(groups) > 1
+        and not torch.is_grad_enabled()
+        and not any(layer.lora_dropout[n].training for n, _ in groups)
+    ):
+        A, B, scaling = _stacked(layer, [n for n, _ in groups])
+        return batched_lora_(result, x, padded_groups(groups, x.shape[0]), A, B, scaling)
     segments = [
         (idx, layer.lora_A[n].weight, layer.lora_B[n].weight, layer.scaling[n], layer.lora_dropout[n])
-        for n, idx in row_groups(names, x.shape[0])
-        if n in layer.lora_A
+        for n, idx in groups
     ]
     return segmented_lora(result, x, segments)
+
+
+def _stacked(layer: Any, names: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(A (n, r_max, in), B (n, out, r_max), scaling (n,)) of `names` in `layer`, ranks zero-padded; kept on the
+    layer and rebuilt only when the adapters or their tensors change (tensor versions count in-place updates)."""
+    pairs = [(layer.lora_A[n].weight, layer.lora_B[n].weight) for n in names]
+    key = tuple(
+        (n, a.data_ptr(), a._version, b.data_ptr(), b._version, layer.scaling[n])
+        for n, (a, b) in zip(names, pairs)
+    )
+    cached = layer.__dict__.get("_mixed_stack")
+    if cached is None or cached[0] != key:
+        r_max = max(a.shape[0] for a, _ in pairs)
+        A = torch.stack(
+            [torch.nn.functional.pad(a.detach(), (0, 0, 0, r_max - a.shape[0])) for a, _ in pairs]
+        )
+        B = torch.stack([torch.nn.functional.pad(b.detach(), (0, r_max - b.shape[1])) for _, b in pairs])
+        scaling = torch.tensor([layer.scaling[n] for n in names], dtype=A.dtype, device=A.device)
+        cached = layer.__dict__["_mixed_stack"] = (key, A, B, scaling)
+    return cached[1:]
 
 
 def _grouped_forward(module: nn.Module, names: list[str], x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:

@@ -54,11 +54,50 @@ def segmented_lora(
 
     result: (B, ..., out), the frozen layer's output. x: (B, ..., in).
     segments: (row indices (n_g,), A (r_g, in), B (out, r_g), scaling, dropout) per adapter; ranks may differ.
-    Returns (B, ..., out) = result + scaling_g * dropout(x[rows_g]) @ A_g.T @ B_g.T on each group's rows.
+    Returns (B, ..., out) = result + scaling_g * dropout(x[rows_g]) @ A_g.T @ B_g.T on each group's rows
+    (`result` itself, updated in place, unless it requires grad).
     """
     for idx, A, B, scaling, dropout in segments:
         idx = idx.to(x.device)
         xa = dropout(x.index_select(0, idx).to(A.dtype))
         update = (xa @ A.T * scaling) @ B.T  # (n_g, ..., out)
-        result = result.index_add(0, idx, update.to(result.dtype))
+        if result.requires_grad:
+            result = result.index_add(0, idx, update.to(result.dtype))
+        else:
+            result.index_add_(0, idx, update.to(result.dtype))
     return result
+
+
+def padded_groups(groups: list[tuple[str, torch.Tensor]], rows: int) -> torch.Tensor:
+    """(n_groups, widest) row indices, each group's rows then `rows` (an index past the end) as padding."""
+    widest = max(len(idx) for _, idx in groups)
+    table = torch.full((len(groups), widest), rows, dtype=torch.long)
+    for g, (_, idx) in enumerate(groups):
+        table[g, : len(idx)] = idx
+    return table
+
+
+def batched_lora_(
+    result: torch.Tensor,
+    x: torch.Tensor,
+    table: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    scaling: torch.Tensor,
+) -> torch.Tensor:
+    """Add every group's LoRA update to its rows of `result`, in place, with one gather and two batched matmuls.
+
+    result: (rows, ..., out). x: (rows, ..., in). table: (n, widest) from `padded_groups` (padding = rows).
+    A: (n, r_max, in) and B: (n, out, r_max), ranks zero-padded to r_max. scaling: (n,).
+    Padding rows gather zeros, so their (zero) updates may be added to row 0 harmlessly.
+    """
+    n, widest = table.shape
+    rows, inner = x.shape[0], x.shape[1:-1]
+    x_ext = torch.cat([x, x.new_zeros((1, *x.shape[1:]))], dim=0)
+    xg = x_ext.index_select(0, table.reshape(-1).to(x.device)).reshape(
+        n, -1, x.shape[-1]
+    )  # (n, widest*T, in)
+    h = torch.bmm(xg.to(A.dtype), A.transpose(1, 2)) * scaling.view(n, 1, 1)  # (n, widest*T, r_max)
+    update = torch.bmm(h, B.transpose(1, 2))  # (n, widest*T, out)
+    target = table.reshape(-1).clamp(max=rows - 1).to(x.device)
+    return result.index_add_(0, target, update.reshape(n * widest, *inner, -1).to(result.dtype))
