@@ -280,9 +280,9 @@ def test_batched_lora_equals_per_row_computation_with_padding_and_ranks():
     order = [n for n, _ in groups]
     A = torch.stack([torch.nn.functional.pad(weights[n][0], (0, 0, 0, 4 - ranks[n])) for n in order])
     B = torch.stack([torch.nn.functional.pad(weights[n][1], (0, 4 - ranks[n])) for n in order])
-    got = batched_lora_(
-        result.clone(), x, padded_groups(groups, 7), A, B, torch.tensor([scale[n] for n in order])
-    )
+    table, valid = padded_groups(groups)
+    assert valid is not None  # groups of 2, 3 and 1 rows: padded
+    got = batched_lora_(result.clone(), x, table, valid, A, B, torch.tensor([scale[n] for n in order]))
     for i, n in enumerate(names):
         want = (
             result[i] if n not in ranks else result[i] + scale[n] * x[i] @ weights[n][0].T @ weights[n][1].T

@@ -47,6 +47,29 @@ def check_adapter_names(model: PeftModel, names: Any, rows: int | None) -> list[
     return names
 
 
+class RowPlan:
+    """The row grouping of one mixed call, computed once per batch size (and adapter subset), not per layer."""
+
+    def __init__(self, names: list[str]) -> None:
+        self.names = names
+        self._groups: dict[int, list[tuple[str, torch.Tensor]]] = {}
+        self._tables: dict[tuple, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self._present: dict[tuple[int, int], list[tuple[str, torch.Tensor]]] = {}
+
+    def groups(self, rows: int) -> list[tuple[str, torch.Tensor]]:
+        if rows not in self._groups:
+            self._groups[rows] = row_groups(self.names, rows)
+        return self._groups[rows]
+
+    def table(
+        self, rows: int, groups: list[tuple[str, torch.Tensor]]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        key = (rows, tuple(n for n, _ in groups))
+        if key not in self._tables:
+            self._tables[key] = padded_groups(groups)
+        return self._tables[key]
+
+
 @contextmanager
 def mixed_adapters(model: PeftModel, names: list[str]) -> Iterator[None]:
     """Route rows by adapter in every adapter layer and `modules_to_save` wrapper of `model` (see module doc)."""
@@ -56,9 +79,10 @@ def mixed_adapters(model: PeftModel, names: list[str]) -> Iterator[None]:
     merged = [m.module_name for m in layers if isinstance(m, AdapterLayer) and m.merged]
     if merged:
         raise ValueError(f"adapter_names: unmerge first; adapters are merged into {merged[:3]}")
+    plan = RowPlan(names)
     for module in layers:
         forward = _lora_forward if _segmentable(module, names) else _grouped_forward
-        module.forward = _bind(forward, module, names)
+        module.forward = _bind(forward, module, plan)
     try:
         yield
     finally:
@@ -66,9 +90,9 @@ def mixed_adapters(model: PeftModel, names: list[str]) -> Iterator[None]:
             module.__dict__.pop("forward", None)
 
 
-def _bind(fn: Any, module: nn.Module, names: list[str]) -> Any:
+def _bind(fn: Any, module: nn.Module, plan: RowPlan) -> Any:
     def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return fn(module, names, x, *args, **kwargs)
+        return fn(module, plan, x, *args, **kwargs)
 
     return forward
 
@@ -82,12 +106,12 @@ def _segmentable(module: nn.Module, names: list[str]) -> bool:
     )
 
 
-def _lora_forward(layer: Any, names: list[str], x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+def _lora_forward(layer: Any, plan: RowPlan, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
     """x: (B, ..., in) -> (B, ..., out): the frozen layer on all rows plus each group's LoRA update."""
     result = layer.base_layer(x, *args, **kwargs)
     if layer.disable_adapters:
         return result
-    groups = [(n, idx) for n, idx in row_groups(names, x.shape[0]) if n in layer.lora_A]
+    groups = plan.present(layer, x.shape[0])
     if not groups:
         return result
     if (
@@ -96,7 +120,7 @@ def _lora_forward(layer: Any, names: list[str], x: torch.Tensor, *args: Any, **k
         and not any(layer.lora_dropout[n].training for n, _ in groups)
     ):
         A, B, scaling = _stacked(layer, [n for n, _ in groups])
-        return batched_lora_(result, x, padded_groups(groups, x.shape[0]), A, B, scaling)
+        return batched_lora_(result, x, *plan.table(x.shape[0], groups), A, B, scaling)
     segments = [
         (idx, layer.lora_A[n].weight, layer.lora_B[n].weight, layer.scaling[n], layer.lora_dropout[n])
         for n, idx in groups
@@ -124,7 +148,7 @@ def _stacked(layer: Any, names: list[str]) -> tuple[torch.Tensor, torch.Tensor, 
     return cached[1:]
 
 
-def _grouped_forward(module: nn.Module, names: list[str], x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+def _grouped_forward(module: nn.Module, plan: RowPlan, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
     """Each group's rows through `module`'s own forward with that adapter active (base: none)."""
     own_forward = type(module).forward
 
@@ -143,7 +167,7 @@ def _grouped_forward(module: nn.Module, names: list[str], x: torch.Tensor, *args
         finally:
             module.active_adapters = saved
 
-    return grouped_apply(x, row_groups(names, x.shape[0]), run)
+    return grouped_apply(x, plan.groups(x.shape[0]), run)
 
 
 def batch_rows(args: tuple, kwargs: dict[str, Any]) -> int | None:

@@ -68,36 +68,39 @@ def segmented_lora(
     return result
 
 
-def padded_groups(groups: list[tuple[str, torch.Tensor]], rows: int) -> torch.Tensor:
-    """(n_groups, widest) row indices, each group's rows then `rows` (an index past the end) as padding."""
+def padded_groups(groups: list[tuple[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(table (n_groups, widest) of row indices, each group's rows then row 0 as padding; valid (n, widest)
+    0/1 marking real entries, or None when every group has the same size and nothing is padded)."""
     widest = max(len(idx) for _, idx in groups)
-    table = torch.full((len(groups), widest), rows, dtype=torch.long)
+    table = torch.zeros((len(groups), widest), dtype=torch.long)
+    valid = torch.zeros((len(groups), widest))
     for g, (_, idx) in enumerate(groups):
         table[g, : len(idx)] = idx
-    return table
+        valid[g, : len(idx)] = 1
+    return table, (None if bool(valid.all()) else valid)
 
 
 def batched_lora_(
     result: torch.Tensor,
     x: torch.Tensor,
     table: torch.Tensor,
+    valid: torch.Tensor | None,
     A: torch.Tensor,
     B: torch.Tensor,
     scaling: torch.Tensor,
 ) -> torch.Tensor:
     """Add every group's LoRA update to its rows of `result`, in place, with one gather and two batched matmuls.
 
-    result: (rows, ..., out). x: (rows, ..., in). table: (n, widest) from `padded_groups` (padding = rows).
+    result: (rows, ..., out). x: (rows, ..., in). table, valid: from `padded_groups` (n groups, widest).
     A: (n, r_max, in) and B: (n, out, r_max), ranks zero-padded to r_max. scaling: (n,).
-    Padding rows gather zeros, so their (zero) updates may be added to row 0 harmlessly.
+    Padding entries gather row 0 and are zeroed after the first matmul, so they add nothing.
     """
     n, widest = table.shape
-    rows, inner = x.shape[0], x.shape[1:-1]
-    x_ext = torch.cat([x, x.new_zeros((1, *x.shape[1:]))], dim=0)
-    xg = x_ext.index_select(0, table.reshape(-1).to(x.device)).reshape(
-        n, -1, x.shape[-1]
-    )  # (n, widest*T, in)
-    h = torch.bmm(xg.to(A.dtype), A.transpose(1, 2)) * scaling.view(n, 1, 1)  # (n, widest*T, r_max)
+    inner = x.shape[1:-1]
+    flat = table.reshape(-1).to(x.device)
+    xg = x.index_select(0, flat).reshape(n, -1, x.shape[-1])  # (n, widest*T, in)
+    h = torch.bmm(xg.to(A.dtype), A.transpose(1, 2))  # (n, widest*T, r_max)
+    weight = scaling.view(n, 1) if valid is None else valid.to(h) * scaling.view(n, 1)  # (n, 1|widest)
+    h = (h.view(n, widest, -1, h.shape[-1]) * weight.view(n, -1, 1, 1)).view(n, -1, h.shape[-1])
     update = torch.bmm(h, B.transpose(1, 2))  # (n, widest*T, out)
-    target = table.reshape(-1).clamp(max=rows - 1).to(x.device)
-    return result.index_add_(0, target, update.reshape(n * widest, *inner, -1).to(result.dtype))
+    return result.index_add_(0, flat, update.reshape(n * widest, *inner, -1).to(result.dtype))
