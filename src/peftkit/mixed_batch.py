@@ -61,6 +61,13 @@ class RowPlan:
             self._groups[rows] = row_groups(self.names, rows)
         return self._groups[rows]
 
+    def present(self, layer: Any, rows: int) -> list[tuple[str, torch.Tensor]]:
+        """The groups whose adapter `layer` holds (LoRA: in `lora_A`)."""
+        key = (id(layer), rows)
+        if key not in self._present:
+            self._present[key] = [(n, idx) for n, idx in self.groups(rows) if n in layer.lora_A]
+        return self._present[key]
+
     def table(
         self, rows: int, groups: list[tuple[str, torch.Tensor]]
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
