@@ -104,6 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output folder")
     _add_common(p)
 
+    p = sub.add_parser("serve", help="serve the model and adapters over an OpenAI-compatible HTTP API")
+    from peftkit.serve.server import add_arguments
+
+    add_arguments(p)
+    _add_common(p)
+
     p = sub.add_parser(
         "info", help="describe an adapter folder: method, targets, rank, parameters, size, base model"
     )
@@ -128,6 +134,12 @@ def _say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from peftkit.serve.server import run
+
+    return run(args)
+
+
 def dispatch(args: argparse.Namespace) -> int:
     from peftkit.train import commands
 
@@ -137,6 +149,7 @@ def dispatch(args: argparse.Namespace) -> int:
         "eval": commands.evaluate,
         "merge": commands.merge,
         "info": commands.info,
+        "serve": _serve,
     }
     return handlers[args.command](args)
 

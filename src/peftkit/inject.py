@@ -172,7 +172,15 @@ def _output_head_name(model: nn.Module) -> str | None:
 def all_linear_names(model: nn.Module, skip: Iterable[str] = ()) -> list[str]:
     """Suffix names of every Linear/Conv1D in the model except the output head and `skip` (classifier heads)."""
     head = _output_head_name(model)
-    names = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, LINEAR_TYPES)}
+    names, inside = set(), ()  # an adapter layer counts as its base layer; its own sub-layers do not count
+    for name, m in model.named_modules():
+        if inside and name.startswith(inside):
+            continue
+        if hasattr(m, "base_layer") and hasattr(m, "adapter_attrs"):
+            inside = name + "."
+            m = m.base_layer
+        if isinstance(m, LINEAR_TYPES):
+            names.add(name.rsplit(".", 1)[-1])
     names -= {head, *skip}
     return sorted(n for n in names if n)
 

@@ -18,10 +18,11 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from . import io
+from . import io, merge
 from .config import PeftConfig
 from .fast_attention import fast_attention
 from .fused_loss import try_fused_forward
+from .mixed_batch import mixed_call
 from .modules_to_save import ModulesToSaveWrapper
 from .registry import get_method
 
@@ -108,6 +109,21 @@ class PeftModel(PreTrainedModel):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.base_model(*args, **kwargs)
+
+    def __call__(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
+        """`adapter_names` (one per row, `"__base__"` for none) runs a mixed-adapter batch: see `mixed_batch`."""
+        if adapter_names is None:
+            return super().__call__(*args, **kwargs)
+        with mixed_call(self, adapter_names, args, kwargs):
+            return super().__call__(*args, **kwargs)
+
+    def generate(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
+        """The tuner's generate: the base model's, except where a method changes it (prompt learning).
+        `adapter_names` (one per prompt) generates each row with its own adapter: see `mixed_batch`."""
+        if adapter_names is None:
+            return self.base_model.generate(*args, **kwargs)
+        with mixed_call(self, adapter_names, args, kwargs):
+            return self.base_model.generate(*args, **kwargs)
 
     def get_input_embeddings(self) -> nn.Module:
         return self.get_base_model().get_input_embeddings()
@@ -257,6 +273,36 @@ class PeftModel(PreTrainedModel):
                 del wrapper.modules_to_save[adapter_name]
         if self.peft_config and adapter_name == self.active_adapter:
             self.set_adapter(next(iter(self.peft_config)))
+
+    def add_weighted_adapter(
+        self,
+        adapters: list[str],
+        weights: list[float],
+        adapter_name: str,
+        combination_type: str = "svd",
+        svd_rank: int | None = None,
+        svd_clamp: float | None = None,
+        svd_full_matrices: bool = True,
+        svd_driver: str | None = None,
+        density: float | None = None,
+        majority_sign_method: str = "total",
+        generator: torch.Generator | None = None,
+    ) -> None:
+        """Add `adapter_name`, a weighted combination of existing LoRA (or IA3) adapters; see `peftkit.merge`."""
+        merge.add_weighted_adapter(
+            self,
+            adapters,
+            weights,
+            adapter_name,
+            combination_type=combination_type,
+            svd_rank=svd_rank,
+            svd_clamp=svd_clamp,
+            svd_full_matrices=svd_full_matrices,
+            svd_driver=svd_driver,
+            density=density,
+            majority_sign_method=majority_sign_method,
+            generator=generator,
+        )
 
     @contextmanager
     def disable_adapter(self) -> Iterator[None]:
@@ -526,10 +572,6 @@ class PeftModelForCausalLM(PeftModel):
                 return_dict=return_dict,
                 **kwargs,
             )
-
-    def generate(self, *args: Any, **kwargs: Any) -> Any:
-        """The tuner's generate: the base model's, except where a method changes it (prompt learning)."""
-        return self.base_model.generate(*args, **kwargs)
 
     def prepare_inputs_for_generation(self, *args: Any, **kwargs: Any) -> Any:
         return self.get_base_model().prepare_inputs_for_generation(*args, **kwargs)

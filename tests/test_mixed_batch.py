@@ -1,0 +1,290 @@
+"""Mixed-adapter batches: row i through adapter adapter_names[i] equals that row run alone with that adapter,
+in forward (with padding), generate (KV cache, left padding, beams) and backward; for LoRA of different ranks
+and targets, DoRA, IA3, LoHa, Embedding targets and modules_to_save heads; and equal to HF peft's mixed batch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import peftkit
+from peftkit.functional.segmented import row_groups, segmented_lora
+
+from .models import output_tensor, tiny_bert_cls, tiny_llama
+
+NAMES = ["a", "__base__", "b", "a", "c"]
+
+
+def _llama_with(configs: dict) -> peftkit.PeftModel:
+    items = iter(configs.items())
+    name, config = next(items)
+    model = peftkit.get_peft_model(tiny_llama(), config, adapter_name=name)
+    for name, config in items:
+        model.add_adapter(name, config)
+    return model.eval()
+
+
+def _inputs(rows=5, seq=7, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 128, (rows, seq), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0  # left padding on two rows
+    mask[3, :3] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def _alone(model, name, inputs):
+    """Each row's output when the model runs only that row, with only that adapter."""
+    if name == "__base__":
+        with model.disable_adapter():
+            return output_tensor(model(**inputs))
+    model.set_adapter(name)
+    return output_tensor(model(**inputs))
+
+
+def _check_rows_equal_alone(model, inputs, names=NAMES, atol=1e-5):
+    with torch.no_grad():
+        mixed = output_tensor(model(**inputs, adapter_names=names))
+        active = model.active_adapter
+        for i, name in enumerate(names):
+            row = {k: v[i : i + 1] for k, v in inputs.items()}
+            torch.testing.assert_close(mixed[i : i + 1], _alone(model, name, row), atol=atol, rtol=1e-5)
+        model.set_adapter(active)
+    return mixed
+
+
+def lora(**kw):
+    return peftkit.LoraConfig(init_lora_weights=False, **kw)
+
+
+CONFIG_SETS = {
+    "lora-ranks-targets": {
+        "a": lora(r=4, target_modules=["q_proj", "v_proj"]),
+        "b": lora(r=2, target_modules="all-linear", lora_alpha=16),
+        "c": lora(r=8, target_modules=["embed_tokens", "o_proj", "down_proj"]),
+    },
+    "lora-dora-dropout": {
+        "a": lora(r=4, use_dora=True, target_modules=["q_proj", "v_proj", "up_proj"]),
+        "b": lora(r=4, lora_dropout=0.1),
+        "c": lora(r=2, use_dora=True),
+    },
+}
+
+
+@pytest.mark.parametrize("configs", CONFIG_SETS.values(), ids=CONFIG_SETS.keys())
+def test_forward_rows_equal_each_row_alone(configs):
+    model = _llama_with(configs)
+    mixed = _check_rows_equal_alone(model, _inputs())
+    # the adapters do differ row to row (else the test could not fail)
+    assert not torch.allclose(mixed[0], mixed[2], atol=1e-3)
+
+
+def _perturbed(model, std=0.3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.requires_grad or any(f".{a}" in n for a in model.peft_config):
+                if any(k in n for k in ("ia3_l", "hada_", "lokr_")):
+                    p.add_(torch.randn(p.shape, generator=g) * std)
+    return model
+
+
+@pytest.mark.parametrize("method", ["IA3", "LOHA"], ids=["ia3", "loha"])
+def test_other_additive_methods(method):
+    if method == "IA3":
+        make = lambda t: peftkit.IA3Config(target_modules=t, feedforward_modules=[t[-1]])  # noqa: E731
+    else:
+        make = lambda t: peftkit.LoHaConfig(r=2, target_modules=t, init_weights=False)  # noqa: E731
+    model = _llama_with(
+        {
+            "a": make(["k_proj", "down_proj"]),
+            "b": make(["q_proj", "down_proj"]),
+            "c": make(["v_proj", "up_proj"]),
+        }
+    )
+    _perturbed(model)
+    _check_rows_equal_alone(model, _inputs())
+
+
+def test_modules_to_save_heads_route_per_row():
+    model = peftkit.get_peft_model(tiny_bert_cls(), peftkit.LoraConfig(task_type="SEQ_CLS", r=4), "a")
+    model.add_adapter("b", peftkit.LoraConfig(task_type="SEQ_CLS", r=2, init_lora_weights=False))
+    model.add_adapter("c", peftkit.LoraConfig(task_type="SEQ_CLS", r=2, init_lora_weights=False))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if ".modules_to_save." in n:
+                p.add_(torch.randn_like(p))
+    inputs = _inputs()
+    inputs["token_type_ids"] = torch.zeros_like(inputs["input_ids"])
+    mixed = _check_rows_equal_alone(model.eval(), inputs)
+    assert not torch.allclose(mixed[0], mixed[4], atol=1e-3)
+
+
+def test_generate_greedy_with_kv_cache_left_padding_and_beams():
+    model = _llama_with(CONFIG_SETS["lora-ranks-targets"])
+    inputs = _inputs(seq=6)
+    kw = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": 0}
+    with torch.no_grad():
+        for extra in ({}, {"num_beams": 2, "num_return_sequences": 2}):
+            mixed = model.generate(**inputs, adapter_names=NAMES, **kw, **extra)
+            per = 2 if extra else 1
+            for i, name in enumerate(NAMES):
+                row = {k: v[i : i + 1] for k, v in inputs.items()}
+                if name == "__base__":
+                    with model.disable_adapter():
+                        alone = model.generate(**row, **kw, **extra)
+                else:
+                    model.set_adapter(name)
+                    alone = model.generate(**row, **kw, **extra)
+                assert torch.equal(mixed[i * per : (i + 1) * per], alone), (name, extra)
+    model.set_adapter("a")
+
+
+def test_training_gradients_equal_per_row_sum():
+    configs = CONFIG_SETS["lora-ranks-targets"]
+    inputs = _inputs()
+    labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
+
+    def grads(mixed: bool):
+        model = _llama_with(configs).train()
+        for n, p in model.named_parameters():
+            p.requires_grad_(".lora_" in n)
+        if mixed:
+            out = model(**inputs, labels=labels, adapter_names=NAMES)
+            (out.logits.float().sum() * 1e-3).backward()
+        else:
+            for i, name in enumerate(NAMES):
+                row = {k: v[i : i + 1] for k, v in inputs.items()}
+                if name == "__base__":
+                    continue
+                model.set_adapter(name)
+                for n, p in model.named_parameters():
+                    p.requires_grad_(".lora_" in n)
+                (model(**row).logits.float().sum() * 1e-3).backward()
+        return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    mixed, alone = grads(True), grads(False)
+    assert set(mixed) == set(alone) and len(mixed) > 10
+    for n in mixed:
+        torch.testing.assert_close(mixed[n], alone[n], atol=1e-5, rtol=1e-4, msg=n)
+
+
+def test_matches_hf_peft_mixed_batch(tmp_path):
+    hf_peft = pytest.importorskip("peft")
+    configs = CONFIG_SETS["lora-ranks-targets"]
+    ours = _llama_with(configs)
+    ours.save_pretrained(tmp_path)
+    theirs = hf_peft.PeftModel.from_pretrained(tiny_llama(), tmp_path / "a", adapter_name="a")
+    for name in ("b", "c"):
+        theirs.load_adapter(tmp_path / name, adapter_name=name)
+    inputs = _inputs()
+    with torch.no_grad():
+        got = output_tensor(ours(**inputs, adapter_names=NAMES))
+        want = output_tensor(theirs.eval()(**inputs, adapter_names=NAMES))
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        kw = {"max_new_tokens": 5, "do_sample": False, "pad_token_id": 0}
+        assert torch.equal(
+            ours.generate(**inputs, adapter_names=NAMES, **kw),
+            theirs.generate(**inputs, adapter_names=NAMES, **kw),
+        )
+
+
+def test_switches_are_restored_and_model_state_untouched():
+    model = _llama_with(CONFIG_SETS["lora-ranks-targets"])
+    model(**_inputs(), adapter_names=NAMES)
+    assert "forward" not in vars(model.base_model.model.model.layers[0].self_attn.q_proj)
+    assert "fused_causal_lm_loss" not in vars(model) and "shared_prefix" not in vars(model)
+    assert model.active_adapter == "a"
+
+
+@pytest.mark.parametrize(
+    "names,message",
+    [
+        (["a", "b"], "2 entries for a batch of 5 rows"),
+        (["a", "zz", "b", "a", "c"], "unknown adapter"),
+        ("a", "list of adapter names"),
+    ],
+)
+def test_bad_adapter_names_are_clear_errors(names, message):
+    model = _llama_with(CONFIG_SETS["lora-ranks-targets"])
+    with pytest.raises(ValueError, match=message):
+        model(**_inputs(), adapter_names=names)
+
+
+def test_merged_model_refuses_mixed_batches():
+    model = _llama_with(CONFIG_SETS["lora-ranks-targets"])
+    model.merge_adapter()
+    with pytest.raises(ValueError, match="unmerge first"):
+        model(**_inputs(), adapter_names=NAMES)
+
+
+def test_segmented_lora_equals_per_row_computation():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 3, 8, generator=g)
+    result = torch.randn(6, 3, 5, generator=g)
+    adapters = {
+        n: (torch.randn(r, 8, generator=g), torch.randn(5, r, generator=g), s)
+        for n, r, s in [("p", 2, 0.5), ("q", 4, 2.0)]
+    }
+    names = ["p", "q", "x", "q", "p", "p"]
+    segments = [(idx, *adapters[n], torch.nn.Identity()) for n, idx in row_groups(names, 6) if n in adapters]
+    got = segmented_lora(result.clone(), x, segments)
+    for i, n in enumerate(names):
+        want = (
+            result[i]
+            if n not in adapters
+            else result[i] + adapters[n][2] * x[i] @ adapters[n][0].T @ adapters[n][1].T
+        )
+        torch.testing.assert_close(got[i], want)
+    assert [n for n, _ in row_groups(["a", "b"], 4)] == ["a", "b"]
+    assert row_groups(["a", "b"], 4)[1][1].tolist() == [2, 3]
+
+
+def test_causal_lm_training_loss_with_labels_uses_every_rows_adapter():
+    """In train mode with labels the causal-LM wrapper normally takes its fused-loss path; a mixed batch must
+    give the loss of the per-row logits."""
+    configs = {
+        n: peftkit.LoraConfig(task_type="CAUSAL_LM", **vars_of(c))
+        for n, c in CONFIG_SETS["lora-ranks-targets"].items()
+    }
+    model = _llama_with(configs).train()
+    inputs = _inputs()
+    labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
+    loss = model(**inputs, labels=labels, adapter_names=NAMES).loss
+    with torch.no_grad():
+        logits = torch.cat(
+            [_alone(model, n, {k: v[i : i + 1] for k, v in inputs.items()}) for i, n in enumerate(NAMES)]
+        )
+    want = torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1)
+    )
+    torch.testing.assert_close(loss.detach(), want, atol=1e-5, rtol=1e-5)
+
+
+def vars_of(config):
+    keys = ("r", "target_modules", "lora_alpha", "init_lora_weights")
+    return {k: getattr(config, k) for k in keys}
+
+
+def test_batched_lora_equals_per_row_computation_with_padding_and_ranks():
+    from peftkit.functional.segmented import batched_lora_, padded_groups
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(7, 2, 8, generator=g)
+    result = torch.randn(7, 2, 5, generator=g)
+    ranks = {"p": 2, "q": 4, "s": 1}
+    weights = {n: (torch.randn(r, 8, generator=g), torch.randn(5, r, generator=g)) for n, r in ranks.items()}
+    scale = {"p": 0.5, "q": 2.0, "s": -1.0}
+    names = ["p", "q", "__base__", "q", "s", "q", "p"]
+    groups = [(n, idx) for n, idx in row_groups(names, 7) if n in ranks]
+    order = [n for n, _ in groups]
+    A = torch.stack([torch.nn.functional.pad(weights[n][0], (0, 0, 0, 4 - ranks[n])) for n in order])
+    B = torch.stack([torch.nn.functional.pad(weights[n][1], (0, 4 - ranks[n])) for n in order])
+    table, valid = padded_groups(groups)
+    assert valid is not None  # groups of 2, 3 and 1 rows: padded
+    got = batched_lora_(result.clone(), x, table, valid, A, B, torch.tensor([scale[n] for n in order]))
+    for i, n in enumerate(names):
+        want = (
+            result[i] if n not in ranks else result[i] + scale[n] * x[i] @ weights[n][0].T @ weights[n][1].T
+        )
+        torch.testing.assert_close(got[i], want)
