@@ -153,6 +153,7 @@ def _jobs(app: FastAPI, body: Any, prompts: list[list[int]], queue: asyncio.Queu
                     top_p=body.top_p,
                     stop=body.stop_list(),
                     seed=None if body.seed is None else body.seed + index,
+                    ignore_eos=body.ignore_eos,
                 )
             )
     return jobs

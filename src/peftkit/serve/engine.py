@@ -33,6 +33,7 @@ class Request:
     top_p: float = 1.0
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
+    ignore_eos: bool = False
     generated: list[int] = field(default_factory=list)
     sent_chars: int = 0
     cancelled: bool = False
@@ -168,7 +169,7 @@ class Engine:
     def _deliver(self, row: Request, token: int) -> None:
         if row.finish_reason is not None or row.cancelled:
             return
-        if token in self.eos:
+        if token in self.eos and not row.ignore_eos:
             return self._finish(row, "stop")
         row.generated.append(token)
         text = self.tokenizer.decode(row.generated, skip_special_tokens=True)

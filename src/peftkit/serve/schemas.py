@@ -18,6 +18,7 @@ class _Sampling(BaseModel):
     stop: str | list[str] | None = None
     stream: bool = False
     seed: int | None = None
+    ignore_eos: bool = False  # vLLM's extension: always generate max_tokens (benchmarks)
 
     @field_validator("stop")
     @classmethod
