@@ -58,10 +58,10 @@ from .tuners.loha import LoHaConfig, LoHaModel
 from .tuners.lokr import LoKrConfig, LoKrModel
 from .tuners.lora import LoraConfig, LoraModel
 from .tuners.oft import OFTConfig, OFTModel
-from .tuners.p_tuning import PromptEncoder, PromptEncoderConfig, PromptEncoderReparameterizationType
-from .tuners.prefix_tuning import PrefixEncoder, PrefixTuningConfig
+from .tuners.p_tuning import PromptEncoderConfig, PromptEncoderReparameterizationType
+from .tuners.prefix_tuning import PrefixTuningConfig
 from .tuners.prompt_base import PromptLearningConfig
-from .tuners.prompt_tuning import PromptEmbedding, PromptTuningConfig, PromptTuningInit
+from .tuners.prompt_tuning import PromptTuningConfig, PromptTuningInit
 from .tuners.vera import VeraConfig, VeraModel
 
 __version__ = "0.1.0"
@@ -108,10 +108,7 @@ __all__ = [
     "PeftModelForTokenClassification",
     "PeftType",
     "PeftWarning",
-    "PrefixEncoder",
     "PrefixTuningConfig",
-    "PromptEmbedding",
-    "PromptEncoder",
     "PromptEncoderConfig",
     "PromptEncoderReparameterizationType",
     "PromptLearningConfig",

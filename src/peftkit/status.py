@@ -119,14 +119,16 @@ def _requires_grad(params: list[Any]) -> bool | Irregular:
     return flags.pop() if len(flags) == 1 else "irregular"
 
 
-def _layer_status(name: str, layer: AdapterLayer) -> TunerLayerStatus:
+def _layer_status(name: str, layer: AdapterLayer, tuner: BaseTuner | None) -> TunerLayerStatus:
     adapters = layer.adapter_names
+    # A layer keeps only the active names it holds; HF peft reports the model's active adapters on every layer.
+    active = tuner.active_adapters if tuner is not None else layer.active_adapters
     params = {a: list(layer.adapter_parameters(a)) for a in adapters}
     return TunerLayerStatus(
         name=name,
         module_type=module_type(layer),
         enabled=not layer.disable_adapters,
-        active_adapters=list(layer.active_adapters),
+        active_adapters=list(active),
         merged_adapters=list(layer.merged_adapters),
         requires_grad={a: _requires_grad(ps) for a, ps in params.items() if ps},
         available_adapters=sorted(adapters),
@@ -143,8 +145,8 @@ def get_layer_status(model: nn.Module) -> list[TunerLayerStatus]:
         TypeError: `model` holds a prompt-learning adapter (it has no adapter layers).
         ValueError: `model` has no adapter layers at all.
     """
-    _, root = _status_root(model, "get_layer_status")
-    status = [_layer_status(name, layer) for name, layer in _adapter_modules(root)]
+    tuner, root = _status_root(model, "get_layer_status")
+    status = [_layer_status(name, layer, tuner) for name, layer in _adapter_modules(root)]
     if not status:
         raise ValueError(NO_LAYERS)
     return status
@@ -153,6 +155,15 @@ def get_layer_status(model: nn.Module) -> list[TunerLayerStatus]:
 def _same_or_irregular(values: list[Any]) -> Any:
     first = values[0]
     return first if all(v == first for v in values[1:]) else "irregular"
+
+
+def _merged(layers: list[TunerLayerStatus]) -> list[str] | Irregular:
+    """The merged adapters, or "irregular" when an adapter is merged in some of the layers that hold it."""
+    merged = sorted({a for s in layers for a in s.merged_adapters})
+    for adapter in merged:
+        if any(adapter in s.available_adapters and adapter not in s.merged_adapters for s in layers):
+            return "irregular"
+    return merged
 
 
 def _count_parameters(model: nn.Module) -> tuple[int, int]:
@@ -171,7 +182,7 @@ def get_model_status(model: nn.Module) -> TunerModelStatus:
         TypeError / ValueError: as `get_layer_status`.
     """
     tuner, root = _status_root(model, "get_model_status")
-    layers = [_layer_status(name, layer) for name, layer in _adapter_modules(root)]
+    layers = [_layer_status(name, layer, tuner) for name, layer in _adapter_modules(root)]
     if not layers:
         raise ValueError(NO_LAYERS)
     requires_grad: dict[str, list[Any]] = {}
@@ -192,7 +203,7 @@ def get_model_status(model: nn.Module) -> TunerModelStatus:
         num_adapter_layers=len(layers),
         enabled=_same_or_irregular([s.enabled for s in layers]),
         active_adapters=_same_or_irregular([s.active_adapters for s in layers]),
-        merged_adapters=_same_or_irregular([s.merged_adapters for s in layers]),
+        merged_adapters=_merged(layers),
         requires_grad={a: _same_or_irregular(flags) for a, flags in requires_grad.items()},
         available_adapters=sorted({a for s in layers for a in s.available_adapters}),
         devices={a: sorted(types) for a, types in devices.items()},
