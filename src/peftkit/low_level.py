@@ -135,7 +135,7 @@ def set_peft_model_state_dict(
     Returns (missing_keys, unexpected_keys) as `nn.Module.load_state_dict` does: every state-dict key of
     `model` not loaded (base weights included), and the given keys that fit no tensor. A shape mismatch
     raises, naming the module and both shapes; with `ignore_mismatched_sizes` such tensors are skipped
-    with a warning instead.
+    with a warning instead. `low_cpu_mem_usage` is accepted for compatibility (tensors are copied in place).
     """
     tensors = dict(peft_model_state_dict)
     if ignore_mismatched_sizes:
