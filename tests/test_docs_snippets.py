@@ -199,12 +199,20 @@ def checkpoint_format(peft, tmp: Path) -> dict[str, Any]:
 # ----- LoRA guide ------------------------------------------------------------------------------------------------
 @snippet
 def lora_guide(peft, tmp: Path) -> dict[str, Any]:
-    """LoRA guide: rsLoRA/DoRA options, merge_and_unload, several adapters, disable_adapter, unload."""
+    """LoRA guide: rsLoRA/DoRA/PiSSA/OLoRA options, layers_to_transform, merge_and_unload, several adapters, disable_adapter, unload."""
     x = token_inputs()
     out: dict[str, Any] = {}
-    for name, options in {"plain": {}, "rslora": {"use_rslora": True}, "dora": {"use_dora": True}}.items():
+    variants = {
+        "plain": {},
+        "rslora": {"use_rslora": True},
+        "dora": {"use_dora": True},
+        "pissa": {"init_lora_weights": "pissa"},  # rewrites the base weights: the residual must agree too
+        "olora": {"init_lora_weights": "olora"},
+        "layers_to_transform": {"layers_to_transform": [1], "target_modules": ["q_proj", "o_proj"]},
+    }
+    for name, options in variants.items():
         model = peft.get_peft_model(
-            tiny_llama(), peft.LoraConfig(r=4, target_modules="all-linear", **options)
+            tiny_llama(), peft.LoraConfig(**{"r": 4, "target_modules": "all-linear", **options})
         )
         fill_adapter(peft, model)
         with torch.no_grad():
