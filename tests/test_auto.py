@@ -165,3 +165,16 @@ def test_tokenizer_in_adapter_folder_resizes_embeddings_like_the_reference(tmp_p
         got, want = ours(**x).logits, ref(**x).logits
     assert got.shape == want.shape
     assert torch.allclose(got[..., :VOCAB], want[..., :VOCAB], atol=ATOL)
+
+
+def test_base_model_kwargs_reach_the_base_model(tmp_path) -> None:
+    folder = _adapter_folder(tmp_path, "CAUSAL_LM")
+    ref = _load(hf, "AutoPeftModelForCausalLM", folder, dtype=torch.bfloat16)
+    ours = _load(pk, "AutoPeftModelForCausalLM", folder, dtype=torch.bfloat16)
+    assert ours.base_model_torch_dtype == ref.base_model_torch_dtype == torch.bfloat16
+    assert sorted({str(p.dtype) for n, p in ours.named_parameters() if "lora_" in n}) == sorted(
+        {str(p.dtype) for n, p in ref.named_parameters() if "lora_" in n}
+    )
+    x = token_inputs()
+    with torch.no_grad():
+        assert torch.allclose(ours(**x).logits.float(), ref(**x).logits.float(), atol=1e-2)
