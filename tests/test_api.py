@@ -295,12 +295,21 @@ def test_layer_and_model_status_match_reference_through_a_session() -> None:
 
 
 def test_status_of_injected_model_and_errors() -> None:
-    cfg = {"r": 4, "target_modules": ["q_proj"]}
+    cfg = {"r": 4, "target_modules": ["q_proj", "v_proj"]}
     ref, ours = _inject(hf, cfg), _inject(pk, cfg)
-    assert dataclasses.asdict(pk.get_model_status(ours)) == dataclasses.asdict(hf.get_model_status(ref))
-    assert [dataclasses.asdict(s) for s in pk.get_layer_status(ours)] == [
-        dataclasses.asdict(s) for s in hf.get_layer_status(ref)
-    ]
+    for step in ("one adapter", "a second adapter injected"):
+        if step != "one adapter":
+            second = {"r": 2, "target_modules": ["q_proj"]}
+            _inject(hf, second, ref, adapter_name="other"), _inject(pk, second, ours, adapter_name="other")
+        assert dataclasses.asdict(pk.get_model_status(ours)) == dataclasses.asdict(
+            hf.get_model_status(ref)
+        ), step
+        assert [dataclasses.asdict(s) for s in pk.get_layer_status(ours)] == [
+            dataclasses.asdict(s) for s in hf.get_layer_status(ref)
+        ], step
+    x = token_inputs()
+    with torch.no_grad():  # the second adapter (zero-initialised B) is the active one: output = base output
+        assert torch.allclose(ours(**x).logits, ref(**x).logits, atol=ATOL)
     for lib in (hf, pk):
         with pytest.raises(ValueError):
             lib.get_layer_status(tiny_llama())

@@ -22,7 +22,7 @@ from .config import PeftConfig
 from .modules_to_save import ModulesToSaveWrapper
 from .registry import get_method
 from .tuners.base import AdapterLayer
-from .tuners.switching import tuner_of
+from .tuners.switching import adapter_modules, tuner_of
 
 PEFT_MODEL_PREFIX = "base_model.model."  # what a PeftModel's file keys start with (non prompt-learning)
 
@@ -59,7 +59,17 @@ def inject_adapter_in_model(
         )
     tuner = method.tuner_cls(model, peft_config, adapter_name)
     _wrap_modules_to_save(model, tuner.peft_config[adapter_name], adapter_name)
+    _activate_like_reference(model, adapter_name, trainable=not peft_config.inference_mode)
     return model
+
+
+def _activate_like_reference(model: nn.Module, adapter_name: str, trainable: bool) -> None:
+    """As HF peft leaves a model after injection: the new adapter is the active one in every adapter layer
+    (layers without it compute nothing for it), and every adapter's tensors require grad, earlier ones too
+    (the model has no wrapper to switch adapters with, so nothing is frozen on the user's behalf)."""
+    for _, layer in adapter_modules(model):
+        layer.active_adapters = [adapter_name]
+        layer.set_requires_grad(layer.adapter_names, trainable)
 
 
 def _targets_in_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], prefix: str) -> str:
