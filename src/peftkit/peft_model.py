@@ -499,7 +499,10 @@ class PeftModel(PreTrainedModel):
 
     @property
     def has_active_enabled_adapter(self) -> bool:
-        """False while adapters are disabled or none is active: then the output is the base model's."""
+        """False while adapters are disabled or none is active: then the output is the base model's.
+
+        Unlike HF peft, which counts only `disable_adapter()` as disabled, `disable_adapter_layers()` also makes
+        this False (the output is then the base model's as well)."""
         return has_active_enabled_adapter(self.base_model)
 
     def set_requires_grad(self, adapter_names: str | Sequence[str], requires_grad: bool = True) -> None:
