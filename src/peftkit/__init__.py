@@ -3,10 +3,38 @@
 `import peftkit as peft` runs code written for HF peft and reads and writes the same adapter files.
 """
 
-from . import optimizers  # noqa: F401  (peft.optimizers.create_loraplus_optimizer)
+from . import (
+    optimizers,  # noqa: F401  (peft.optimizers.create_loraplus_optimizer)
+    utils,  # noqa: F401  (peft.utils.*: integrations import from there)
+)
+from ._import_paths import install as _install_import_paths
+from .auto import (
+    AutoPeftModel,
+    AutoPeftModelForCausalLM,
+    AutoPeftModelForFeatureExtraction,
+    AutoPeftModelForQuestionAnswering,
+    AutoPeftModelForSeq2SeqLM,
+    AutoPeftModelForSequenceClassification,
+    AutoPeftModelForTokenClassification,
+)
 from .config import PeftConfig, PeftType, TaskType
+from .errors import NoMatchingPeftModuleError, PeftError, PeftWarning
 from .fast_attention import set_fast_attention
 from .fused_loss import set_fused_causal_lm_loss
+from .low_level import (
+    get_base_model_state_dict,
+    get_peft_model_state_dict,
+    inject_adapter_in_model,
+    load_peft_weights,
+    set_base_model_state_dict,
+    set_peft_model_state_dict,
+)
+from .mapping import (
+    MODEL_TYPE_TO_PEFT_MODEL_MAPPING,
+    PEFT_TYPE_TO_CONFIG_MAPPING,
+    PEFT_TYPE_TO_TUNER_MAPPING,
+    get_peft_config,
+)
 from .peft_model import (
     PeftModel,
     PeftModelForCausalLM,
@@ -17,8 +45,11 @@ from .peft_model import (
     PeftModelForTokenClassification,
     get_peft_model,
 )
+from .refused import PeftMixedModel
 from .registry import register_peft_method
 from .shared_prefix import set_shared_prefix
+from .status import get_layer_status, get_model_status
+from .training_prep import prepare_model_for_kbit_training, shift_tokens_right
 from .tuners.adalora import AdaLoraConfig, AdaLoraModel
 from .tuners.boft import BOFTConfig, BOFTModel
 from .tuners.ia3 import IA3Config, IA3Model
@@ -35,9 +66,18 @@ from .tuners.vera import VeraConfig, VeraModel
 
 __version__ = "0.1.0"
 
+_install_import_paths()  # peftkit.tuners.lora.layer & co., see _import_paths.py
+
 __all__ = [
     "AdaLoraConfig",
     "AdaLoraModel",
+    "AutoPeftModel",
+    "AutoPeftModelForCausalLM",
+    "AutoPeftModelForFeatureExtraction",
+    "AutoPeftModelForQuestionAnswering",
+    "AutoPeftModelForSeq2SeqLM",
+    "AutoPeftModelForSequenceClassification",
+    "AutoPeftModelForTokenClassification",
     "BOFTConfig",
     "BOFTModel",
     "IA3Config",
@@ -50,9 +90,15 @@ __all__ = [
     "LoKrModel",
     "LoraConfig",
     "LoraModel",
+    "MODEL_TYPE_TO_PEFT_MODEL_MAPPING",
+    "NoMatchingPeftModuleError",
     "OFTConfig",
     "OFTModel",
+    "PEFT_TYPE_TO_CONFIG_MAPPING",
+    "PEFT_TYPE_TO_TUNER_MAPPING",
     "PeftConfig",
+    "PeftError",
+    "PeftMixedModel",
     "PeftModel",
     "PeftModelForCausalLM",
     "PeftModelForFeatureExtraction",
@@ -61,6 +107,7 @@ __all__ = [
     "PeftModelForSequenceClassification",
     "PeftModelForTokenClassification",
     "PeftType",
+    "PeftWarning",
     "PrefixTuningConfig",
     "PromptEncoderConfig",
     "PromptEncoderReparameterizationType",
@@ -70,9 +117,20 @@ __all__ = [
     "TaskType",
     "VeraConfig",
     "VeraModel",
+    "get_base_model_state_dict",
+    "get_layer_status",
+    "get_model_status",
+    "get_peft_config",
     "get_peft_model",
+    "get_peft_model_state_dict",
+    "inject_adapter_in_model",
+    "load_peft_weights",
+    "prepare_model_for_kbit_training",
     "register_peft_method",
+    "set_base_model_state_dict",
     "set_fast_attention",
     "set_fused_causal_lm_loss",
+    "set_peft_model_state_dict",
     "set_shared_prefix",
+    "shift_tokens_right",
 ]

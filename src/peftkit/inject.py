@@ -10,6 +10,8 @@ from typing import Any
 
 from torch import nn
 
+from .errors import NoMatchingPeftModuleError
+
 try:  # GPT-2 style layers store their weight as (in, out)
     from transformers.pytorch_utils import Conv1D
 except ImportError:  # pragma: no cover - transformers is a dependency
@@ -230,7 +232,8 @@ def find_targets(model: nn.Module, config: Any, wrapper_types: tuple[type, ...] 
     never targets themselves.
 
     Raises:
-        ValueError: nothing matched; the message lists the module names the model does have.
+        NoMatchingPeftModuleError: nothing matched (a `ValueError`); the message lists the module names the
+            model does have.
     """
     spec = config.target_modules
     layers = getattr(config, "layers_to_transform", None)  # not every method has these fields
@@ -252,7 +255,7 @@ def find_targets(model: nn.Module, config: Any, wrapper_types: tuple[type, ...] 
         keys.append(key)
     if not keys:
         where = f" in layers {layers}" if layers is not None else ""
-        raise ValueError(
+        raise NoMatchingPeftModuleError(
             f"Target modules {spec!r} not found{where} in the base model ({type(model).__name__}). "
             f"Module names it does contain: {_candidate_names(model)}"
         )

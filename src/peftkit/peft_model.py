@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -25,6 +25,8 @@ from .fused_loss import try_fused_forward
 from .mixed_batch import mixed_call
 from .modules_to_save import ModulesToSaveWrapper
 from .registry import get_method
+from .status import TunerLayerStatus, TunerModelStatus, get_layer_status, get_model_status
+from .tuners.switching import has_active_enabled_adapter, set_requires_grad
 
 TRAINER_CHECKPOINT_PREFIX = "checkpoint-"  # transformers.trainer_utils.PREFIX_CHECKPOINT_DIR
 RESUME_INDEX_NAME = "model.safetensors.index.json"  # what Trainer's resume looks for in a checkpoint
@@ -521,6 +523,37 @@ class PeftModel(PreTrainedModel):
         if not is_trainable:
             peft_model.eval()
         return peft_model
+
+    # ----- inspection and switches (HF peft's names; the logic is in status.py and tuners/switching.py) ---------
+    def get_layer_status(self) -> list[TunerLayerStatus]:
+        """One `TunerLayerStatus` per adapter layer (see `peftkit.get_layer_status`)."""
+        return get_layer_status(self)
+
+    def get_model_status(self) -> TunerModelStatus:
+        """The adapter state of the whole model (see `peftkit.get_model_status`)."""
+        return get_model_status(self)
+
+    @property
+    def active_peft_config(self) -> PeftConfig:
+        """The config of the active adapter."""
+        return self.peft_config[self.active_adapter]
+
+    @property
+    def base_model_torch_dtype(self) -> torch.dtype | None:
+        """The wrapped model's dtype (None when it has no `dtype`)."""
+        return getattr(self.get_base_model(), "dtype", None)
+
+    @property
+    def has_active_enabled_adapter(self) -> bool:
+        """False while adapters are disabled or none is active: then the output is the base model's.
+
+        Unlike HF peft, which counts only `disable_adapter()` as disabled, `disable_adapter_layers()` also makes
+        this False (the output is then the base model's as well)."""
+        return has_active_enabled_adapter(self.base_model)
+
+    def set_requires_grad(self, adapter_names: str | Sequence[str], requires_grad: bool = True) -> None:
+        """Turn gradients of the named adapters (and their trained module copies) on or off."""
+        set_requires_grad(self.base_model, adapter_names, requires_grad)
 
 
 class PeftModelForCausalLM(PeftModel):

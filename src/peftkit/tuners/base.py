@@ -10,7 +10,7 @@ swaps them for adapter layers, and implements merge/unload/enable/disable over a
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -158,6 +158,28 @@ class AdapterLayer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"active={self.active_adapters}, merged={self.merged_adapters}"
+
+    # ----- HF peft's BaseTunerLayer names that integrations call on a layer --------------------------------
+    def get_base_layer(self) -> nn.Module:
+        """The wrapped original module."""
+        return self.base_layer
+
+    def enable_adapters(self, enabled: bool) -> None:
+        """Turn this layer's adapters on or off (off: unmerged first, so the output is the base layer's; the
+        adapter tensors stop requiring grad; on: the active ones require grad again)."""
+        if not enabled and self.merged:
+            self.unmerge()
+        self.disable_adapters = not enabled
+        for name in self.adapter_names:
+            for p in self.adapter_parameters(name):
+                p.requires_grad_(enabled and name in self.active_adapters)
+
+    def set_requires_grad(self, adapter_names: str | Sequence[str], requires_grad: bool = True) -> None:
+        """Turn gradients of the named adapters' tensors in this layer on or off."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        for name in names:
+            for p in self.adapter_parameters(name):
+                p.requires_grad_(requires_grad)
 
 
 class BaseTuner(nn.Module):
@@ -319,3 +341,29 @@ class BaseTuner(nn.Module):
     def unload(self) -> nn.Module:
         """Remove every adapter layer without merging; returns the original base model."""
         return self._unload(merge=False)
+
+    # ----- HF peft's tuner-level switches and inspection (thin: the logic is in tuners/switching.py) ----------
+    @property
+    def targeted_module_names(self) -> list[str]:
+        """Names (under `self.model`) of the modules that carry an adapter layer."""
+        from .switching import targeted_module_names
+
+        return targeted_module_names(self.model)
+
+    def enable_adapter_layers(self) -> None:
+        """Turn every adapter layer back on (the active adapters' tensors require grad again)."""
+        from .switching import set_adapter_layers_enabled
+
+        set_adapter_layers_enabled(self, True)
+
+    def disable_adapter_layers(self) -> None:
+        """Turn every adapter layer off until `enable_adapter_layers`: the output is the base model's."""
+        from .switching import set_adapter_layers_enabled
+
+        set_adapter_layers_enabled(self, False)
+
+    def set_requires_grad(self, adapter_names: str | Sequence[str], requires_grad: bool = True) -> None:
+        """Turn gradients of the named adapters on (or off); other adapters are left as they are."""
+        from .switching import set_requires_grad
+
+        set_requires_grad(self, adapter_names, requires_grad)
