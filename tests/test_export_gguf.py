@@ -1,0 +1,107 @@
+"""llama.cpp LoRA adapters, read back with the `gguf` reader: llama.cpp's tensor names (from gguf's own
+name map), layouts, the file-wide alpha with each module's scaling folded into lora_b, and the rotary row order
+of Llama-family q/k projections; and the clear errors for what llama.cpp cannot run."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from transformers import LlamaConfig
+
+import peftkit
+from peftkit.export.gguf_adapter import ExportError, adapter_tensors, write_gguf_adapter
+
+from .models import tiny_gpt2, tiny_llama
+
+gguf = pytest.importorskip("gguf")
+
+
+def _random_lora(model, folder, **config):
+    peft_model = peftkit.get_peft_model(model, peftkit.LoraConfig(init_lora_weights=False, **config))
+    peft_model.save_pretrained(folder)
+    return peft_model
+
+
+def _read(path):
+    reader = gguf.GGUFReader(str(path))
+    fields = {f.name: f for f in reader.fields.values()}
+    tensors = {t.name: np.array(t.data).reshape([int(d) for d in reversed(t.shape)]) for t in reader.tensors}
+    return fields, tensors
+
+
+def _field(fields, name):
+    f = fields[name]
+    value = f.parts[f.data[0]]
+    return bytes(value).decode() if value.dtype == np.uint8 else float(value[0])
+
+
+def test_round_trip_names_layouts_scaling_and_rotary_order(tmp_path):
+    model = tiny_llama()
+    cfg = model.config
+    peft_model = _random_lora(
+        model,
+        tmp_path / "a",
+        r=4,
+        lora_alpha=8,
+        use_rslora=True,
+        target_modules=["q_proj", "k_proj", "v_proj", "down_proj"],
+        rank_pattern={"v_proj": 2},
+    )
+    info = write_gguf_adapter(tmp_path / "a", tmp_path / "a.gguf", cfg)
+    fields, tensors = _read(tmp_path / "a.gguf")
+    assert _field(fields, "general.architecture") == "llama" and _field(fields, "general.type") == "adapter"
+    assert _field(fields, "adapter.type") == "lora" and _field(fields, "adapter.lora.alpha") == 8.0
+    assert info["tensors"] == len(tensors) == 2 * 4 * cfg.num_hidden_layers
+    for layer in range(cfg.num_hidden_layers):
+        for module, gname in [
+            ("self_attn.q_proj", "attn_q"),
+            ("self_attn.k_proj", "attn_k"),
+            ("self_attn.v_proj", "attn_v"),
+            ("mlp.down_proj", "ffn_down"),
+        ]:
+            lora = peft_model.get_base_model().model.layers[layer].get_submodule(module)
+            A, B = lora.lora_A["default"].weight.detach(), lora.lora_B["default"].weight.detach()
+            a, b = (
+                tensors[f"blk.{layer}.{gname}.weight.lora_a"],
+                tensors[f"blk.{layer}.{gname}.weight.lora_b"],
+            )
+            np.testing.assert_array_equal(a, A.numpy())
+            r = A.shape[0]
+            want = B.numpy() * 8.0 / math.sqrt(r)  # peftkit's scaled B (rsLoRA: alpha / sqrt(r))
+            got = b * (8.0 / r)  # llama.cpp applies alpha / r to the file's b
+            if gname in ("attn_q", "attn_k"):  # rows in llama.cpp's rotary order: undo it to compare
+                heads = cfg.num_attention_heads if gname == "attn_q" else cfg.num_key_value_heads
+                unpermuted = (
+                    got.reshape(heads, got.shape[0] // heads // 2, 2, r).swapaxes(1, 2).reshape(got.shape)
+                )
+                assert not np.allclose(got, unpermuted)
+                got = unpermuted
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+
+
+def test_gpt2_conv1d_and_clear_errors(tmp_path):
+    gpt2 = tiny_gpt2()
+    _random_lora(gpt2, tmp_path / "g", r=2, target_modules=["c_attn", "c_fc"])
+    arch, _, tensors = adapter_tensors(tmp_path / "g", gpt2.config)
+    assert (
+        arch == "gpt2"
+        and "blk.0.attn_qkv.weight.lora_a" in tensors
+        and "blk.1.ffn_up.weight.lora_b" in tensors
+    )
+    assert tensors["blk.0.attn_qkv.weight.lora_b"].shape == (96, 2)  # (out, r) like llama.cpp's (out, in)
+
+    _random_lora(tiny_llama(), tmp_path / "d", r=2, use_dora=True, target_modules=["q_proj"])
+    with pytest.raises(ExportError, match="use_dora"):
+        adapter_tensors(tmp_path / "d", tiny_llama().config)
+    peftkit.get_peft_model(
+        tiny_llama(), peftkit.IA3Config(target_modules=["k_proj"], feedforward_modules=[])
+    ).save_pretrained(tmp_path / "i")
+    with pytest.raises(ExportError, match="IA3"):
+        adapter_tensors(tmp_path / "i", tiny_llama().config)
+    bert_like = LlamaConfig(num_hidden_layers=2)
+    bert_like.model_type = "bert"
+    with pytest.raises(ExportError, match="'bert'"):
+        adapter_tensors(tmp_path / "a" if (tmp_path / "a").exists() else tmp_path / "g", bert_like)
