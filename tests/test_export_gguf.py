@@ -8,7 +8,6 @@ import math
 
 import numpy as np
 import pytest
-import torch
 from transformers import LlamaConfig
 
 import peftkit
