@@ -10,6 +10,7 @@ swaps them for adapter layers, and implements merge/unload/enable/disable over a
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -208,7 +209,7 @@ class BaseTuner(nn.Module):
         """Wrap every target module with an adapter layer for `adapter_name`."""
         if adapter_name in self.peft_config:
             raise ValueError(f"Adapter {adapter_name!r} already exists; pick another name or delete it first")
-        config = self.resolve_config(config)
+        config = _targets_as_set(self.resolve_config(config))
         keys = find_targets(self.model, config, wrapper_types=(AdapterLayer,))
         for p in self.model.parameters():
             p.requires_grad_(False)
@@ -319,3 +320,15 @@ class BaseTuner(nn.Module):
     def unload(self) -> nn.Module:
         """Remove every adapter layer without merging; returns the original base model."""
         return self._unload(merge=False)
+
+
+def _targets_as_set(config: PeftConfig) -> PeftConfig:
+    """A copy of `config` whose list of target module names is a set, as HF peft holds it after injection
+    (user code does `"q_proj" in config.target_modules` or set algebra on it); files still write a sorted list.
+    Bypasses `__post_init__`, which normalises to a list; the caller's config is left as it was."""
+    targets = getattr(config, "target_modules", None)
+    if not isinstance(targets, (list, tuple)):
+        return config
+    config = copy.copy(config)
+    object.__setattr__(config, "target_modules", set(targets))
+    return config

@@ -113,8 +113,20 @@ class LoraConfig(PeftConfig):
         return self._pattern_value(self.alpha_pattern, module_name, self.lora_alpha)
 
 
+class _Magnitude(nn.Module):
+    """DoRA's magnitude as a module holding one `weight`, so the in-memory key is
+    `...lora_magnitude_vector.<adapter>.weight` as in HF peft (the file key has no `.weight`)."""
+
+    def __init__(self, magnitude: torch.Tensor) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(magnitude)
+
+
 class LoraLayer(AdapterLayer):
     """Shared state of the LoRA layers: rank, alpha, scaling and DoRA flag per adapter."""
+
+    # containers whose one tensor the file stores under the container's own name (no `.weight`)
+    flat_file_attrs = ("lora_magnitude_vector",)
 
     adapter_attrs = (
         "lora_A",
@@ -131,7 +143,7 @@ class LoraLayer(AdapterLayer):
         self.lora_B = nn.ModuleDict()
         self.lora_embedding_A = nn.ParameterDict()
         self.lora_embedding_B = nn.ParameterDict()
-        self.lora_magnitude_vector = nn.ParameterDict()
+        self.lora_magnitude_vector = nn.ModuleDict()  # of _Magnitude: in-memory key `...default.weight`
         self.lora_dropout = nn.ModuleDict()
         self.r: dict[str, int] = {}
         self.lora_alpha: dict[str, float] = {}
@@ -169,7 +181,7 @@ class LoraLayer(AdapterLayer):
                 w = self._weight_rows().float()
                 norm = FL.row_norm(w + self._delta_rows(adapter_name).float())
             shape = self._magnitude_shape(norm.shape[0])
-            self.lora_magnitude_vector[adapter_name] = nn.Parameter(
+            self.lora_magnitude_vector[adapter_name] = _Magnitude(
                 norm.reshape(shape).to(self._adapter_dtype())
             )
         self.set_adapter(self.active_adapters or [adapter_name])
@@ -180,7 +192,7 @@ class LoraLayer(AdapterLayer):
 
     def _magnitude(self, adapter_name: str) -> torch.Tensor:
         """The DoRA magnitude as a flat (out,) vector."""
-        return self.lora_magnitude_vector[adapter_name].flatten()
+        return self.lora_magnitude_vector[adapter_name].weight.flatten()
 
     def _adapter_dtype(self) -> torch.dtype:
         """fp32 adapters on half-precision bases (stable training); otherwise the base's float dtype."""
