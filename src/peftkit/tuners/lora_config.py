@@ -1,0 +1,93 @@
+"""`LoraConfig`: LoRA's options (field names and defaults as in HF peft), validated on construction."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..config import PeftConfig
+
+_INITS = (True, False, "gaussian", "pissa", "olora")
+_BIAS_MODES = ("none", "all", "lora_only")
+
+
+@dataclass
+class LoraConfig(PeftConfig):
+    """Configuration of a LoRA adapter (field names and defaults as in HF peft's `LoraConfig`).
+
+    Attributes:
+        r: rank of the update `B @ A` (> 0).
+        target_modules: module names (exact or `.`-suffix), a regex matched against the full name,
+            `"all-linear"` (every Linear/Conv1D but the output head), or None for the architecture's default.
+        exclude_modules: names or a regex of modules never to adapt.
+        lora_alpha: scaling numerator: the update is scaled by `lora_alpha / r` (`/ sqrt(r)` with use_rslora).
+        lora_dropout: dropout probability on the LoRA branch input, in [0, 1).
+        fan_in_fan_out: kept for file compatibility; the layout is read from the layer type (Conv1D is (in, out)).
+        bias: `"none"`, `"all"` (train every bias) or `"lora_only"` (biases of adapted layers).
+        use_rslora: rank-stabilised scaling `lora_alpha / sqrt(r)`.
+        modules_to_save: extra modules trained in full and saved with the adapter (e.g. a classifier head).
+        init_lora_weights: True (B = 0, so the model starts unchanged), False (random A and B), "gaussian",
+            "pissa" / "pissa_niter_N" (principal singular vectors; modifies the base weight), "olora" (QR).
+        layers_to_transform: block indices to adapt (int or list); None for all.
+        layers_pattern: name of the block list (`"layers"`, `"h"`) used with layers_to_transform.
+        rank_pattern / alpha_pattern: per-module r / alpha, keyed by a name or regex suffix.
+        use_dora: weight-decomposed LoRA (a learned per-row magnitude).
+    """
+
+    r: int = 8
+    target_modules: list[str] | str | None = None
+    exclude_modules: list[str] | str | None = None
+    lora_alpha: float = 8
+    lora_dropout: float = 0.0
+    fan_in_fan_out: bool = False
+    bias: str = "none"
+    use_rslora: bool = False
+    modules_to_save: list[str] | None = None
+    init_lora_weights: bool | str = True
+    layers_to_transform: list[int] | int | None = None
+    layers_pattern: list[str] | str | None = None
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    use_dora: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = "LORA"
+        if isinstance(self.target_modules, (set, tuple)):
+            self.target_modules = sorted(self.target_modules)
+        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
+            raise ValueError(f"LoraConfig: r must be a positive integer, got {self.r!r}")
+        if self.lora_alpha <= 0:
+            raise ValueError(f"LoraConfig: lora_alpha must be > 0, got {self.lora_alpha!r}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"LoraConfig: lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        if self.bias not in _BIAS_MODES:
+            raise ValueError(f"LoraConfig: bias must be one of {_BIAS_MODES}, got {self.bias!r}")
+        init = self.init_lora_weights
+        if init not in _INITS and not (isinstance(init, str) and re.fullmatch(r"pissa_niter_\d+", init)):
+            raise ValueError(
+                f"LoraConfig: init_lora_weights must be one of {_INITS} or 'pissa_niter_N', got {init!r}"
+            )
+        if self.layers_pattern is not None and self.layers_to_transform is None:
+            raise ValueError("LoraConfig: layers_pattern only applies together with layers_to_transform")
+        self._validate_patterns()
+
+    def _validate_patterns(self) -> None:
+        for pattern, value in {**self.rank_pattern, **self.alpha_pattern}.items():
+            if value <= 0:
+                raise ValueError(f"LoraConfig: rank/alpha pattern {pattern!r} must be > 0, got {value!r}")
+
+    def _pattern_value(self, patterns: dict[str, Any], module_name: str, default: Any) -> Any:
+        for key, value in patterns.items():
+            if re.match(rf"(.*\.)?({key})$", module_name):
+                return value
+        return default
+
+    def rank_for(self, module_name: str) -> int:
+        """r for one module, honouring rank_pattern."""
+        return int(self._pattern_value(self.rank_pattern, module_name, self.r))
+
+    def alpha_for(self, module_name: str) -> float:
+        """lora_alpha for one module, honouring alpha_pattern."""
+        return self._pattern_value(self.alpha_pattern, module_name, self.lora_alpha)
