@@ -363,3 +363,24 @@ CASES += [
         perturb=True,
     ),
 ]
+
+# ----- LoRA options (issue 16): lora_bias (B with a bias; merging moves it into the base bias) -----
+CASES += [
+    Case("lora-gpt2-lora-bias", "LORA", M.tiny_gpt2, {"r": 4, "lora_bias": True, **_RANDOM}),
+    Case(
+        "lora-conv2d-lora-bias",
+        "LORA",
+        M.tiny_convnet,
+        {"r": 2, "target_modules": ["conv1", "head"], "lora_bias": True, **_RANDOM},
+        inputs=M.image_inputs,
+        task_type=None,
+    ),
+    Case(
+        "lora-bert-lora-bias-default-init",
+        "LORA",
+        M.tiny_bert_cls,
+        {"r": 4, "lora_bias": True},
+        task_type="SEQ_CLS",
+        identity_init=True,
+    ),
+]

@@ -33,6 +33,8 @@ class LoraConfig(PeftConfig):
         layers_pattern: name of the block list (`"layers"`, `"h"`) used with layers_to_transform.
         rank_pattern / alpha_pattern: per-module r / alpha, keyed by a name or regex suffix.
         use_dora: weight-decomposed LoRA (a learned per-row magnitude).
+        lora_bias: give B a bias (trained with the adapter; merging adds `scaling * bias` to the base bias, so the
+            base layer needs one). Linear/Conv1D/Conv2d only; not with DoRA or the PiSSA/OLoRA/gaussian inits.
     """
 
     r: int = 8
@@ -50,6 +52,7 @@ class LoraConfig(PeftConfig):
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     use_dora: bool = False
+    lora_bias: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -71,6 +74,11 @@ class LoraConfig(PeftConfig):
             )
         if self.layers_pattern is not None and self.layers_to_transform is None:
             raise ValueError("LoraConfig: layers_pattern only applies together with layers_to_transform")
+        if self.lora_bias and (self.use_dora or init not in (True, False)):
+            raise ValueError(
+                "LoraConfig: lora_bias=True works with init_lora_weights True or False and without DoRA; got "
+                f"init_lora_weights={init!r}, use_dora={self.use_dora}"
+            )
         self._validate_patterns()
 
     def _validate_patterns(self) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import torch
@@ -57,9 +58,11 @@ class LoraLayer(AdapterLayer):
         self.lora_alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
         self.use_dora: dict[str, bool] = {}
+        self.lora_bias: dict[str, bool] = {}
 
     # kind-specific pieces -------------------------------------------------------------------------------------
     def _create(self, adapter_name: str, r: int) -> None:
+        """Create A and B (B with a bias when `self.lora_bias[adapter_name]`)."""
         raise NotImplementedError
 
     def _init_weights(self, adapter_name: str, init: bool | str) -> None:
@@ -79,6 +82,13 @@ class LoraLayer(AdapterLayer):
         self.r[adapter_name], self.lora_alpha[adapter_name] = r, alpha
         self.scaling[adapter_name] = FL.lora_scaling(r, alpha, config.use_rslora)
         self.use_dora[adapter_name] = config.use_dora
+        self.lora_bias[adapter_name] = config.lora_bias
+        if config.lora_bias and self.bias is None:
+            warnings.warn(
+                f"lora_bias=True on {self.module_name or type(self.base_layer).__name__}, which has no bias: "
+                "this adapter cannot be merged into it",
+                stacklevel=3,
+            )
         p = config.lora_dropout
         self.lora_dropout[adapter_name] = nn.Dropout(p) if p > 0 else nn.Identity()
         self._create(adapter_name, r)
@@ -127,6 +137,11 @@ class LoraLayer(AdapterLayer):
         return self._from_rows(self._delta_rows(adapter_name))
 
     def merge_weight(self, weight: torch.Tensor, adapter_name: str) -> tuple[torch.Tensor, Any]:
+        if self.lora_bias.get(adapter_name) and self.bias is None:
+            raise ValueError(
+                f"Cannot merge adapter {adapter_name!r} into {self.module_name or type(self.base_layer).__name__}: "
+                "it has lora_bias=True and the base layer has no bias to fold it into"
+            )
         if not self.use_dora[adapter_name]:
             return super().merge_weight(weight, adapter_name)
         rows = self._weight_rows().detach()
@@ -146,6 +161,18 @@ class LoraLayer(AdapterLayer):
             state,
         )
         return self._from_rows(orig)
+
+    def _merge_bias(self, adapter_name: str, sign: int) -> None:
+        """lora_bias: the branch adds `scaling * B.bias`, which merging moves into the base bias."""
+        if self.lora_bias.get(adapter_name):
+            with torch.no_grad():
+                b = self.lora_B[adapter_name].bias
+                self.bias.add_(b.to(self.bias.dtype), alpha=sign * self.scaling[adapter_name])
+
+    def _branch(self, name: str, xa: torch.Tensor) -> torch.Tensor:
+        """scaling * B(A(xa)); with lora_bias the scaling applies to B's bias too (as in HF peft)."""
+        A, B, s = self.lora_A[name], self.lora_B[name], self.scaling[name]
+        return B(A(xa)) * s if B.bias is not None else B(A(xa) * s)
 
     def _frozen_output(self, xa: torch.Tensor) -> torch.Tensor:
         """The frozen layer on the (dropped-out) adapter input, without bias."""
@@ -190,7 +217,7 @@ class LoraLinear(LoraLayer):
 
     def _create(self, adapter_name: str, r: int) -> None:
         self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False)
-        self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=False)
+        self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=self.lora_bias[adapter_name])
 
     def _init_weights(self, adapter_name: str, init: bool | str) -> None:
         A, B = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
@@ -206,6 +233,8 @@ class LoraLinear(LoraLayer):
             else:
                 nn.init.kaiming_uniform_(A, a=math.sqrt(5))
             nn.init.zeros_(B)
+            if self.lora_B[adapter_name].bias is not None:
+                nn.init.zeros_(self.lora_B[adapter_name].bias)
 
     def _principal_init(self, adapter_name: str, init: str) -> None:
         """PiSSA (top singular vectors) or OLoRA (QR); the base weight keeps the residual W - s*B@A."""
@@ -246,6 +275,7 @@ class LoraLinear(LoraLayer):
         base, drop, A = self.base_layer, self.lora_dropout[name], self.lora_A[name].weight
         return (
             not self.use_dora[name]
+            and self.lora_B[name].bias is None
             and (type(base) is nn.Linear or (isinstance(Conv1D, type) and type(base) is Conv1D))
             and type(drop) in (nn.Identity, nn.Dropout)
             and x.dtype == A.dtype == self.lora_B[name].weight.dtype
@@ -295,7 +325,7 @@ class LoraLinear(LoraLayer):
                 result = lora_branch_(result, x, A.weight, B.weight, self.scaling[name], p, drop.training)
                 continue
             xa = drop(x.to(A.weight.dtype))
-            lora = B(A(xa) * self.scaling[name])
+            lora = self._branch(name, xa)
             if not self.use_dora[name]:
                 result = result + lora.to(result.dtype)
                 continue
@@ -333,8 +363,11 @@ class LoraEmbedding(LoraLayer):
                 )
 
     def update_layer(self, adapter_name: str, config: LoraConfig, init_weights: bool = True) -> None:
-        if config.use_dora:
-            raise ValueError(f"DoRA is not supported on Embedding layers yet (module {self.module_name})")
+        if config.use_dora or config.lora_bias:
+            raise ValueError(
+                f"LoRA on an Embedding ({self.module_name}) supports neither DoRA (use_dora) nor lora_bias; "
+                "exclude it from target_modules or switch the option off"
+            )
         super().update_layer(adapter_name, config, init_weights)
 
     def _weight_rows(self) -> torch.Tensor:
@@ -372,7 +405,7 @@ class LoraConv2d(LoraLayer):
         self.lora_A[adapter_name] = nn.Conv2d(
             base.in_channels, r, base.kernel_size, base.stride, base.padding, base.dilation, bias=False
         )
-        self.lora_B[adapter_name] = nn.Conv2d(r, base.out_channels, 1, 1, bias=False)
+        self.lora_B[adapter_name] = nn.Conv2d(r, base.out_channels, 1, 1, bias=self.lora_bias[adapter_name])
 
     def _init_weights(self, adapter_name: str, init: bool | str) -> None:
         A, B = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
@@ -389,6 +422,8 @@ class LoraConv2d(LoraLayer):
                     f"init_lora_weights={init!r} is not supported for Conv2d ({self.module_name})"
                 )
             nn.init.zeros_(B)
+            if self.lora_B[adapter_name].bias is not None:
+                nn.init.zeros_(self.lora_B[adapter_name].bias)
 
     def _magnitude_shape(self, out: int) -> tuple[int, ...]:
         return (1, out, 1, 1)
@@ -402,9 +437,9 @@ class LoraConv2d(LoraLayer):
         """x: (N, in, H, W) -> (N, out, H', W')."""
         result = self.base_layer(x, *args, **kwargs)
         for name in self._active_unmerged():
-            A, B, drop = self.lora_A[name], self.lora_B[name], self.lora_dropout[name]
+            A, drop = self.lora_A[name], self.lora_dropout[name]
             xa = drop(x.to(A.weight.dtype))
-            lora = B(A(xa) * self.scaling[name])
+            lora = self._branch(name, xa)
             if not self.use_dora[name]:
                 result = result + lora.to(result.dtype)
                 continue
