@@ -384,3 +384,19 @@ CASES += [
         identity_init=True,
     ),
 ]
+
+# ----- trainable tokens: only the embedding rows of the given ids train (GPT-2: the tied head reads them too).
+# Default init copies the current rows (an identity), hence perturb; half the ids train so the loss can fall
+# (Llama sharp: with its default 0.02 init, the embedding alone barely moves the output) -----
+_TOKENS = {"token_indices": list(range(1, M.VOCAB, 2))}
+CASES += [
+    Case("trainable-tokens-llama", "TRAINABLE_TOKENS", M.sharp(M.tiny_llama), _TOKENS, perturb=True, lr=0.1),
+    Case("trainable-tokens-gpt2-tied", "TRAINABLE_TOKENS", M.tiny_gpt2, _TOKENS, perturb=True, lr=0.1),
+    Case(
+        "trainable-tokens-gpt2-named-random-init",
+        "TRAINABLE_TOKENS",
+        M.tiny_gpt2,
+        {**_TOKENS, "target_modules": ["wte"], "init_weights": False},
+        lr=0.1,
+    ),
+]

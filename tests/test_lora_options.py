@@ -72,3 +72,82 @@ def test_lora_bias_conv2d_merge_moves_the_bias():
     torch.testing.assert_close(logits(model, image_inputs()), out, atol=1e-5, rtol=1e-5)
     model.unmerge_adapter()
     torch.testing.assert_close(model.base_model.model.conv1.base_layer.bias, base_bias)
+
+
+# ----- trainable_token_indices (LoRA) and TrainableTokensConfig -----
+def _perturb(model, scale=0.5):
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for _, p in sorted(model.named_parameters()):
+            if p.requires_grad:
+                p.add_(scale * torch.randn(p.shape, generator=g))
+
+
+@pytest.mark.parametrize(
+    "factory, spec",
+    [(tiny_llama, [1, 5, 7, 9]), (tiny_gpt2, {"wte": [1, 5, 7, 9]})],
+    ids=["llama-list", "gpt2-tied-dict"],
+)
+@pytest.mark.parametrize("direction", ["peftkit->hf", "hf->peftkit"])
+def test_lora_trainable_token_indices_interop(factory, spec, direction, tmp_path):
+    src, dst = (peftkit, hf_peft) if direction == "peftkit->hf" else (hf_peft, peftkit)
+    config = {"r": 2, "init_lora_weights": False, "trainable_token_indices": spec}
+    torch.manual_seed(0)
+    model = src.get_peft_model(factory(), src.LoraConfig(**config))
+    _perturb(model)
+    other = dst.get_peft_model(factory(), dst.LoraConfig(**config))
+    assert set(model.state_dict()) == set(other.state_dict())
+    inputs = token_inputs(seed=2)
+    inputs["input_ids"][0, :4] = torch.tensor([1, 5, 7, 9])  # the trained ids occur
+    model.save_pretrained(tmp_path)
+    loaded = dst.PeftModel.from_pretrained(factory(), tmp_path)
+    torch.testing.assert_close(logits(loaded, inputs), logits(model, inputs), atol=1e-5, rtol=1e-5)
+
+
+def test_lora_trainable_tokens_train_merge_unload():
+    config = peftkit.LoraConfig(r=2, init_lora_weights=False, trainable_token_indices={"wte": [3, 4]})
+    model = peftkit.get_peft_model(tiny_gpt2(), config)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert "base_model.model.transformer.wte.token_adapter.trainable_tokens_delta.default" in trainable
+    _perturb(model)
+    inputs = token_inputs()
+    inputs["input_ids"][:, 0] = 3
+    out = logits(model, inputs)
+    with model.disable_adapter():
+        base = logits(model, inputs)
+    assert not torch.allclose(out, base)
+    plain = model.merge_and_unload()
+    assert type(plain.transformer.wte) is torch.nn.Embedding and type(plain.lm_head) is torch.nn.Linear
+    assert plain.lm_head.weight is plain.transformer.wte.weight  # still tied
+    torch.testing.assert_close(logits(plain, inputs), out, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "spec, match",
+    [
+        ([], "non-empty"),
+        ([1, 1], "twice"),
+        ([-1], "non-negative"),
+        ({"embed_tokens": "abc"}, "embed_tokens"),
+    ],
+)
+def test_trainable_token_indices_bad_values(spec, match):
+    with pytest.raises(ValueError, match=match):
+        peftkit.LoraConfig(trainable_token_indices=spec)
+
+
+def test_trainable_tokens_errors_name_the_fault():
+    with pytest.raises(ValueError, match="out of range.*embed_tokens"):
+        peftkit.get_peft_model(tiny_llama(), peftkit.TrainableTokensConfig(token_indices=[1, 10_000]))
+    with pytest.raises(ValueError, match="'nope'.*embeddings"):
+        peftkit.get_peft_model(tiny_llama(), peftkit.LoraConfig(trainable_token_indices={"nope": [1]}))
+    with pytest.raises(ValueError, match="token_indices"):
+        peftkit.TrainableTokensConfig(token_indices=[])
+
+
+def test_trainable_tokens_config_file_matches_hf(tmp_path):
+    model = peftkit.get_peft_model(tiny_llama(), peftkit.TrainableTokensConfig(token_indices=[2, 3]))
+    model.save_pretrained(tmp_path)
+    theirs = hf_peft.PeftConfig.from_pretrained(tmp_path)
+    assert type(theirs).__name__ == "TrainableTokensConfig" and theirs.token_indices == [2, 3]
+    assert theirs.target_modules == "model.embed_tokens"

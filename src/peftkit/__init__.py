@@ -31,6 +31,7 @@ from .tuners.p_tuning import PromptEncoderConfig, PromptEncoderReparameterizatio
 from .tuners.prefix_tuning import PrefixTuningConfig
 from .tuners.prompt_base import PromptLearningConfig
 from .tuners.prompt_tuning import PromptTuningConfig, PromptTuningInit
+from .tuners.trainable_tokens import TrainableTokensConfig, TrainableTokensModel
 from .tuners.vera import VeraConfig, VeraModel
 
 __version__ = "0.1.0"
@@ -68,6 +69,8 @@ __all__ = [
     "PromptTuningConfig",
     "PromptTuningInit",
     "TaskType",
+    "TrainableTokensConfig",
+    "TrainableTokensModel",
     "VeraConfig",
     "VeraModel",
     "get_peft_model",

@@ -17,6 +17,7 @@ from ..registry import register_peft_method
 from .base import BaseTuner
 from .lora_config import LoraConfig
 from .lora_layers import LoraConv2d, LoraEmbedding, LoraLayer, LoraLinear
+from .trainable_tokens import add_token_adapters, unwrap_token_adapters
 
 __all__ = ["LoraConfig", "LoraConv2d", "LoraEmbedding", "LoraLayer", "LoraLinear", "LoraModel"]
 
@@ -54,6 +55,23 @@ class LoraModel(BaseTuner):
         )
         return layer
 
+    def inject_adapter(self, config: LoraConfig, adapter_name: str, init_weights: bool = True) -> None:
+        """LoRA layers, then the trainable token rows `trainable_token_indices` asks for."""
+        super().inject_adapter(config, adapter_name, init_weights)
+        spec = config.trainable_token_indices
+        if spec is None:
+            return
+        targets = _token_targets(self.model, spec)
+        add_token_adapters(self.model, targets, adapter_name, init_weights, wrapped=True)
+        self.set_adapter(self.active_adapter)
+
+    def _unload(
+        self, merge: bool, safe_merge: bool = False, adapter_names: list[str] | None = None
+    ) -> nn.Module:
+        model = super()._unload(merge, safe_merge, adapter_names)
+        unwrap_token_adapters(model)
+        return model
+
     def mark_extra_trainable(self, config: LoraConfig) -> None:
         """Make biases trainable for `bias="all"` (every bias) or `"lora_only"` (biases of adapted layers)."""
         if config.bias == "none" or config.inference_mode:
@@ -67,3 +85,27 @@ class LoraModel(BaseTuner):
 
 
 register_peft_method(peft_type="LORA", config_cls=LoraConfig, tuner_cls=LoraModel, prefix="lora_")
+
+
+def _token_targets(model: nn.Module, spec: list[int] | dict[str, list[int]]) -> dict[str, list[int]]:
+    """{full module name: token ids} for `trainable_token_indices` (a list means the input embedding)."""
+    names = [n for n, _ in model.named_modules() if n]
+    if not isinstance(spec, dict):
+        embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        found = [n for n, m in model.named_modules() if n and m is embed]
+        if not found:
+            raise ValueError(
+                "trainable_token_indices is a list but the model has no get_input_embeddings(); pass "
+                "{embedding module name: [ids]} instead"
+            )
+        return {found[0]: list(spec)}
+    out = {}
+    for key, ids in spec.items():
+        hits = [n for n in names if n == key or n.endswith("." + key)]
+        if not hits:
+            embeds = [n for n, m in model.named_modules() if isinstance(m, nn.Embedding)]
+            raise ValueError(
+                f"trainable_token_indices names {key!r}, which is not in the model; embeddings: {embeds}"
+            )
+        out.update({h: list(ids) for h in hits})
+    return out

@@ -35,6 +35,9 @@ class LoraConfig(PeftConfig):
         use_dora: weight-decomposed LoRA (a learned per-row magnitude).
         lora_bias: give B a bias (trained with the adapter; merging adds `scaling * bias` to the base bias, so the
             base layer needs one). Linear/Conv1D/Conv2d only; not with DoRA or the PiSSA/OLoRA/gaussian inits.
+        trainable_token_indices: also train the embedding rows of these token ids (e.g. new chat special
+            tokens): a list for the input embedding, or {embedding module name: list of ids}. The rows are stored
+            as `<embedding>.token_adapter.trainable_tokens_delta` (see tuners/trainable_tokens.py).
     """
 
     r: int = 8
@@ -53,6 +56,7 @@ class LoraConfig(PeftConfig):
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     use_dora: bool = False
     lora_bias: bool = False
+    trainable_token_indices: list[int] | dict[str, list[int]] | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -80,6 +84,23 @@ class LoraConfig(PeftConfig):
                 f"init_lora_weights={init!r}, use_dora={self.use_dora}"
             )
         self._validate_patterns()
+        self._validate_token_indices()
+
+    def _validate_token_indices(self) -> None:
+        from .trainable_tokens import check_token_indices
+
+        spec = self.trainable_token_indices
+        if spec is None:
+            return
+        if isinstance(spec, dict):
+            if not spec:
+                raise ValueError(
+                    "LoraConfig: trainable_token_indices is an empty dict; give {module name: [ids]}"
+                )
+            for name, ids in spec.items():
+                check_token_indices(ids, f"LoraConfig: trainable_token_indices[{name!r}]")
+        else:
+            check_token_indices(spec, "LoraConfig: trainable_token_indices")
 
     def _validate_patterns(self) -> None:
         for pattern, value in {**self.rank_pattern, **self.alpha_pattern}.items():
