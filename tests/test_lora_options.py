@@ -151,3 +151,44 @@ def test_trainable_tokens_config_file_matches_hf(tmp_path):
     theirs = hf_peft.PeftConfig.from_pretrained(tmp_path)
     assert type(theirs).__name__ == "TrainableTokensConfig" and theirs.token_indices == [2, 3]
     assert theirs.target_modules == "model.embed_tokens"
+
+
+# ----- layer_replication (not a conformance case: the battery merges, which a replicated model refuses) -----
+_REPL = {"r": 2, "init_lora_weights": False, "layer_replication": [[0, 2], [1, 2]]}
+
+
+@pytest.mark.parametrize("direction", ["peftkit->hf", "hf->peftkit"])
+def test_layer_replication_interop(direction, tmp_path):
+    src, dst = (peftkit, hf_peft) if direction == "peftkit->hf" else (hf_peft, peftkit)
+    torch.manual_seed(0)
+    model = src.get_peft_model(tiny_llama(), src.LoraConfig(**_REPL))
+    other = dst.get_peft_model(tiny_llama(), dst.LoraConfig(**_REPL))
+    assert set(model.state_dict()) == set(other.state_dict())
+    model.save_pretrained(tmp_path)
+    loaded = dst.PeftModel.from_pretrained(tiny_llama(), tmp_path)
+    assert len(loaded.get_base_model().model.layers) == 3
+    torch.testing.assert_close(logits(loaded), logits(model), atol=1e-5, rtol=1e-5)
+
+
+def test_layer_replication_shares_base_weights_and_generates():
+    model = peftkit.get_peft_model(tiny_llama(), peftkit.LoraConfig(**_REPL))
+    layers = model.get_base_model().model.layers
+    assert layers[2].mlp.down_proj.weight is layers[1].mlp.down_proj.weight
+    assert layers[2].self_attn.q_proj.lora_A["default"] is not layers[1].self_attn.q_proj.lora_A["default"]
+    assert [m.self_attn.layer_idx for m in layers] == [0, 1, 2]
+    assert model.get_base_model().config.num_hidden_layers == 3
+    out = model.generate(input_ids=torch.tensor([[1, 2, 3]]), max_new_tokens=3, do_sample=False)
+    assert out.shape == (1, 6)
+
+
+def test_layer_replication_refuses_merge_and_bad_values():
+    model = peftkit.get_peft_model(tiny_llama(), peftkit.LoraConfig(**_REPL))
+    with pytest.raises(ValueError, match="layer_replication"):
+        model.merge_and_unload()
+    for bad in ([[2, 1]], [[0]], [], [["a", 1]]):
+        with pytest.raises(ValueError, match="layer_replication"):
+            peftkit.LoraConfig(layer_replication=bad)
+    with pytest.raises(ValueError, match=r"\[0, 5\).*2 blocks"):
+        peftkit.get_peft_model(tiny_llama(), peftkit.LoraConfig(layer_replication=[[0, 5]]))
+    with pytest.raises(ValueError, match="differs"):
+        model.add_adapter("other", peftkit.LoraConfig(layer_replication=[[0, 1]]))

@@ -12,7 +12,7 @@ import dataclasses
 
 from torch import nn
 
-from ..inject import LINEAR_TYPES, all_linear_names, default_targets
+from ..inject import LINEAR_TYPES, all_linear_names, default_targets, replicate_layers
 from ..registry import register_peft_method
 from .base import BaseTuner
 from .lora_config import LoraConfig
@@ -56,7 +56,9 @@ class LoraModel(BaseTuner):
         return layer
 
     def inject_adapter(self, config: LoraConfig, adapter_name: str, init_weights: bool = True) -> None:
-        """LoRA layers, then the trainable token rows `trainable_token_indices` asks for."""
+        """LoRA layers (on the replicated block stack when `layer_replication` asks for one), then the trainable
+        token rows `trainable_token_indices` asks for."""
+        self._replicate(config)
         super().inject_adapter(config, adapter_name, init_weights)
         spec = config.trainable_token_indices
         if spec is None:
@@ -64,6 +66,27 @@ class LoraModel(BaseTuner):
         targets = _token_targets(self.model, spec)
         add_token_adapters(self.model, targets, adapter_name, init_weights, wrapped=True)
         self.set_adapter(self.active_adapter)
+
+    def _replicate(self, config: LoraConfig) -> None:
+        """Apply `layer_replication` once, for the first adapter; later adapters must ask for the same map."""
+        done = next((c.layer_replication for c in self.peft_config.values() if c.layer_replication), None)
+        if done is not None or (self.peft_config and config.layer_replication):
+            if config.layer_replication not in (None, done):
+                raise ValueError(
+                    f"layer_replication={config.layer_replication} differs from the model's existing "
+                    f"{done}; every adapter of a model shares one block layout"
+                )
+            return
+        if config.layer_replication:
+            replicate_layers(self.model, config.layer_replication)
+
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        if any(c.layer_replication for c in self.peft_config.values()):
+            raise ValueError(
+                "Cannot merge LoRA into a model built with layer_replication: repeated blocks share their base "
+                "weights, so a merge would give every copy the same update. Run it unmerged."
+            )
+        super().merge_adapter(adapter_names, safe_merge)
 
     def _unload(
         self, merge: bool, safe_merge: bool = False, adapter_names: list[str] | None = None

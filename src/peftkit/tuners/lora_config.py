@@ -38,6 +38,9 @@ class LoraConfig(PeftConfig):
         trainable_token_indices: also train the embedding rows of these token ids (e.g. new chat special
             tokens): a list for the input embedding, or {embedding module name: list of ids}. The rows are stored
             as `<embedding>.token_adapter.trainable_tokens_delta` (see tuners/trainable_tokens.py).
+        layer_replication: rebuild the block stack from `[start, end)` ranges of the original blocks, e.g.
+            `[[0, 4], [2, 5]]` -> blocks 0 1 2 3 2 3 4; repeats share the base weights, each gets its own LoRA.
+            Such a model cannot be merged (the shared weights would take every copy's update).
     """
 
     r: int = 8
@@ -57,6 +60,7 @@ class LoraConfig(PeftConfig):
     use_dora: bool = False
     lora_bias: bool = False
     trainable_token_indices: list[int] | dict[str, list[int]] | None = None
+    layer_replication: list[list[int]] | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -85,6 +89,24 @@ class LoraConfig(PeftConfig):
             )
         self._validate_patterns()
         self._validate_token_indices()
+        if self.layer_replication is not None:
+            self.layer_replication = [list(pair) for pair in self._checked_replication()]
+
+    def _checked_replication(self) -> list:
+        spec = self.layer_replication
+        ok = isinstance(spec, (list, tuple)) and spec and all(
+            isinstance(p, (list, tuple))
+            and len(p) == 2
+            and all(isinstance(i, int) and not isinstance(i, bool) for i in p)
+            and 0 <= p[0] < p[1]
+            for p in spec
+        )
+        if not ok:
+            raise ValueError(
+                "LoraConfig: layer_replication must be a non-empty list of [start, end) block ranges with "
+                f"0 <= start < end, e.g. [[0, 4], [2, 5]]; got {spec!r}"
+            )
+        return spec
 
     def _validate_token_indices(self) -> None:
         from .trainable_tokens import check_token_indices
