@@ -3,10 +3,11 @@
 `import peftkit as peft` runs code written for HF peft and reads and writes the same adapter files.
 """
 
-from . import optimizers  # noqa: F401  (peft.optimizers.create_loraplus_optimizer)
+from . import helpers, optimizers  # noqa: F401  (peft.helpers, peft.optimizers)
 from .config import PeftConfig, PeftType, TaskType
 from .fast_attention import set_fast_attention
 from .fused_loss import set_fused_causal_lm_loss
+from .helpers import cast_mixed_precision_params
 from .peft_model import (
     PeftModel,
     PeftModelForCausalLM,
@@ -73,6 +74,7 @@ __all__ = [
     "TrainableTokensModel",
     "VeraConfig",
     "VeraModel",
+    "cast_mixed_precision_params",
     "get_peft_model",
     "register_peft_method",
     "set_fast_attention",
