@@ -400,3 +400,28 @@ CASES += [
         lr=0.1,
     ),
 ]
+
+# ----- target_parameters: LoRA on MoE expert stacks (3-D nn.Parameters, no Linear) -----
+from .moe_models import tiny_mixtral  # noqa: E402
+
+CASES += [
+    Case(
+        "lora-mixtral-target-parameters",
+        "LORA",
+        tiny_mixtral,
+        {"r": 2, "target_parameters": ["experts.gate_up_proj", "experts.down_proj"], **_RANDOM},
+    ),
+    Case(
+        "lora-mixtral-modules-and-parameters",
+        "LORA",
+        tiny_mixtral,
+        {"r": 2, "target_modules": ["q_proj"], "target_parameters": ["mlp.experts.down_proj"], **_RANDOM},
+    ),
+    Case(
+        "lora-mixtral-target-parameters-default-init",
+        "LORA",
+        tiny_mixtral,
+        {"r": 2, "target_parameters": ["experts.gate_up_proj"]},
+        identity_init=True,
+    ),
+]

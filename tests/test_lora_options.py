@@ -192,3 +192,30 @@ def test_layer_replication_refuses_merge_and_bad_values():
         peftkit.get_peft_model(tiny_llama(), peftkit.LoraConfig(layer_replication=[[0, 5]]))
     with pytest.raises(ValueError, match="differs"):
         model.add_adapter("other", peftkit.LoraConfig(layer_replication=[[0, 1]]))
+
+
+# ----- target_parameters (beyond the conformance cases) -----
+@pytest.mark.parametrize("order", [["gate_up_proj", "down_proj"], ["down_proj", "gate_up_proj"]])
+def test_target_parameters_nesting_order_matches_hf(order):
+    from .moe_models import tiny_mixtral
+
+    config = {"r": 2, "target_parameters": [f"experts.{n}" for n in order]}
+    ours = peftkit.get_peft_model(tiny_mixtral(), peftkit.LoraConfig(**config))
+    theirs = hf_peft.get_peft_model(tiny_mixtral(), hf_peft.LoraConfig(**config))
+    assert set(ours.state_dict()) == set(theirs.state_dict())
+    assert ours.peft_config["default"].target_modules == set()
+
+
+def test_target_parameters_errors():
+    from .moe_models import tiny_mixtral
+
+    with pytest.raises(ValueError, match="match no parameter"):
+        peftkit.get_peft_model(tiny_mixtral(), peftkit.LoraConfig(target_parameters=["experts.nope"]))
+    with pytest.raises(ValueError, match="lora_dropout"):
+        peftkit.get_peft_model(
+            tiny_mixtral(), peftkit.LoraConfig(target_parameters=["experts.down_proj"], lora_dropout=0.1)
+        )
+    with pytest.raises(ValueError, match="target_parameters"):
+        peftkit.LoraConfig(target_parameters="experts.down_proj")
+    with pytest.raises(ValueError, match="shape"):
+        peftkit.get_peft_model(tiny_llama(), peftkit.LoraConfig(target_parameters=["input_layernorm.weight"]))

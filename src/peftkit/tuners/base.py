@@ -121,7 +121,7 @@ class AdapterLayer(nn.Module):
         the base weight, so a broken adapter leaves the model untouched.
         """
         names = self.active_adapters if adapter_names is None else adapter_names
-        weight = self.base_layer.weight
+        weight = self.weight  # the merge target (LoRA on a bare parameter overrides `weight`)
         for name in names:
             if name in self.merged_adapters or name not in self.adapter_names:
                 continue
@@ -139,7 +139,7 @@ class AdapterLayer(nn.Module):
 
     def unmerge(self) -> None:
         """Restore the base weight by undoing the merges, last first."""
-        weight = self.base_layer.weight
+        weight = self.weight
         while self.merged_adapters:
             name = self.merged_adapters.pop()
             with torch.no_grad():

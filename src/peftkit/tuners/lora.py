@@ -17,9 +17,18 @@ from ..registry import register_peft_method
 from .base import BaseTuner
 from .lora_config import LoraConfig
 from .lora_layers import LoraConv2d, LoraEmbedding, LoraLayer, LoraLinear
+from .lora_param import LoraParameter, inject_parameters, strip_parameter_wrappers
 from .trainable_tokens import add_token_adapters, unwrap_token_adapters
 
-__all__ = ["LoraConfig", "LoraConv2d", "LoraEmbedding", "LoraLayer", "LoraLinear", "LoraModel"]
+__all__ = [
+    "LoraConfig",
+    "LoraConv2d",
+    "LoraEmbedding",
+    "LoraLayer",
+    "LoraLinear",
+    "LoraModel",
+    "LoraParameter",
+]
 
 
 class LoraModel(BaseTuner):
@@ -59,12 +68,23 @@ class LoraModel(BaseTuner):
         """LoRA layers (on the replicated block stack when `layer_replication` asks for one), then the trainable
         token rows `trainable_token_indices` asks for."""
         self._replicate(config)
-        super().inject_adapter(config, adapter_name, init_weights)
-        spec = config.trainable_token_indices
-        if spec is None:
-            return
-        targets = _token_targets(self.model, spec)
-        add_token_adapters(self.model, targets, adapter_name, init_weights, wrapped=True)
+        if config.target_modules or not config.target_parameters:
+            super().inject_adapter(config, adapter_name, init_weights)
+        else:  # parameters only: no module targets (HF peft: target_modules becomes an empty set)
+            if adapter_name in self.peft_config:
+                raise ValueError(
+                    f"Adapter {adapter_name!r} already exists; pick another name or delete it first"
+                )
+            for p in self.model.parameters():
+                p.requires_grad_(False)
+            self.peft_config[adapter_name] = dataclasses.replace(config, target_modules=[])
+            object.__setattr__(self.peft_config[adapter_name], "target_modules", set())
+        config = self.peft_config[adapter_name]
+        if config.target_parameters:
+            inject_parameters(self.model, config, adapter_name, init_weights)
+        if config.trainable_token_indices is not None:
+            targets = _token_targets(self.model, config.trainable_token_indices)
+            add_token_adapters(self.model, targets, adapter_name, init_weights, wrapped=True)
         self.set_adapter(self.active_adapter)
 
     def _replicate(self, config: LoraConfig) -> None:
@@ -92,6 +112,7 @@ class LoraModel(BaseTuner):
         self, merge: bool, safe_merge: bool = False, adapter_names: list[str] | None = None
     ) -> nn.Module:
         model = super()._unload(merge, safe_merge, adapter_names)
+        strip_parameter_wrappers(model)  # nested wrappers (two parameters of one module) leave an inner one
         unwrap_token_adapters(model)
         return model
 

@@ -41,6 +41,9 @@ class LoraConfig(PeftConfig):
         layer_replication: rebuild the block stack from `[start, end)` ranges of the original blocks, e.g.
             `[[0, 4], [2, 5]]` -> blocks 0 1 2 3 2 3 4; repeats share the base weights, each gets its own LoRA.
             Such a model cannot be merged (the shared weights would take every copy's update).
+        target_parameters: parameter names (full or `.`-suffix) to adapt directly, e.g. the 3-D expert stacks
+            `["experts.gate_up_proj", "experts.down_proj"]` of MoE models; works with or without target_modules
+            (alone, target_modules becomes empty rather than the architecture's default). See lora_param.py.
     """
 
     r: int = 8
@@ -61,6 +64,7 @@ class LoraConfig(PeftConfig):
     lora_bias: bool = False
     trainable_token_indices: list[int] | dict[str, list[int]] | None = None
     layer_replication: list[list[int]] | None = None
+    target_parameters: list[str] | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -89,17 +93,28 @@ class LoraConfig(PeftConfig):
             )
         self._validate_patterns()
         self._validate_token_indices()
+        tp = self.target_parameters
+        if tp is not None and (
+            not isinstance(tp, (list, tuple, set)) or not all(isinstance(t, str) for t in tp)
+        ):
+            raise ValueError(f"LoraConfig: target_parameters must be a list of parameter names, got {tp!r}")
+        if tp is not None:
+            self.target_parameters = list(tp)
         if self.layer_replication is not None:
             self.layer_replication = [list(pair) for pair in self._checked_replication()]
 
     def _checked_replication(self) -> list:
         spec = self.layer_replication
-        ok = isinstance(spec, (list, tuple)) and spec and all(
-            isinstance(p, (list, tuple))
-            and len(p) == 2
-            and all(isinstance(i, int) and not isinstance(i, bool) for i in p)
-            and 0 <= p[0] < p[1]
-            for p in spec
+        ok = (
+            isinstance(spec, (list, tuple))
+            and spec
+            and all(
+                isinstance(p, (list, tuple))
+                and len(p) == 2
+                and all(isinstance(i, int) and not isinstance(i, bool) for i in p)
+                and 0 <= p[0] < p[1]
+                for p in spec
+            )
         )
         if not ok:
             raise ValueError(
