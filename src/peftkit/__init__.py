@@ -27,6 +27,8 @@ from .tuners.ln_tuning import LNTuningConfig, LNTuningModel
 from .tuners.loha import LoHaConfig, LoHaModel
 from .tuners.lokr import LoKrConfig, LoKrModel
 from .tuners.lora import LoraConfig, LoraModel
+from .tuners.lora_config import LoftQConfig
+from .tuners.lora_loftq import replace_lora_weights_loftq
 from .tuners.oft import OFTConfig, OFTModel
 from .tuners.p_tuning import PromptEncoderConfig, PromptEncoderReparameterizationType
 from .tuners.prefix_tuning import PrefixTuningConfig
@@ -50,6 +52,7 @@ __all__ = [
     "LoHaModel",
     "LoKrConfig",
     "LoKrModel",
+    "LoftQConfig",
     "LoraConfig",
     "LoraModel",
     "OFTConfig",
@@ -77,6 +80,7 @@ __all__ = [
     "cast_mixed_precision_params",
     "get_peft_model",
     "register_peft_method",
+    "replace_lora_weights_loftq",
     "set_fast_attention",
     "set_fused_causal_lm_loss",
     "set_shared_prefix",

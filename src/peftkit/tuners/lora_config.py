@@ -2,14 +2,35 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..config import PeftConfig
 
-_INITS = (True, False, "gaussian", "pissa", "olora")
+_INITS = (True, False, "gaussian", "pissa", "olora", "loftq")
 _BIAS_MODES = ("none", "all", "lora_only")
+
+
+@dataclass
+class LoftQConfig:
+    """LoftQ's settings (HF peft's `LoftQConfig`), passed as `LoraConfig(init_lora_weights="loftq", loftq_config=...)`.
+
+    Attributes:
+        loftq_bits: bits of the NormalFloat quantization of the base weight (2, 3, 4 or 8).
+        loftq_iter: alternations of quantization and SVD (>= 1); more lowers the reconstruction error.
+    """
+
+    loftq_bits: int = 4
+    loftq_iter: int = 1
+
+    def __post_init__(self) -> None:
+        if self.loftq_bits not in (2, 3, 4, 8) or not isinstance(self.loftq_iter, int) or self.loftq_iter < 1:
+            raise ValueError(
+                f"LoftQConfig: loftq_bits must be 2, 3, 4 or 8 and loftq_iter an int >= 1; got {self.loftq_bits}, "
+                f"{self.loftq_iter}"
+            )
 
 
 @dataclass
@@ -44,6 +65,8 @@ class LoraConfig(PeftConfig):
         target_parameters: parameter names (full or `.`-suffix) to adapt directly, e.g. the 3-D expert stacks
             `["experts.gate_up_proj", "experts.down_proj"]` of MoE models; works with or without target_modules
             (alone, target_modules becomes empty rather than the architecture's default). See lora_param.py.
+        loftq_config: with init_lora_weights="loftq": a LoftQConfig (or its dict). The base weight becomes its
+            NormalFloat quantization Q and the adapter the best rank-r fit of W - Q (so Q + scaling*B@A ~ W).
     """
 
     r: int = 8
@@ -65,6 +88,7 @@ class LoraConfig(PeftConfig):
     trainable_token_indices: list[int] | dict[str, list[int]] | None = None
     layer_replication: list[list[int]] | None = None
     target_parameters: list[str] | None = None
+    loftq_config: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -93,6 +117,15 @@ class LoraConfig(PeftConfig):
             )
         self._validate_patterns()
         self._validate_token_indices()
+        if isinstance(self.loftq_config, LoftQConfig):
+            self.loftq_config = dataclasses.asdict(self.loftq_config)
+        if (init == "loftq") != bool(self.loftq_config):
+            raise ValueError(
+                "LoraConfig: init_lora_weights='loftq' and loftq_config=LoftQConfig(...) go together; got "
+                f"init_lora_weights={init!r}, loftq_config={self.loftq_config!r}"
+            )
+        if self.loftq_config:
+            LoftQConfig(**self.loftq_config)  # validates the values
         tp = self.target_parameters
         if tp is not None and (
             not isinstance(tp, (list, tuple, set)) or not all(isinstance(t, str) for t in tp)

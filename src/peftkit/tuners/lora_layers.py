@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..functional import loftq as FQ
 from ..functional import lora as FL
 from ..functional.lora_branch import lora_branch_
 from ..functional.lora_merged import merged_lora_linear
@@ -65,7 +66,7 @@ class LoraLayer(AdapterLayer):
         """Create A and B (B with a bias when `self.lora_bias[adapter_name]`)."""
         raise NotImplementedError
 
-    def _init_weights(self, adapter_name: str, init: bool | str) -> None:
+    def _init_weights(self, adapter_name: str, init: bool | str, config: LoraConfig | None = None) -> None:
         raise NotImplementedError
 
     def _weight_rows(self) -> torch.Tensor:
@@ -92,7 +93,7 @@ class LoraLayer(AdapterLayer):
         p = config.lora_dropout
         self.lora_dropout[adapter_name] = nn.Dropout(p) if p > 0 else nn.Identity()
         self._create(adapter_name, r)
-        self._init_weights(adapter_name, config.init_lora_weights if init_weights else False)
+        self._init_weights(adapter_name, config.init_lora_weights if init_weights else False, config)
         self._to_base_device(adapter_name)
         if config.use_dora:
             with torch.no_grad():
@@ -219,7 +220,7 @@ class LoraLinear(LoraLayer):
         self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False)
         self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=self.lora_bias[adapter_name])
 
-    def _init_weights(self, adapter_name: str, init: bool | str) -> None:
+    def _init_weights(self, adapter_name: str, init: bool | str, config: LoraConfig | None = None) -> None:
         A, B = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
         with torch.no_grad():
             if init is False:
@@ -227,6 +228,9 @@ class LoraLinear(LoraLayer):
                 return
             if init == "gaussian":
                 nn.init.normal_(A, std=1 / self.r[adapter_name])
+            elif init == "loftq":
+                self._loftq_init(adapter_name, config.loftq_config)
+                return
             elif isinstance(init, str) and init.startswith(("pissa", "olora")):
                 self._principal_init(adapter_name, init)
                 return
@@ -235,6 +239,17 @@ class LoraLinear(LoraLayer):
             nn.init.zeros_(B)
             if self.lora_B[adapter_name].bias is not None:
                 nn.init.zeros_(self.lora_B[adapter_name].bias)
+
+    def _loftq_init(self, adapter_name: str, loftq_config: dict) -> None:
+        """LoftQ: the base weight becomes its NormalFloat quantization Q; B @ A the rank-r fit of W - Q, divided by
+        the scaling so that Q + scaling * B @ A ~ W. (HF peft leaves the scaling in, exact only when it is 1.)"""
+        s, base = self.scaling[adapter_name], self.base_layer.weight
+        q, L, R = FQ.loftq(
+            self._weight_rows(), self.r[adapter_name], loftq_config["loftq_bits"], loftq_config["loftq_iter"]
+        )
+        self.lora_A[adapter_name].weight.data.copy_(R / math.sqrt(s))
+        self.lora_B[adapter_name].weight.data.copy_(L / math.sqrt(s))
+        base.data.copy_(self._from_rows(q).to(base.dtype))
 
     def _principal_init(self, adapter_name: str, init: str) -> None:
         """PiSSA (top singular vectors) or OLoRA (QR); the base weight keeps the residual W - s*B@A."""
@@ -345,7 +360,7 @@ class LoraEmbedding(LoraLayer):
         self.lora_embedding_A[adapter_name] = nn.Parameter(torch.empty(r, num))
         self.lora_embedding_B[adapter_name] = nn.Parameter(torch.empty(dim, r))
 
-    def _init_weights(self, adapter_name: str, init: bool | str) -> None:
+    def _init_weights(self, adapter_name: str, init: bool | str, config: LoraConfig | None = None) -> None:
         A, B = self.lora_embedding_A[adapter_name], self.lora_embedding_B[adapter_name]
         with torch.no_grad():
             if init is True:
@@ -407,7 +422,7 @@ class LoraConv2d(LoraLayer):
         )
         self.lora_B[adapter_name] = nn.Conv2d(r, base.out_channels, 1, 1, bias=self.lora_bias[adapter_name])
 
-    def _init_weights(self, adapter_name: str, init: bool | str) -> None:
+    def _init_weights(self, adapter_name: str, init: bool | str, config: LoraConfig | None = None) -> None:
         A, B = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
         with torch.no_grad():
             if init is False:

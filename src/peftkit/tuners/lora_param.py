@@ -79,7 +79,7 @@ class LoraParameter(LoraLayer):
         self.lora_A[adapter_name] = nn.Linear(self.in_features, r * self.experts, bias=False)
         self.lora_B[adapter_name] = nn.Linear(r * self.experts, self.out_features, bias=False)
 
-    def _init_weights(self, adapter_name: str, init: bool | str) -> None:
+    def _init_weights(self, adapter_name: str, init: bool | str, config: LoraConfig | None = None) -> None:
         A, B = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
         with torch.no_grad():
             if init is False:
