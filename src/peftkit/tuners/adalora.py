@@ -113,6 +113,10 @@ class AdaLoraLayer(AdapterLayer):
                 nn.init.normal_(self.lora_B[adapter_name], std=0.02)
         self.set_adapter(self.active_adapters or [adapter_name])
 
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        self.ranknum.pop(adapter_name, None)  # not in adapter_attrs (never trained or saved), so dropped here
+
     def keep_ranks(self, adapter_name: str, keep: torch.Tensor) -> None:
         """Shrink an adapter to the ranks where `keep` (r,) is True (used when loading a pruned adapter)."""
         trainable = self.lora_A[adapter_name].requires_grad
