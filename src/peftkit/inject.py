@@ -291,6 +291,8 @@ def replicate_layers(model: nn.Module, layer_map: list[tuple[int, int]] | list[l
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "num_hidden_layers"):
         config.num_hidden_layers = len(new)
-        types = getattr(config, "layer_types", None)  # per-layer attention kinds (sliding/full) follow the map
+        types = getattr(
+            config, "layer_types", None
+        )  # per-layer attention kinds (sliding/full) follow the map
         if isinstance(types, list) and len(types) == len(blocks):
             config.layer_types = [types[i] for start, end in layer_map for i in range(start, end)]

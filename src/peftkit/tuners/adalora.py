@@ -115,7 +115,8 @@ class AdaLoraLayer(AdapterLayer):
 
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
-        self.ranknum.pop(adapter_name, None)  # not in adapter_attrs (never trained or saved), so dropped here
+        if adapter_name in self.ranknum:  # not in adapter_attrs (never trained or saved), so dropped here
+            del self.ranknum[adapter_name]
 
     def keep_ranks(self, adapter_name: str, keep: torch.Tensor) -> None:
         """Shrink an adapter to the ranks where `keep` (r,) is True (used when loading a pruned adapter)."""
