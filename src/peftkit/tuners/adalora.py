@@ -50,8 +50,10 @@ class AdaLoraConfig(LoraConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = "ADALORA"
-        if self.use_dora or self.lora_bias:
-            raise ValueError("AdaLoraConfig: AdaLoRA supports neither DoRA (use_dora) nor lora_bias")
+        if self.use_dora:
+            raise ValueError("AdaLoraConfig: AdaLoRA does not support DoRA (use_dora=True)")
+        if self.lora_bias:
+            raise ValueError("AdaLoraConfig: AdaLoRA does not support lora_bias=True")
         if self.total_step is None or self.total_step <= 0:
             raise ValueError(
                 f"AdaLoraConfig: total_step must be a positive number of steps, got {self.total_step!r}"
