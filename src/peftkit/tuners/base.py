@@ -209,8 +209,9 @@ class BaseTuner(nn.Module):
         """Wrap every target module with an adapter layer for `adapter_name`."""
         if adapter_name in self.peft_config:
             raise ValueError(f"Adapter {adapter_name!r} already exists; pick another name or delete it first")
-        config = _targets_as_set(self.resolve_config(config))
+        config = self.resolve_config(config)
         keys = find_targets(self.model, config, wrapper_types=(AdapterLayer,))
+        config = _targets_as_set(config)
         for p in self.model.parameters():
             p.requires_grad_(False)
         for key in keys:
