@@ -114,9 +114,7 @@ def test_training_lowers_lm_loss(method):
     torch.manual_seed(1)
     model = peftkit.get_peft_model(M.sharp(M.tiny_llama)(0), CONFIGS[method]("CAUSAL_LM"))
     model.train()
-    assert all(
-        n.startswith("prompt_encoder.") for n, p in model.named_parameters() if p.requires_grad
-    )
+    assert all(n.startswith("prompt_encoder.") for n, p in model.named_parameters() if p.requires_grad)
     inputs = M.token_inputs()
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.1)
     losses = []
