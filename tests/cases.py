@@ -363,3 +363,65 @@ CASES += [
         perturb=True,
     ),
 ]
+
+# ----- LoRA options (issue 16): lora_bias (B with a bias; merging moves it into the base bias) -----
+CASES += [
+    Case("lora-gpt2-lora-bias", "LORA", M.tiny_gpt2, {"r": 4, "lora_bias": True, **_RANDOM}),
+    Case(
+        "lora-conv2d-lora-bias",
+        "LORA",
+        M.tiny_convnet,
+        {"r": 2, "target_modules": ["conv1", "head"], "lora_bias": True, **_RANDOM},
+        inputs=M.image_inputs,
+        task_type=None,
+    ),
+    Case(
+        "lora-bert-lora-bias-default-init",
+        "LORA",
+        M.tiny_bert_cls,
+        {"r": 4, "lora_bias": True},
+        task_type="SEQ_CLS",
+        identity_init=True,
+    ),
+]
+
+# ----- trainable tokens: only the embedding rows of the given ids train (GPT-2: the tied head reads them too).
+# Default init copies the current rows (an identity), hence perturb; half the ids train so the loss can fall
+# (Llama sharp: with its default 0.02 init, the embedding alone barely moves the output) -----
+_TOKENS = {"token_indices": list(range(1, M.VOCAB, 2))}
+CASES += [
+    Case("trainable-tokens-llama", "TRAINABLE_TOKENS", M.sharp(M.tiny_llama), _TOKENS, perturb=True, lr=0.1),
+    Case("trainable-tokens-gpt2-tied", "TRAINABLE_TOKENS", M.tiny_gpt2, _TOKENS, perturb=True, lr=0.1),
+    Case(
+        "trainable-tokens-gpt2-named-random-init",
+        "TRAINABLE_TOKENS",
+        M.tiny_gpt2,
+        {**_TOKENS, "target_modules": ["wte"], "init_weights": False},
+        lr=0.1,
+    ),
+]
+
+# ----- target_parameters: LoRA on MoE expert stacks (3-D nn.Parameters, no Linear) -----
+from .moe_models import tiny_mixtral  # noqa: E402
+
+CASES += [
+    Case(
+        "lora-mixtral-target-parameters",
+        "LORA",
+        tiny_mixtral,
+        {"r": 2, "target_parameters": ["experts.gate_up_proj", "experts.down_proj"], **_RANDOM},
+    ),
+    Case(
+        "lora-mixtral-modules-and-parameters",
+        "LORA",
+        tiny_mixtral,
+        {"r": 2, "target_modules": ["q_proj"], "target_parameters": ["mlp.experts.down_proj"], **_RANDOM},
+    ),
+    Case(
+        "lora-mixtral-target-parameters-default-init",
+        "LORA",
+        tiny_mixtral,
+        {"r": 2, "target_parameters": ["experts.gate_up_proj"]},
+        identity_init=True,
+    ),
+]

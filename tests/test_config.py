@@ -64,8 +64,10 @@ def test_unknown_keys_warn_and_unsupported_features_raise(tmp_path):
     path.write_text(json.dumps(data))
     with pytest.warns(UserWarning, match="some_future_field"):
         assert peftkit.PeftConfig.from_pretrained(tmp_path).r == 4
-    path.write_text(json.dumps(data | {"layer_replication": [[0, 2]]}))
-    with pytest.raises(ValueError, match="layer_replication"):
+    path.write_text(
+        json.dumps(data | {"use_qalora": True})
+    )  # (layer_replication is supported since issue 16)
+    with pytest.raises(ValueError, match="use_qalora"):
         peftkit.PeftConfig.from_pretrained(tmp_path)
 
 

@@ -114,9 +114,7 @@ def test_training_lowers_lm_loss(method):
     torch.manual_seed(1)
     model = peftkit.get_peft_model(M.sharp(M.tiny_llama)(0), CONFIGS[method]("CAUSAL_LM"))
     model.train()
-    assert all(
-        n.startswith("base_model.prompt_encoder.") for n, p in model.named_parameters() if p.requires_grad
-    )
+    assert all(n.startswith("prompt_encoder.") for n, p in model.named_parameters() if p.requires_grad)
     inputs = M.token_inputs()
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.1)
     losses = []
@@ -205,7 +203,7 @@ def test_reparameterised_adapter_reloads_as_its_computed_rows(tmp_path):
         with torch.no_grad():
             assert torch.equal(loaded(**inputs).logits, expected)
         names = {n for n, p in loaded.named_parameters() if p.requires_grad}
-        assert names == ({"base_model.prompt_encoder.default.embedding.weight"} if trainable else set())
+        assert names == ({"prompt_encoder.default.embedding.weight"} if trainable else set())
 
 
 def test_adapters_switch_and_delete():
@@ -217,6 +215,6 @@ def test_adapters_switch_and_delete():
     assert model.active_adapters == ["other"]
     assert model(**inputs).logits.shape[1] == 10
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable == {"base_model.prompt_encoder.other.embedding.weight"}
+    assert trainable == {"prompt_encoder.other.embedding.weight"}
     model.delete_adapter("other")
     assert list(model.peft_config) == ["default"] and model.active_adapter == "default"

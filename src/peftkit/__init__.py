@@ -17,6 +17,7 @@ from .auto import (
     AutoPeftModelForSequenceClassification,
     AutoPeftModelForTokenClassification,
 )
+from . import helpers, optimizers  # noqa: F401  (peft.helpers, peft.optimizers)
 from .config import PeftConfig, PeftType, TaskType
 from .errors import NoMatchingPeftModuleError, PeftError, PeftWarning
 from .fast_attention import set_fast_attention
@@ -35,6 +36,7 @@ from .mapping import (
     PEFT_TYPE_TO_TUNER_MAPPING,
     get_peft_config,
 )
+from .helpers import cast_mixed_precision_params
 from .peft_model import (
     PeftModel,
     PeftModelForCausalLM,
@@ -57,11 +59,14 @@ from .tuners.ln_tuning import LNTuningConfig, LNTuningModel
 from .tuners.loha import LoHaConfig, LoHaModel
 from .tuners.lokr import LoKrConfig, LoKrModel
 from .tuners.lora import LoraConfig, LoraModel
+from .tuners.lora_config import LoftQConfig
+from .tuners.lora_loftq import replace_lora_weights_loftq
 from .tuners.oft import OFTConfig, OFTModel
 from .tuners.p_tuning import PromptEncoderConfig, PromptEncoderReparameterizationType
 from .tuners.prefix_tuning import PrefixTuningConfig
 from .tuners.prompt_base import PromptLearningConfig
 from .tuners.prompt_tuning import PromptTuningConfig, PromptTuningInit
+from .tuners.trainable_tokens import TrainableTokensConfig, TrainableTokensModel
 from .tuners.vera import VeraConfig, VeraModel
 
 __version__ = "0.1.0"
@@ -88,6 +93,7 @@ __all__ = [
     "LoHaModel",
     "LoKrConfig",
     "LoKrModel",
+    "LoftQConfig",
     "LoraConfig",
     "LoraModel",
     "MODEL_TYPE_TO_PEFT_MODEL_MAPPING",
@@ -115,12 +121,15 @@ __all__ = [
     "PromptTuningConfig",
     "PromptTuningInit",
     "TaskType",
+    "TrainableTokensConfig",
+    "TrainableTokensModel",
     "VeraConfig",
     "VeraModel",
     "get_base_model_state_dict",
     "get_layer_status",
     "get_model_status",
     "get_peft_config",
+    "cast_mixed_precision_params",
     "get_peft_model",
     "get_peft_model_state_dict",
     "inject_adapter_in_model",
@@ -128,6 +137,7 @@ __all__ = [
     "prepare_model_for_kbit_training",
     "register_peft_method",
     "set_base_model_state_dict",
+    "replace_lora_weights_loftq",
     "set_fast_attention",
     "set_fused_causal_lm_loss",
     "set_peft_model_state_dict",

@@ -3,6 +3,7 @@ that list what the model does contain when a target matches nothing."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import re
 from collections.abc import Iterable
@@ -260,3 +261,49 @@ def find_targets(model: nn.Module, config: Any, wrapper_types: tuple[type, ...] 
             f"Module names it does contain: {_candidate_names(model)}"
         )
     return keys
+
+
+def replicate_layers(model: nn.Module, layer_map: list[tuple[int, int]] | list[list[int]]) -> None:
+    """Rebuild the model's block list from `[start, end)` ranges of its blocks (LoRA's `layer_replication`):
+    `[[0, 4], [2, 5]]` on blocks 0..4 gives 0 1 2 3 2 3 4. Repeated blocks share the original parameters (no
+    copy of the base weights); each position gets its own `layer_idx` (KV cache slot) and, later, its own adapter.
+
+    Raises:
+        ValueError: the model has no block list this knows (`model.layers`, `encoder.layer`, `h`), or a range is
+            outside it.
+    """
+    inner = model
+    while hasattr(inner, "model") and isinstance(inner.model, nn.Module):
+        inner = inner.model
+    inner = getattr(inner, "bert", inner)
+    for owner, attr in ((inner, "layers"), (getattr(inner, "encoder", None), "layer"), (inner, "h")):
+        blocks = getattr(owner, attr, None)
+        if isinstance(blocks, nn.ModuleList):
+            break
+    else:
+        raise ValueError(
+            f"layer_replication: no block list found in {type(model).__name__} (looked for .layers, "
+            ".encoder.layer and .h, as for Llama-, BERT- and Falcon-like models)"
+        )
+    new: list[nn.Module] = []
+    for start, end in layer_map:
+        if not 0 <= start < end <= len(blocks):
+            raise ValueError(
+                f"layer_replication: range [{start}, {end}) is outside the model's {len(blocks)} blocks"
+            )
+        for i in range(start, end):
+            memo = {id(p): p for p in blocks[i].parameters()}  # share parameters, copy the rest
+            block = copy.deepcopy(blocks[i], memo)
+            for sub in block.modules():
+                if hasattr(sub, "layer_idx"):
+                    sub.layer_idx = len(new)
+            new.append(block)
+    setattr(owner, attr, nn.ModuleList(new))
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "num_hidden_layers"):
+        config.num_hidden_layers = len(new)
+        types = getattr(
+            config, "layer_types", None
+        )  # per-layer attention kinds (sliding/full) follow the map
+        if isinstance(types, list) and len(types) == len(blocks):
+            config.layer_types = [types[i] for start, end in layer_map for i in range(start, end)]

@@ -56,12 +56,16 @@ def adapter_key_map(root: nn.Module, adapter_name: str) -> dict[str, str]:
     holds the transformers model directly, so the `model.` level of our tuner is dropped from other keys.
     """
     out: dict[str, str] = {}
-    drop = ""  # "<tuner path>.model." under a prompt-learning tuner: HF's file keys lack that level
+    drop = (
+        ""  # "<tuner path>.model." under a registered prompt-learning tuner: HF's file keys lack that level
+    )
     for path, module in root.named_modules():
         prefix = f"{path}." if path else ""
         if getattr(type(module), "is_prompt_learning", False) and adapter_name in module.prompt_encoder:
             out[f"{prefix}prompt_encoder.{adapter_name}.embedding.weight"] = PROMPT_EMBEDDINGS_KEY
             drop = f"{prefix}model."
+        elif getattr(module, "holds_prompt_encoders", False) and adapter_name in module:  # PeftModel's own
+            out[f"{prefix}{adapter_name}.embedding.weight"] = PROMPT_EMBEDDINGS_KEY
         if isinstance(module, (AdapterLayer, BaseTuner)):
             for attr in _adapter_containers(module):
                 container = getattr(module, attr)
@@ -70,7 +74,8 @@ def adapter_key_map(root: nn.Module, adapter_name: str) -> dict[str, str]:
                 item = container[adapter_name]
                 mem, disk = f"{prefix}{attr}.{adapter_name}", f"{prefix}{attr}"
                 if isinstance(item, nn.Module):
-                    out.update({f"{mem}.{k}": f"{disk}.{k}" for k in item.state_dict()})
+                    flat = attr in getattr(module, "flat_file_attrs", ())  # DoRA's magnitude: no `.weight`
+                    out.update({f"{mem}.{k}": disk if flat else f"{disk}.{k}" for k in item.state_dict()})
                 else:
                     out[mem] = disk
         elif isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:

@@ -57,13 +57,21 @@ class PeftModel(PreTrainedModel):
         if method.tuner_cls is None:
             raise NotImplementedError(f"{method.peft_type} is not implemented in peftkit yet")
         peft_config = self._prepare_config(model, peft_config)
-        self.base_model = method.tuner_cls(model, peft_config, adapter_name, init_weights=init_weights)
+        tuner = method.tuner_cls(model, peft_config, adapter_name, init_weights=init_weights)
+        if method.is_prompt_learning:  # HF peft's layout: `base_model.*` is the model, `prompt_encoder.*` the
+            # encoders; the tuner that runs them is held unregistered (`self.base_model` still returns it)
+            self.__dict__["_prompt_tuner"] = tuner
+            self._modules["base_model"] = model
+            self._modules["prompt_encoder"] = tuner.prompt_encoder
+            self._modules["word_embeddings"] = model.get_input_embeddings()
+        else:
+            self.base_model = tuner
         self._wrap_modules_to_save(self.peft_config[adapter_name], adapter_name)
 
     # ----- identity and delegation -------------------------------------------------------------------------
     @property
     def base_model(self) -> nn.Module:  # PreTrainedModel defines a property of that name; ours is the tuner
-        return self._modules["base_model"]
+        return self.__dict__.get("_prompt_tuner") or self._modules["base_model"]
 
     @base_model.setter
     def base_model(self, value: nn.Module) -> None:
@@ -75,7 +83,7 @@ class PeftModel(PreTrainedModel):
         except AttributeError:
             if name in ("base_model", "_modules"):
                 raise
-            return getattr(self._modules["base_model"], name)
+            return getattr(self.base_model, name)
 
     @property
     def peft_config(self) -> dict[str, PeftConfig]:
@@ -104,6 +112,12 @@ class PeftModel(PreTrainedModel):
     @property
     def _no_split_modules(self) -> Any:
         return getattr(self.get_base_model(), "_no_split_modules", None)
+
+    def train(self, mode: bool = True) -> PeftModel:
+        super().train(mode)
+        if "_prompt_tuner" in self.__dict__:  # not a registered child (see __init__): keep its flag in step
+            self.__dict__["_prompt_tuner"].training = mode
+        return self
 
     def get_base_model(self) -> nn.Module:
         """The wrapped model (with adapter layers inside it)."""

@@ -11,7 +11,7 @@ from peftkit import LoraConfig, get_peft_model
 from peftkit.functional.lora_branch import lora_branch_
 from peftkit.functional.lora_merged import merged_lora_linear
 from peftkit.inject import Conv1D
-from peftkit.tuners import lora as lora_module
+from peftkit.tuners import lora_layers as lora_module
 from peftkit.tuners.lora import LoraLinear
 from tests.models import tiny_gpt2, tiny_llama, token_inputs
 

@@ -110,3 +110,18 @@ def embed_with(x: torch.Tensor, table: torch.Tensor, base: torch.nn.Embedding) -
     return F.embedding(
         x, table, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse
     )
+
+
+def stacked_delta(A: torch.Tensor, B: torch.Tensor, scaling: float, experts: int) -> torch.Tensor:
+    """The update of a stack of `experts` weights (LoRA on an MoE parameter), one rank-r pair per expert,
+    held in two matrices laid out as HF peft's files have them.
+
+    Args:
+        A: (experts * r, in), expert-major rows: rows e*r .. e*r+r-1 belong to expert e.
+        B: (out, r * experts), expert-minor columns: column j*experts + e is rank j of expert e.
+    Returns:
+        (experts, out, in): scaling * B_e @ A_e for each expert e.
+    """
+    a = A.reshape(experts, -1, A.shape[-1])  # (E, r, in)
+    b = B.reshape(B.shape[0], -1, experts).permute(2, 0, 1)  # (E, out, r)
+    return torch.bmm(b, a) * scaling

@@ -6,7 +6,7 @@ rank-r GEMMs that run far below peak on CPU: forward loses `h @ B.T`, backward l
 (N, in) add of the branch's grad_x into the base layer's. W_eff is rebuilt in backward rather than saved
 (saving it would hold a model-size of extra memory across layers); the saved tensors are x, W, A and B
 (the frozen base linear keeps the same), so peak memory does not grow. Worth it only for many rows N: see
-`_MERGED_MIN_ROWS` in `tuners/lora.py`, where the layer picks this path.
+`_MERGED_MIN_ROWS` in `tuners/lora_layers.py`, where the layer picks this path.
 """
 
 from __future__ import annotations

@@ -12,5 +12,6 @@ from . import (
     p_tuning,  # noqa: F401
     prefix_tuning,  # noqa: F401
     prompt_tuning,  # noqa: F401
+    trainable_tokens,  # noqa: F401
     vera,  # noqa: F401
 )

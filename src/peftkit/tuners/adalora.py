@@ -54,6 +54,8 @@ class AdaLoraConfig(LoraConfig):
         self.peft_type = "ADALORA"
         if self.use_dora:
             raise ValueError("AdaLoraConfig: AdaLoRA does not support DoRA (use_dora=True)")
+        if self.lora_bias:
+            raise ValueError("AdaLoraConfig: AdaLoRA does not support lora_bias=True")
         if self.total_step is None or self.total_step <= 0:
             raise ValueError(
                 f"AdaLoraConfig: total_step must be a positive number of steps, got {self.total_step!r}"
@@ -92,7 +94,9 @@ class AdaLoraLayer(AdapterLayer):
         self.lora_E = nn.ParameterDict()
         self.lora_dropout = nn.ModuleDict()
         self.scaling: dict[str, float] = {}
-        self.ranknum: dict[str, float] = {}
+        # a frozen parameter per adapter (not in adapter_attrs: never trained nor written to files), so
+        # state_dict()/named_parameters() carry `...ranknum.<adapter>` as in HF peft
+        self.ranknum = nn.ParameterDict()
 
     def update_layer(self, adapter_name: str, config: AdaLoraConfig, init_weights: bool = True) -> None:
         r = config.init_r
@@ -104,13 +108,19 @@ class AdaLoraLayer(AdapterLayer):
         self.lora_E[adapter_name] = nn.Parameter(torch.randn(r, 1, **factory))
         self.lora_B[adapter_name] = nn.Parameter(torch.randn(self.out_features, r, **factory))
         self.scaling[adapter_name] = config.lora_alpha if config.lora_alpha > 0 else float(r)
-        self.ranknum[adapter_name] = float(r)  # the normaliser stays init_r even after pruning
+        # the normaliser stays init_r even after pruning
+        self.ranknum[adapter_name] = nn.Parameter(torch.tensor(float(r), **factory), requires_grad=False)
         if init_weights and config.init_lora_weights:
             with torch.no_grad():
                 nn.init.zeros_(self.lora_E[adapter_name])
                 nn.init.normal_(self.lora_A[adapter_name], std=0.02)
                 nn.init.normal_(self.lora_B[adapter_name], std=0.02)
         self.set_adapter(self.active_adapters or [adapter_name])
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        if adapter_name in self.ranknum:  # not in adapter_attrs (never trained or saved), so dropped here
+            del self.ranknum[adapter_name]
 
     def keep_ranks(self, adapter_name: str, keep: list[bool]) -> None:
         """Shrink an adapter to the ranks where `keep` (r,) is True (used when loading a pruned adapter)."""
@@ -137,7 +147,7 @@ class AdaLoraLayer(AdapterLayer):
             self.lora_E[adapter_name],
             self.lora_B[adapter_name],
             self.scaling[adapter_name],
-            self.ranknum[adapter_name],
+            float(self.ranknum[adapter_name]),
         )
         return d.T if self.transposed else d
 
@@ -148,7 +158,7 @@ class AdaLoraLayer(AdapterLayer):
             A = self.lora_A[name]
             xa = self.lora_dropout[name](x.to(A.dtype))
             upd = FA.svd_forward(
-                xa, A, self.lora_E[name], self.lora_B[name], self.scaling[name], self.ranknum[name]
+                xa, A, self.lora_E[name], self.lora_B[name], self.scaling[name], float(self.ranknum[name])
             )
             result = result + upd.to(result.dtype)
         return result

@@ -10,6 +10,7 @@ swaps them for adapter layers, and implements merge/unload/enable/disable over a
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -120,7 +121,7 @@ class AdapterLayer(nn.Module):
         the base weight, so a broken adapter leaves the model untouched.
         """
         names = self.active_adapters if adapter_names is None else adapter_names
-        weight = self.base_layer.weight
+        weight = self.weight  # the merge target (LoRA on a bare parameter overrides `weight`)
         for name in names:
             if name in self.merged_adapters or name not in self.adapter_names:
                 continue
@@ -138,7 +139,7 @@ class AdapterLayer(nn.Module):
 
     def unmerge(self) -> None:
         """Restore the base weight by undoing the merges, last first."""
-        weight = self.base_layer.weight
+        weight = self.weight
         while self.merged_adapters:
             name = self.merged_adapters.pop()
             with torch.no_grad():
@@ -232,6 +233,7 @@ class BaseTuner(nn.Module):
             raise ValueError(f"Adapter {adapter_name!r} already exists; pick another name or delete it first")
         config = self.resolve_config(config)
         keys = find_targets(self.model, config, wrapper_types=(AdapterLayer,))
+        config = _targets_as_set(config)
         for p in self.model.parameters():
             p.requires_grad_(False)
         for key in keys:
@@ -367,3 +369,14 @@ class BaseTuner(nn.Module):
         from .switching import set_requires_grad
 
         set_requires_grad(self, adapter_names, requires_grad)
+
+def _targets_as_set(config: PeftConfig) -> PeftConfig:
+    """A copy of `config` whose list of target module names is a set, as HF peft holds it after injection
+    (user code does `"q_proj" in config.target_modules` or set algebra on it); files still write a sorted list.
+    Bypasses `__post_init__`, which normalises to a list; the caller's config is left as it was."""
+    targets = getattr(config, "target_modules", None)
+    if not isinstance(targets, (list, tuple)):
+        return config
+    config = copy.copy(config)
+    object.__setattr__(config, "target_modules", set(targets))
+    return config

@@ -1,503 +1,34 @@
 """LoRA (and its variants rsLoRA, DoRA, PiSSA/OLoRA init) on Linear, GPT-2 Conv1D, Embedding and Conv2d.
 
 The variants are config values: `use_rslora` changes the scaling, `use_dora` adds a magnitude vector and
-uses `functional.lora.dora_*`, `init_lora_weights` picks an initialisation. One layer class per base-layer
-kind; all math lives in `functional/lora.py`.
+uses `functional.lora.dora_*`, `init_lora_weights` picks an initialisation. The config lives in
+`lora_config.py`, the layers (one class per base-layer kind) in `lora_layers.py`; all math in
+`functional/lora.py`. This module holds the tuner and the one registration.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
-import re
-from dataclasses import dataclass, field
-from typing import Any
 
-import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ..config import PeftConfig
-from ..functional import lora as FL
-from ..functional.lora_branch import lora_branch_
-from ..functional.lora_merged import merged_lora_linear
-from ..inject import LINEAR_TYPES, Conv1D, all_linear_names, default_targets
+from ..inject import LINEAR_TYPES, all_linear_names, default_targets, replicate_layers
 from ..registry import register_peft_method
-from .base import AdapterLayer, BaseTuner
-
-_INITS = (True, False, "gaussian", "pissa", "olora")
-_BIAS_MODES = ("none", "all", "lora_only")
-# Rows (tokens) from which a dropout-free LoRA Linear trains through one GEMM with W + s*B@A (see
-# functional/lora_merged.py); below it building that weight costs more than the rank-r GEMMs it saves.
-_MERGED_MIN_ROWS = 1024
-
-
-@dataclass
-class LoraConfig(PeftConfig):
-    """Configuration of a LoRA adapter (field names and defaults as in HF peft's `LoraConfig`).
-
-    Attributes:
-        r: rank of the update `B @ A` (> 0).
-        target_modules: module names (exact or `.`-suffix), a regex matched against the full name,
-            `"all-linear"` (every Linear/Conv1D but the output head), or None for the architecture's default.
-        exclude_modules: names or a regex of modules never to adapt.
-        lora_alpha: scaling numerator: the update is scaled by `lora_alpha / r` (`/ sqrt(r)` with use_rslora).
-        lora_dropout: dropout probability on the LoRA branch input, in [0, 1).
-        fan_in_fan_out: kept for file compatibility; the layout is read from the layer type (Conv1D is (in, out)).
-        bias: `"none"`, `"all"` (train every bias) or `"lora_only"` (biases of adapted layers).
-        use_rslora: rank-stabilised scaling `lora_alpha / sqrt(r)`.
-        modules_to_save: extra modules trained in full and saved with the adapter (e.g. a classifier head).
-        init_lora_weights: True (B = 0, so the model starts unchanged), False (random A and B), "gaussian",
-            "pissa" / "pissa_niter_N" (principal singular vectors; modifies the base weight), "olora" (QR).
-        layers_to_transform: block indices to adapt (int or list); None for all.
-        layers_pattern: name of the block list (`"layers"`, `"h"`) used with layers_to_transform.
-        rank_pattern / alpha_pattern: per-module r / alpha, keyed by a name or regex suffix.
-        use_dora: weight-decomposed LoRA (a learned per-row magnitude).
-    """
-
-    r: int = 8
-    target_modules: list[str] | str | None = None
-    exclude_modules: list[str] | str | None = None
-    lora_alpha: float = 8
-    lora_dropout: float = 0.0
-    fan_in_fan_out: bool = False
-    bias: str = "none"
-    use_rslora: bool = False
-    modules_to_save: list[str] | None = None
-    init_lora_weights: bool | str = True
-    layers_to_transform: list[int] | int | None = None
-    layers_pattern: list[str] | str | None = None
-    rank_pattern: dict[str, int] = field(default_factory=dict)
-    alpha_pattern: dict[str, float] = field(default_factory=dict)
-    use_dora: bool = False
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        self.peft_type = "LORA"
-        if isinstance(self.target_modules, (set, tuple)):
-            self.target_modules = sorted(self.target_modules)
-        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
-            raise ValueError(f"LoraConfig: r must be a positive integer, got {self.r!r}")
-        if self.lora_alpha <= 0:
-            raise ValueError(f"LoraConfig: lora_alpha must be > 0, got {self.lora_alpha!r}")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ValueError(f"LoraConfig: lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
-        if self.bias not in _BIAS_MODES:
-            raise ValueError(f"LoraConfig: bias must be one of {_BIAS_MODES}, got {self.bias!r}")
-        init = self.init_lora_weights
-        if init not in _INITS and not (isinstance(init, str) and re.fullmatch(r"pissa_niter_\d+", init)):
-            raise ValueError(
-                f"LoraConfig: init_lora_weights must be one of {_INITS} or 'pissa_niter_N', got {init!r}"
-            )
-        if self.layers_pattern is not None and self.layers_to_transform is None:
-            raise ValueError("LoraConfig: layers_pattern only applies together with layers_to_transform")
-        self._validate_patterns()
-
-    def _validate_patterns(self) -> None:
-        for pattern, value in {**self.rank_pattern, **self.alpha_pattern}.items():
-            if value <= 0:
-                raise ValueError(f"LoraConfig: rank/alpha pattern {pattern!r} must be > 0, got {value!r}")
-
-    def _pattern_value(self, patterns: dict[str, Any], module_name: str, default: Any) -> Any:
-        for key, value in patterns.items():
-            if re.match(rf"(.*\.)?({key})$", module_name):
-                return value
-        return default
-
-    def rank_for(self, module_name: str) -> int:
-        """r for one module, honouring rank_pattern."""
-        return int(self._pattern_value(self.rank_pattern, module_name, self.r))
-
-    def alpha_for(self, module_name: str) -> float:
-        """lora_alpha for one module, honouring alpha_pattern."""
-        return self._pattern_value(self.alpha_pattern, module_name, self.lora_alpha)
-
-
-class LoraLayer(AdapterLayer):
-    """Shared state of the LoRA layers: rank, alpha, scaling and DoRA flag per adapter."""
-
-    adapter_attrs = (
-        "lora_A",
-        "lora_B",
-        "lora_embedding_A",
-        "lora_embedding_B",
-        "lora_magnitude_vector",
-        "lora_dropout",
-    )
-
-    def __init__(self, base_layer: nn.Module, module_name: str = "") -> None:
-        super().__init__(base_layer, module_name)
-        self.lora_A = nn.ModuleDict()
-        self.lora_B = nn.ModuleDict()
-        self.lora_embedding_A = nn.ParameterDict()
-        self.lora_embedding_B = nn.ParameterDict()
-        self.lora_magnitude_vector = nn.ParameterDict()
-        self.lora_dropout = nn.ModuleDict()
-        self.r: dict[str, int] = {}
-        self.lora_alpha: dict[str, float] = {}
-        self.scaling: dict[str, float] = {}
-        self.use_dora: dict[str, bool] = {}
-
-    # kind-specific pieces -------------------------------------------------------------------------------------
-    def _create(self, adapter_name: str, r: int) -> None:
-        raise NotImplementedError
-
-    def _init_weights(self, adapter_name: str, init: bool | str) -> None:
-        raise NotImplementedError
-
-    def _weight_rows(self) -> torch.Tensor:
-        """The base weight with output units first: (out, in) or (out, in, kh, kw)."""
-        return self.base_layer.weight
-
-    def _from_rows(self, w: torch.Tensor) -> torch.Tensor:
-        """Inverse of `_weight_rows` for a tensor of that shape."""
-        return w
-
-    # shared -----------------------------------------------------------------------------------------------
-    def update_layer(self, adapter_name: str, config: LoraConfig, init_weights: bool = True) -> None:
-        r, alpha = config.rank_for(self.module_name), config.alpha_for(self.module_name)
-        self.r[adapter_name], self.lora_alpha[adapter_name] = r, alpha
-        self.scaling[adapter_name] = FL.lora_scaling(r, alpha, config.use_rslora)
-        self.use_dora[adapter_name] = config.use_dora
-        p = config.lora_dropout
-        self.lora_dropout[adapter_name] = nn.Dropout(p) if p > 0 else nn.Identity()
-        self._create(adapter_name, r)
-        self._init_weights(adapter_name, config.init_lora_weights if init_weights else False)
-        self._to_base_device(adapter_name)
-        if config.use_dora:
-            with torch.no_grad():
-                w = self._weight_rows().float()
-                norm = FL.row_norm(w + self._delta_rows(adapter_name).float())
-            shape = self._magnitude_shape(norm.shape[0])
-            self.lora_magnitude_vector[adapter_name] = nn.Parameter(
-                norm.reshape(shape).to(self._adapter_dtype())
-            )
-        self.set_adapter(self.active_adapters or [adapter_name])
-
-    def _magnitude_shape(self, out: int) -> tuple[int, ...]:
-        """How the DoRA magnitude is stored (the file shape HF peft uses): (out,)."""
-        return (out,)
-
-    def _magnitude(self, adapter_name: str) -> torch.Tensor:
-        """The DoRA magnitude as a flat (out,) vector."""
-        return self.lora_magnitude_vector[adapter_name].flatten()
-
-    def _adapter_dtype(self) -> torch.dtype:
-        """fp32 adapters on half-precision bases (stable training); otherwise the base's float dtype."""
-        w = self.base_layer.weight
-        if not w.is_floating_point() or w.dtype in (torch.float16, torch.bfloat16):
-            return torch.float32
-        return w.dtype
-
-    def _to_base_device(self, adapter_name: str) -> None:
-        device, dtype = self.base_layer.weight.device, self._adapter_dtype()
-        for attr in ("lora_A", "lora_B"):
-            if adapter_name in getattr(self, attr):
-                getattr(self, attr)[adapter_name].to(device=device, dtype=dtype)
-        for attr in ("lora_embedding_A", "lora_embedding_B"):
-            container = getattr(self, attr)
-            if adapter_name in container:
-                container[adapter_name] = nn.Parameter(container[adapter_name].data.to(device, dtype))
-
-    def _delta_rows(self, adapter_name: str) -> torch.Tensor:
-        """The update with output units first, like `_weight_rows()`."""
-        raise NotImplementedError
-
-    def delta_weight(self, adapter_name: str) -> torch.Tensor:
-        return self._from_rows(self._delta_rows(adapter_name))
-
-    def merge_weight(self, weight: torch.Tensor, adapter_name: str) -> tuple[torch.Tensor, Any]:
-        if not self.use_dora[adapter_name]:
-            return super().merge_weight(weight, adapter_name)
-        rows = self._weight_rows().detach()
-        merged, norm = FL.dora_merge(
-            rows, self._delta_rows(adapter_name).to(rows.dtype), self._magnitude(adapter_name).to(rows.dtype)
-        )
-        return self._from_rows(merged), norm
-
-    def unmerge_weight(self, weight: torch.Tensor, adapter_name: str, state: Any) -> torch.Tensor:
-        if not self.use_dora[adapter_name]:
-            return super().unmerge_weight(weight, adapter_name, state)
-        rows = self._weight_rows().detach()
-        orig = FL.dora_unmerge(
-            rows,
-            self._delta_rows(adapter_name).to(rows.dtype),
-            self._magnitude(adapter_name).to(rows.dtype),
-            state,
-        )
-        return self._from_rows(orig)
-
-    def _frozen_output(self, xa: torch.Tensor) -> torch.Tensor:
-        """The frozen layer on the (dropped-out) adapter input, without bias."""
-        raise NotImplementedError
-
-    def _bias_view(self) -> torch.Tensor:
-        """The base bias shaped to broadcast over the layer output."""
-        return self.bias
-
-    def _dora_update(
-        self, result: torch.Tensor, xa: torch.Tensor, lora: torch.Tensor, name: str, no_dropout: bool
-    ) -> torch.Tensor:
-        """DoRA's output from the base output `result`, the adapter input `xa` and `lora` = s * B(A(xa)).
-
-        Without dropout the frozen layer's bias-free output is `result - bias` (no second matmul); with dropout
-        it is recomputed on the dropped-out input."""
-        if no_dropout:
-            base_nb = result if self.bias is None else result - self._bias_view()
-        else:
-            base_nb = self._frozen_output(xa)
-        norm = self._dora_norm(name).to(lora.dtype)
-        return FL.dora_output(result, base_nb.to(lora.dtype), lora, norm, self._magnitude(name)).to(
-            result.dtype
-        )
-
-    def _dora_norm(self, adapter_name: str) -> torch.Tensor:
-        """||W + dW||_row, detached (DoRA treats it as a constant). (out,)"""
-        w = self._weight_rows()
-        return FL.row_norm(w + self._delta_rows(adapter_name).to(w.dtype)).detach()
-
-
-class LoraLinear(LoraLayer):
-    """LoRA on `nn.Linear` (weight (out, in)) or transformers' `Conv1D` (weight (in, out))."""
-
-    def __init__(self, base_layer: nn.Module, module_name: str = "") -> None:
-        super().__init__(base_layer, module_name)
-        self.transposed = isinstance(Conv1D, type) and isinstance(base_layer, Conv1D)
-        w = base_layer.weight
-        self.in_features, self.out_features = (
-            (w.shape[0], w.shape[1]) if self.transposed else (w.shape[1], w.shape[0])
-        )
-
-    def _create(self, adapter_name: str, r: int) -> None:
-        self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False)
-        self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=False)
-
-    def _init_weights(self, adapter_name: str, init: bool | str) -> None:
-        A, B = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
-        with torch.no_grad():
-            if init is False:
-                nn.init.kaiming_uniform_(B, a=math.sqrt(5))
-                return
-            if init == "gaussian":
-                nn.init.normal_(A, std=1 / self.r[adapter_name])
-            elif isinstance(init, str) and init.startswith(("pissa", "olora")):
-                self._principal_init(adapter_name, init)
-                return
-            else:
-                nn.init.kaiming_uniform_(A, a=math.sqrt(5))
-            nn.init.zeros_(B)
-
-    def _principal_init(self, adapter_name: str, init: str) -> None:
-        """PiSSA (top singular vectors) or OLoRA (QR); the base weight keeps the residual W - s*B@A."""
-        r, s = self.r[adapter_name], self.scaling[adapter_name]
-        base = self.base_layer.weight
-        w = self._weight_rows().float()
-        if init == "olora":
-            q, rr = torch.linalg.qr(w)
-            B, A = q[:, :r], rr[:r]
-        else:
-            if init == "pissa":
-                U, S, Vh = torch.linalg.svd(w, full_matrices=False)
-            else:
-                niter = int(init.rsplit("_", 1)[1])
-                U, S, V = torch.svd_lowrank(w, q=r, niter=niter)
-                Vh = V.T
-            root = torch.sqrt(S[:r] / s)
-            A, B = root[:, None] * Vh[:r], U[:, :r] * root[None, :]
-        self.lora_A[adapter_name].weight.data.copy_(A.contiguous())
-        self.lora_B[adapter_name].weight.data.copy_(B.contiguous())
-        base.data.copy_(self._from_rows(w - s * (B @ A)).to(base.dtype))
-
-    def _weight_rows(self) -> torch.Tensor:
-        w = self.base_layer.weight
-        return w.T if self.transposed else w
-
-    def _from_rows(self, w: torch.Tensor) -> torch.Tensor:
-        return w.T if self.transposed else w
-
-    def _delta_rows(self, adapter_name: str) -> torch.Tensor:
-        return FL.linear_delta(
-            self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight, self.scaling[adapter_name]
-        )
-
-    def _plain(self, name: str, x: torch.Tensor) -> bool:
-        """Plain LoRA (no DoRA, no custom dropout) on a Linear/Conv1D, adapter in x's dtype, no autocast: what
-        the custom autograd Functions of `lora_branch` and `lora_merged` handle."""
-        base, drop, A = self.base_layer, self.lora_dropout[name], self.lora_A[name].weight
-        return (
-            not self.use_dora[name]
-            and (type(base) is nn.Linear or (isinstance(Conv1D, type) and type(base) is Conv1D))
-            and type(drop) in (nn.Identity, nn.Dropout)
-            and x.dtype == A.dtype == self.lora_B[name].weight.dtype
-            and not torch.is_autocast_enabled(x.device.type)
-        )
-
-    def _in_place_ok(self, name: str, result: torch.Tensor, x: torch.Tensor) -> bool:
-        """Whether `lora_branch_` may add this adapter into `result` in place: plain LoRA (a base whose
-        backward does not need its output), one dtype throughout, a contiguous output."""
-        return (
-            self._plain(name, x)
-            and result.dtype == x.dtype
-            and result.is_contiguous()
-            and result.shape[:-1] == x.shape[:-1]
-        )
-
-    def _merged_ok(self, names: list[str], x: torch.Tensor) -> bool:
-        """Whether forward may run as one GEMM with W + sum s*B@A (`merged_lora_linear`): training-size
-        input with grad on, and every adapter plain dropout-free LoRA on a frozen, hook-free base in x's dtype."""
-        base, w = self.base_layer, self.base_layer.weight
-        return (
-            bool(names)
-            and torch.is_grad_enabled()
-            and x.numel() >= _MERGED_MIN_ROWS * x.shape[-1] > 0
-            and not w.requires_grad
-            and not (base._forward_hooks or base._forward_pre_hooks)
-            and x.dtype == w.dtype == (x.dtype if base.bias is None else base.bias.dtype)
-            and all(self._plain(n, x) and self._no_dropout(n) for n in names)
-        )
-
-    def _no_dropout(self, name: str) -> bool:
-        """Whether this adapter's dropout is the identity right now (none, p == 0, or eval mode)."""
-        drop = self.lora_dropout[name]
-        return isinstance(drop, nn.Identity) or drop.p == 0.0 or not drop.training
-
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """x: (..., in) -> (..., out)."""
-        names = self._active_unmerged()
-        if not (args or kwargs) and self._merged_ok(names, x):  # one GEMM each way: see lora_merged
-            adapters = [(self.lora_A[n].weight, self.lora_B[n].weight, self.scaling[n]) for n in names]
-            return merged_lora_linear(x, self._weight_rows(), self.base_layer.bias, adapters)
-        result = self.base_layer(x, *args, **kwargs)
-        for name in names:
-            A, B, drop = self.lora_A[name], self.lora_B[name], self.lora_dropout[name]
-            if self._in_place_ok(name, result, x):  # same math, no (N, out) temporaries: see lora_branch
-                p = drop.p if isinstance(drop, nn.Dropout) else 0.0
-                result = lora_branch_(result, x, A.weight, B.weight, self.scaling[name], p, drop.training)
-                continue
-            xa = drop(x.to(A.weight.dtype))
-            lora = B(A(xa) * self.scaling[name])
-            if not self.use_dora[name]:
-                result = result + lora.to(result.dtype)
-                continue
-            result = self._dora_update(result, xa, lora, name, isinstance(drop, nn.Identity))
-        return result
-
-    def _frozen_output(self, xa: torch.Tensor) -> torch.Tensor:
-        """The frozen layer on xa (..., in) without its bias: (..., out)."""
-        return F.linear(xa, self._weight_rows().to(xa.dtype))
-
-
-class LoraEmbedding(LoraLayer):
-    """LoRA on `nn.Embedding` (table (num_embeddings, dim)); A (r, num_embeddings), B (dim, r)."""
-
-    def _create(self, adapter_name: str, r: int) -> None:
-        num, dim = self.base_layer.weight.shape
-        self.lora_embedding_A[adapter_name] = nn.Parameter(torch.empty(r, num))
-        self.lora_embedding_B[adapter_name] = nn.Parameter(torch.empty(dim, r))
-
-    def _init_weights(self, adapter_name: str, init: bool | str) -> None:
-        A, B = self.lora_embedding_A[adapter_name], self.lora_embedding_B[adapter_name]
-        with torch.no_grad():
-            if init is True:
-                nn.init.zeros_(A)
-                nn.init.normal_(B)
-            elif init == "gaussian":
-                nn.init.normal_(A, std=1 / self.r[adapter_name])
-                nn.init.zeros_(B)
-            elif init is False:
-                nn.init.normal_(A)
-                nn.init.normal_(B)
-            else:
-                raise ValueError(
-                    f"init_lora_weights={init!r} is not supported for Embedding ({self.module_name})"
-                )
-
-    def update_layer(self, adapter_name: str, config: LoraConfig, init_weights: bool = True) -> None:
-        if config.use_dora:
-            raise ValueError(f"DoRA is not supported on Embedding layers yet (module {self.module_name})")
-        super().update_layer(adapter_name, config, init_weights)
-
-    def _weight_rows(self) -> torch.Tensor:
-        return self.base_layer.weight.T
-
-    def _from_rows(self, w: torch.Tensor) -> torch.Tensor:
-        return w.T
-
-    def _delta_rows(self, adapter_name: str) -> torch.Tensor:
-        return FL.embedding_delta(
-            self.lora_embedding_A[adapter_name],
-            self.lora_embedding_B[adapter_name],
-            self.scaling[adapter_name],
-        ).T
-
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """x: (...) token ids -> (..., dim)."""
-        result = self.base_layer(x, *args, **kwargs)
-        for name in self._active_unmerged():
-            A, B = self.lora_embedding_A[name], self.lora_embedding_B[name]
-            after_a = FL.embed_with(x, A.T, self.base_layer)  # (..., r)
-            result = result + ((after_a * self.scaling[name]) @ B.T).to(result.dtype)
-        return result
-
-
-class LoraConv2d(LoraLayer):
-    """LoRA on `nn.Conv2d`: A is a conv with the base's kernel/stride/padding to r channels, B a 1x1 conv."""
-
-    def _create(self, adapter_name: str, r: int) -> None:
-        base = self.base_layer
-        if base.groups != 1:
-            raise ValueError(
-                f"LoRA on grouped Conv2d (groups={base.groups}) is not supported ({self.module_name})"
-            )
-        self.lora_A[adapter_name] = nn.Conv2d(
-            base.in_channels, r, base.kernel_size, base.stride, base.padding, base.dilation, bias=False
-        )
-        self.lora_B[adapter_name] = nn.Conv2d(r, base.out_channels, 1, 1, bias=False)
-
-    def _init_weights(self, adapter_name: str, init: bool | str) -> None:
-        A, B = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
-        with torch.no_grad():
-            if init is False:
-                nn.init.kaiming_uniform_(B, a=math.sqrt(5))
-                return
-            if init == "gaussian":
-                nn.init.normal_(A, std=1 / self.r[adapter_name])
-            elif init is True:
-                nn.init.kaiming_uniform_(A, a=math.sqrt(5))
-            else:
-                raise ValueError(
-                    f"init_lora_weights={init!r} is not supported for Conv2d ({self.module_name})"
-                )
-            nn.init.zeros_(B)
-
-    def _magnitude_shape(self, out: int) -> tuple[int, ...]:
-        return (1, out, 1, 1)
-
-    def _delta_rows(self, adapter_name: str) -> torch.Tensor:
-        return FL.conv2d_delta(
-            self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight, self.scaling[adapter_name]
-        )
-
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """x: (N, in, H, W) -> (N, out, H', W')."""
-        result = self.base_layer(x, *args, **kwargs)
-        for name in self._active_unmerged():
-            A, B, drop = self.lora_A[name], self.lora_B[name], self.lora_dropout[name]
-            xa = drop(x.to(A.weight.dtype))
-            lora = B(A(xa) * self.scaling[name])
-            if not self.use_dora[name]:
-                result = result + lora.to(result.dtype)
-                continue
-            result = self._dora_update(result, xa, lora, name, isinstance(drop, nn.Identity))
-        return result
-
-    def _frozen_output(self, xa: torch.Tensor) -> torch.Tensor:
-        """The frozen conv on xa (N, in, H, W) without its bias: (N, out, H', W')."""
-        base = self.base_layer
-        return F.conv2d(xa, base.weight.to(xa.dtype), None, base.stride, base.padding, base.dilation)
-
-    def _bias_view(self) -> torch.Tensor:
-        return self.bias.reshape(1, -1, 1, 1)
+from .base import BaseTuner
+from .lora_config import LoraConfig
+from .lora_layers import LoraConv2d, LoraEmbedding, LoraLayer, LoraLinear
+from .lora_param import LoraParameter, inject_parameters, strip_parameter_wrappers
+from .trainable_tokens import add_token_adapters, unwrap_token_adapters
+
+__all__ = [
+    "LoraConfig",
+    "LoraConv2d",
+    "LoraEmbedding",
+    "LoraLayer",
+    "LoraLinear",
+    "LoraModel",
+    "LoraParameter",
+]
 
 
 class LoraModel(BaseTuner):
@@ -533,6 +64,58 @@ class LoraModel(BaseTuner):
         )
         return layer
 
+    def inject_adapter(self, config: LoraConfig, adapter_name: str, init_weights: bool = True) -> None:
+        """LoRA layers (on the replicated block stack when `layer_replication` asks for one), then the trainable
+        token rows `trainable_token_indices` asks for."""
+        self._replicate(config)
+        if config.target_modules or not config.target_parameters:
+            super().inject_adapter(config, adapter_name, init_weights)
+        else:  # parameters only: no module targets (HF peft: target_modules becomes an empty set)
+            if adapter_name in self.peft_config:
+                raise ValueError(
+                    f"Adapter {adapter_name!r} already exists; pick another name or delete it first"
+                )
+            for p in self.model.parameters():
+                p.requires_grad_(False)
+            self.peft_config[adapter_name] = dataclasses.replace(config, target_modules=[])
+            object.__setattr__(self.peft_config[adapter_name], "target_modules", set())
+        config = self.peft_config[adapter_name]
+        if config.target_parameters:
+            inject_parameters(self.model, config, adapter_name, init_weights)
+        if config.trainable_token_indices is not None:
+            targets = _token_targets(self.model, config.trainable_token_indices)
+            add_token_adapters(self.model, targets, adapter_name, init_weights, wrapped=True)
+        self.set_adapter(self.active_adapter)
+
+    def _replicate(self, config: LoraConfig) -> None:
+        """Apply `layer_replication` once, for the first adapter; later adapters must ask for the same map."""
+        done = next((c.layer_replication for c in self.peft_config.values() if c.layer_replication), None)
+        if done is not None or (self.peft_config and config.layer_replication):
+            if config.layer_replication not in (None, done):
+                raise ValueError(
+                    f"layer_replication={config.layer_replication} differs from the model's existing "
+                    f"{done}; every adapter of a model shares one block layout"
+                )
+            return
+        if config.layer_replication:
+            replicate_layers(self.model, config.layer_replication)
+
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        if any(c.layer_replication for c in self.peft_config.values()):
+            raise ValueError(
+                "Cannot merge LoRA into a model built with layer_replication: repeated blocks share their base "
+                "weights, so a merge would give every copy the same update. Run it unmerged."
+            )
+        super().merge_adapter(adapter_names, safe_merge)
+
+    def _unload(
+        self, merge: bool, safe_merge: bool = False, adapter_names: list[str] | None = None
+    ) -> nn.Module:
+        model = super()._unload(merge, safe_merge, adapter_names)
+        strip_parameter_wrappers(model)  # nested wrappers (two parameters of one module) leave an inner one
+        unwrap_token_adapters(model)
+        return model
+
     def mark_extra_trainable(self, config: LoraConfig) -> None:
         """Make biases trainable for `bias="all"` (every bias) or `"lora_only"` (biases of adapted layers)."""
         if config.bias == "none" or config.inference_mode:
@@ -546,3 +129,27 @@ class LoraModel(BaseTuner):
 
 
 register_peft_method(peft_type="LORA", config_cls=LoraConfig, tuner_cls=LoraModel, prefix="lora_")
+
+
+def _token_targets(model: nn.Module, spec: list[int] | dict[str, list[int]]) -> dict[str, list[int]]:
+    """{full module name: token ids} for `trainable_token_indices` (a list means the input embedding)."""
+    names = [n for n, _ in model.named_modules() if n]
+    if not isinstance(spec, dict):
+        embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        found = [n for n, m in model.named_modules() if n and m is embed]
+        if not found:
+            raise ValueError(
+                "trainable_token_indices is a list but the model has no get_input_embeddings(); pass "
+                "{embedding module name: [ids]} instead"
+            )
+        return {found[0]: list(spec)}
+    out = {}
+    for key, ids in spec.items():
+        hits = [n for n in names if n == key or n.endswith("." + key)]
+        if not hits:
+            embeds = [n for n, m in model.named_modules() if isinstance(m, nn.Embedding)]
+            raise ValueError(
+                f"trainable_token_indices names {key!r}, which is not in the model; embeddings: {embeds}"
+            )
+        out.update({h: list(ids) for h in hits})
+    return out

@@ -133,6 +133,9 @@ class PromptLearningTuner(BaseTuner):
         self.model = model
         self.peft_config: dict[str, PeftConfig] = {}
         self.prompt_encoder = nn.ModuleDict()
+        self.prompt_encoder.holds_prompt_encoders = (
+            True  # io.adapter_key_map finds it by this, wherever it sits
+        )
         self.active_adapter: str | list[str] = adapter_name
         self._enabled = True
         for p in model.parameters():

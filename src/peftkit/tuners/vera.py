@@ -128,7 +128,9 @@ class VeraLayer(AdapterLayer):
         self.vera_dropout = nn.ModuleDict()
         self.transposed = isinstance(Conv1D, type) and isinstance(base_layer, Conv1D)
         self.in_features, self.out_features = _in_out(base_layer)
-        self.projections = projections  # a plain tuple: referenced here, registered (and saved) on the tuner
+        self.projections = projections  # a plain tuple: referenced here, owned (and saved) by the tuner
+        # also registered here, as HF peft does, so state_dict() has `<layer>.vera_A.<adapter>` keys too
+        self.vera_A, self.vera_B = projections
 
     def update_layer(self, adapter_name: str, config: VeraConfig, init_weights: bool = True) -> None:
         A, B = (p[adapter_name] for p in self.projections)
