@@ -4,7 +4,8 @@
 """
 
 from . import (
-    optimizers,  # noqa: F401  (peft.optimizers.create_loraplus_optimizer)
+    helpers,  # noqa: F401  (peft.helpers.rescale_adapter_scale, ...)
+    optimizers,  # noqa: F401  (peft.optimizers.create_loraplus_optimizer, create_lorafa_optimizer)
     utils,  # noqa: F401  (peft.utils.*: integrations import from there)
 )
 from ._import_paths import install as _install_import_paths
@@ -17,11 +18,11 @@ from .auto import (
     AutoPeftModelForSequenceClassification,
     AutoPeftModelForTokenClassification,
 )
-from . import helpers, optimizers  # noqa: F401  (peft.helpers, peft.optimizers)
 from .config import PeftConfig, PeftType, TaskType
 from .errors import NoMatchingPeftModuleError, PeftError, PeftWarning
 from .fast_attention import set_fast_attention
 from .fused_loss import set_fused_causal_lm_loss
+from .helpers import cast_mixed_precision_params
 from .low_level import (
     get_base_model_state_dict,
     get_peft_model_state_dict,
@@ -36,7 +37,6 @@ from .mapping import (
     PEFT_TYPE_TO_TUNER_MAPPING,
     get_peft_config,
 )
-from .helpers import cast_mixed_precision_params
 from .peft_model import (
     PeftModel,
     PeftModelForCausalLM,
