@@ -20,7 +20,8 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
 
     for name, f in FIELDS.items():
         flag, kind = "--" + name.replace("_", "-"), str(f.type)
-        help_text = f.metadata["help"] + (f" (default: {f.default})" if f.default is not None else "")
+        shown = f.default is not None and f.metadata.get("show_default", True)
+        help_text = f.metadata["help"] + (f" (default: {f.default})" if shown else "")
         if kind == "bool":
             p.add_argument(flag, action="store_true", default=None, help=help_text)
             continue
@@ -115,11 +116,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_train(args: argparse.Namespace) -> int:
     from peftkit.train.loop import train
-    from peftkit.train.options import FIELDS, load_config_file, make_options
+    from peftkit.train.options import FIELDS, given_values, length_note, load_config_file, make_options
 
     file_values = load_config_file(args.config) if args.config else {}
     flags = {name: getattr(args, name) for name in FIELDS}
-    report = train(make_options(file_values, flags), progress=not args.no_progress, say=_say)
+    options = make_options(file_values, flags)
+    note = length_note(given_values(file_values, flags))
+    if note:
+        _say(note)
+    report = train(options, progress=not args.no_progress, say=_say)
     print(report["markdown"])
     return 0
 
