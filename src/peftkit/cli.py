@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+import traceback
+from pathlib import Path
 
 from peftkit.train.errors import PeftkitError
 
@@ -147,25 +149,51 @@ def dispatch(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``peftkit`` console script; returns the exit status."""
+    """Entry point of the ``peftkit`` console script; returns the exit status.
+
+    Every error ends as one line on stderr and a non-zero exit (``--debug`` re-raises it with its traceback):
+    a user mistake (:class:`PeftkitError`, the library's ``ValueError``/``OSError``) as its message; anything
+    else as its type, message and the file:line that raised it, so a genuine bug still tells where it is.
+    """
     args = build_parser().parse_args(argv)
     try:
         return dispatch(args)
-    except PeftkitError as e:
-        if args.debug:
-            raise
-        print(f"peftkit {args.command}: error: {e}", file=sys.stderr)
-        return getattr(e, "exit_code", 1)
-    except (ValueError, FileNotFoundError, OSError) as e:  # the library's own input errors
-        if args.debug:
-            raise
-        print(f"peftkit {args.command}: error: {_one_line(e)}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         if args.debug:
             raise
         print(f"peftkit {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        if args.debug:
+            raise
+        print(f"peftkit {args.command}: error: {describe_error(e)}", file=sys.stderr)
+        return getattr(e, "exit_code", 1) if isinstance(e, PeftkitError) else 1
+
+
+def describe_error(e: BaseException) -> str:
+    """One line for ``e``: the message of a user error, else ``Type: message (at file:line in function)``.
+
+    User errors are :class:`PeftkitError` and the ``ValueError``/``OSError`` that peftkit's own code raises
+    about its input; the same types raised inside torch or transformers get the full form, like any other.
+    """
+    frames = traceback.extract_tb(e.__traceback__)
+    raised_by_peftkit = bool(frames) and "peftkit" in Path(frames[-1].filename).parts
+    if isinstance(e, PeftkitError) or (isinstance(e, (ValueError, OSError)) and raised_by_peftkit):
+        return _one_line(e)
+    where = ""
+    if frames:
+        last = frames[-1]
+        where = f" (at {_short_path(last.filename)}:{last.lineno} in {last.name}; rerun with --debug for the traceback)"
+    return f"{type(e).__name__}: {_one_line(e)}{where}"
+
+
+def _short_path(filename: str) -> str:
+    """``.../site-packages/torch/optim/adamw.py`` -> ``torch/optim/adamw.py``: the package-relative path."""
+    parts = Path(filename).parts
+    for marker in ("site-packages", "dist-packages", "src"):
+        if marker in parts:
+            return "/".join(parts[len(parts) - parts[::-1].index(marker) :])
+    return filename
 
 
 def _one_line(e: BaseException) -> str:
