@@ -40,6 +40,25 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
+def _add_adapter(p: argparse.ArgumentParser, help_text: str) -> None:
+    """``--adapter DIR`` as in every command; the bare ``DIR`` (the older form) is accepted too."""
+    p.add_argument("--adapter", metavar="DIR", help=help_text + " (required)")
+    p.add_argument("adapter_dir", nargs="?", metavar="DIR", help="same as --adapter DIR")
+
+
+def _one_adapter(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Fold the positional DIR of merge/info into ``args.adapter``; exactly one of the two forms is required."""
+    if not hasattr(args, "adapter_dir"):
+        return
+    given = [a for a in (args.adapter, args.adapter_dir) if a is not None]
+    sub = parser._subparsers._group_actions[0].choices[args.command]
+    if not given:
+        sub.error("the adapter folder is required: --adapter DIR")
+    if len(given) == 2 and Path(given[0]) != Path(given[1]):
+        sub.error(f"two different adapter folders given: --adapter {given[0]} and {given[1]}")
+    args.adapter = given[0]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="peftkit", description="Parameter-efficient fine-tuning from the command line.", epilog=EPILOG
@@ -50,7 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_flags(p)
     _add_common(p)
 
-    model_help = "base model: a local HF folder or Hub id (default: the embedded SmolLM2-135M-Instruct)"
+    model_help = (
+        "base model: a local HF folder or Hub id (default: the base the adapter was trained on, its "
+        "base_model_name_or_path; without an adapter, the embedded SmolLM2-135M-Instruct); an architecture "
+        "or size different from the adapter's base is an error"
+    )
     p = sub.add_parser("generate", help="generate from the base model plus adapters, once or as a chat")
     p.add_argument("prompt", nargs="?", help="the user message; omit it for an interactive chat")
     p.add_argument("--model", help=model_help)
@@ -99,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "merge", help="fold an adapter into the base weights; write a plain transformers model folder"
     )
-    p.add_argument("adapter", help="adapter folder")
+    _add_adapter(p, "adapter folder to merge")
     p.add_argument("--model", help=model_help)
     p.add_argument(
         "--output", required=True, help="folder for the merged model (config, safetensors, tokenizer)"
@@ -110,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "info", help="describe an adapter folder: method, targets, rank, parameters, size, base model"
     )
-    p.add_argument("adapter", help="adapter folder (adapter_config.json + adapter_model.safetensors)")
+    _add_adapter(p, "adapter folder (adapter_config.json + adapter_model.safetensors)")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
     _add_common(p)
     return parser
@@ -155,7 +178,9 @@ def main(argv: list[str] | None = None) -> int:
     a user mistake (:class:`PeftkitError`, the library's ``ValueError``/``OSError``) as its message; anything
     else as its type, message and the file:line that raised it, so a genuine bug still tells where it is.
     """
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _one_adapter(parser, args)
     try:
         return dispatch(args)
     except KeyboardInterrupt:
