@@ -168,3 +168,18 @@ def test_the_embedded_default_base_is_found_offline_from_another_cache_path(rela
     )
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["base_model"] == str(cache / "smollm2-135m-instruct")
+
+
+def test_an_unloadable_recorded_hub_base_says_where_it_came_from(relative_run, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    copy = tmp_path / "adapter"
+    shutil.copytree(relative_run["adapter"], copy)
+    adapter_config = json.loads((copy / "adapter_config.json").read_text())
+    hub_id = "peftkit-tests/no-such-model"
+    (copy / "adapter_config.json").write_text(
+        json.dumps({**adapter_config, "base_model_name_or_path": hub_id})
+    )
+    assert cli.main(["eval", "--adapter", str(copy), "--no-exact-match", "--no-progress"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"cannot load model {hub_id!r}" in err
+    assert f"(the base_model_name_or_path of {copy / 'adapter_config.json'}; pass --model" in err

@@ -36,7 +36,16 @@ def load_with_adapters(model: str | None, adapters: list[str], progress: bool):
     import peftkit
 
     folders = [_check_adapter_dir(a) for a in adapters]
-    base, tokenizer, base_name = load_model_and_tokenizer(choose_base(model, folders), progress)
+    chosen = choose_base(model, folders)
+    try:
+        base, tokenizer, base_name = load_model_and_tokenizer(chosen, progress)
+    except PeftkitError as e:
+        if model or not folders or chosen is None:
+            raise
+        raise PeftkitError(
+            f"{e} (the base_model_name_or_path of {folders[0] / 'adapter_config.json'}; pass --model to use "
+            "another copy of that base)"
+        ) from e
     if not folders:
         return base.eval(), tokenizer, [], base_name
     names = [f"{i}-{f.resolve().name}" for i, f in enumerate(folders)]
