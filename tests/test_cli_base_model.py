@@ -183,3 +183,14 @@ def test_an_unloadable_recorded_hub_base_says_where_it_came_from(relative_run, t
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and f"cannot load model {hub_id!r}" in err
     assert f"(the base_model_name_or_path of {copy / 'adapter_config.json'}; pass --model" in err
+
+
+def test_model_flag_works_when_the_recorded_base_has_moved(relative_run, tmp_path, capsys):
+    copy = tmp_path / "adapter"
+    shutil.copytree(relative_run["adapter"], copy)
+    adapter_config = json.loads((copy / "adapter_config.json").read_text())
+    moved = {**adapter_config, "base_model_name_or_path": str(tmp_path / "moved-away")}
+    (copy / "adapter_config.json").write_text(json.dumps(moved))
+    argv = ["eval", "--adapter", str(copy), "--model", str(relative_run["model"]), "--no-exact-match"]
+    assert cli.main([*argv, "--data", str(relative_run["work"] / "my.jsonl"), "--no-progress"]) == 0
+    assert json.loads(capsys.readouterr().out)["base_model"] == str(relative_run["model"].resolve())

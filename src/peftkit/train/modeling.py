@@ -88,7 +88,8 @@ def recorded_base(adapter: Path) -> str | None:
 
     An absolute or cwd-relative folder that exists is returned as an absolute path; a relative one is also
     looked up next to the adapter. The embedded default model's cache folder maps to this machine's copy
-    (None when not converted yet: loading None converts it, offline). A Hub id is returned as is; a missing folder is an error naming the file.
+    (None when not converted yet: loading None converts it, offline). A Hub id is returned as is; a missing
+    folder is an error naming the file and the key.
     """
     config_file = adapter / "adapter_config.json"
     value = json.loads(config_file.read_text()).get("base_model_name_or_path")
@@ -118,7 +119,7 @@ def choose_base(model: str | None, adapters: list[Path]) -> str | None:
     Raises a one-line :class:`PeftkitError` naming both models when ``--model`` (or a second adapter's base)
     differs in architecture or size (``SHAPE_KEYS`` of config.json) from an adapter's recorded base.
     """
-    recorded = [(folder, recorded_base(folder)) for folder in adapters]
+    recorded = [(folder, _recorded_or_unknown(folder, model)) for folder in adapters]
     chosen = model or next((base for _, base in recorded if base), None)
     chosen_source = "--model" if model else "the adapter's base"
     for folder, base in recorded:
@@ -129,6 +130,16 @@ def choose_base(model: str | None, adapters: list[Path]) -> str | None:
                 f"(base_model_name_or_path in its adapter_config.json): {difference}"
             )
     return chosen
+
+
+def _recorded_or_unknown(folder: Path, model: str | None) -> str | None:
+    """``recorded_base(folder)``; with ``--model`` given, a recorded base missing here is just unknown."""
+    try:
+        return recorded_base(folder)
+    except PeftkitError:
+        if model:
+            return None
+        raise
 
 
 def _config_difference(a: str | None, b: str | None) -> str | None:
