@@ -91,3 +91,13 @@ def test_run_length_precedence(tmp_path, file_text, flags, max_steps, epochs):
     config.write_text(file_text)
     options = make_options(load_config_file(str(config)), flags)
     assert (options.max_steps, options.epochs) == (max_steps, epochs)
+
+
+def test_help_states_the_rule(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert (
+        "decides the run length when --max-steps is not given (with neither flag the run is 50 steps)" in text
+    )
+    assert "when given, it sets the run length and --epochs is not used" in text

@@ -63,12 +63,15 @@ class TrainOptions:
     )
     epochs: float = _opt(
         1.0,
-        "passes over the training data; used when --max-steps is not given (with neither, the run is 50 steps)",
+        "passes over the training data, e.g. 2 or 0.5; decides the run length when --max-steps is not given "
+        "(with neither flag the run is 50 steps)",
+        show_default=False,
     )
     max_steps: int | None = _opt(
         DEFAULT_MAX_STEPS,
-        "optimizer steps to run; when given it wins over --epochs, as in transformers.Trainer "
-        "(0 = let --epochs decide). Default: 50 if --epochs is not given either, else --epochs decides",
+        "optimizer steps to run; when given, it sets the run length and --epochs is not used, as in "
+        "transformers.Trainer (0 = let --epochs decide, 1 epoch if not given). Default: 50 when --epochs is "
+        "not given either",
         show_default=False,
     )
     batch_size: int = _opt(8, "rows per micro-batch")
