@@ -194,3 +194,19 @@ def test_model_flag_works_when_the_recorded_base_has_moved(relative_run, tmp_pat
     argv = ["eval", "--adapter", str(copy), "--model", str(relative_run["model"]), "--no-exact-match"]
     assert cli.main([*argv, "--data", str(relative_run["work"] / "my.jsonl"), "--no-progress"]) == 0
     assert json.loads(capsys.readouterr().out)["base_model"] == str(relative_run["model"].resolve())
+
+
+def test_an_older_relative_recorded_base_works_from_the_training_folder(
+    relative_run, tmp_path, monkeypatch, capsys
+):
+    """Adapters written before bases were recorded as absolute paths hold e.g. './my-hf-model'."""
+    copy = tmp_path / "adapter"
+    shutil.copytree(relative_run["adapter"], copy)
+    adapter_config = json.loads((copy / "adapter_config.json").read_text())
+    (copy / "adapter_config.json").write_text(
+        json.dumps({**adapter_config, "base_model_name_or_path": "./my-hf-model"})
+    )
+    monkeypatch.chdir(relative_run["work"])
+    argv = ["eval", "--adapter", str(copy), "--data", "my.jsonl", "--no-exact-match", "--no-progress"]
+    assert cli.main(argv) == 0
+    assert json.loads(capsys.readouterr().out)["base_model"] == str(relative_run["model"].resolve())
