@@ -1,7 +1,8 @@
 """The ``peftkit`` command: ``train``, ``generate``, ``eval``, ``merge`` and ``info``.
 
-The command depends on the library, never the reverse. User mistakes surface as one line on stderr and a
-non-zero exit; ``--debug`` shows the traceback instead.
+The command depends on the library, never the reverse. Every error surfaces as one line on stderr and a
+non-zero exit: a user mistake as its message, anything unexpected with its type, message and the file:line
+that raised it; ``--debug`` shows the traceback instead. Every command takes an adapter as ``--adapter DIR``.
 """
 
 from __future__ import annotations
