@@ -171,3 +171,34 @@ def test_console_script_end_to_end(trained, tmp_path):
     assert again.returncode == 1
     assert again.stderr.strip().splitlines()[-1].startswith("peftkit train: error: output folder")
     assert "Traceback" not in again.stderr
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["generate", "hi", "--adapter", "a"],
+        ["eval", "--adapter", "a"],
+        ["merge", "--adapter", "a", "--output", "m"],
+        ["merge", "a", "--output", "m"],  # the older positional form still works
+        ["info", "--adapter", "a"],
+        ["info", "a"],
+    ],
+)
+def test_every_command_takes_the_adapter_as_adapter_dir(argv):
+    parser = cli.build_parser()
+    args = parser.parse_args(argv)
+    cli._one_adapter(parser, args)
+    assert args.adapter in ("a", ["a"])
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["merge", "--output", "m"], "the adapter folder is required: --adapter DIR"),
+        (["info", "a", "--adapter", "b"], "two different adapter folders given: --adapter b and a"),
+    ],
+)
+def test_a_missing_or_doubled_adapter_is_a_usage_error(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err

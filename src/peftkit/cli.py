@@ -1,13 +1,16 @@
 """The ``peftkit`` command: ``train``, ``generate``, ``eval``, ``merge`` and ``info``.
 
-The command depends on the library, never the reverse. User mistakes surface as one line on stderr and a
-non-zero exit; ``--debug`` shows the traceback instead.
+The command depends on the library, never the reverse. Every error surfaces as one line on stderr and a
+non-zero exit: a user mistake as its message, anything unexpected with its type, message and the file:line
+that raised it; ``--debug`` shows the traceback instead. Every command takes an adapter as ``--adapter DIR``.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import traceback
+from pathlib import Path
 
 from peftkit.train.errors import PeftkitError
 
@@ -20,7 +23,8 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
 
     for name, f in FIELDS.items():
         flag, kind = "--" + name.replace("_", "-"), str(f.type)
-        help_text = f.metadata["help"] + (f" (default: {f.default})" if f.default is not None else "")
+        shown = f.default is not None and f.metadata.get("show_default", True)
+        help_text = f.metadata["help"] + (f" (default: {f.default})" if shown else "")
         if kind == "bool":
             p.add_argument(flag, action="store_true", default=None, help=help_text)
             continue
@@ -37,6 +41,25 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
+def _add_adapter(p: argparse.ArgumentParser, help_text: str) -> None:
+    """``--adapter DIR`` as in every command; the bare ``DIR`` (the older form) is accepted too."""
+    p.add_argument("--adapter", metavar="DIR", help=help_text + " (required)")
+    p.add_argument("adapter_dir", nargs="?", metavar="DIR", help="same as --adapter DIR")
+
+
+def _one_adapter(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Fold the positional DIR of merge/info into ``args.adapter``; exactly one of the two forms is required."""
+    if not hasattr(args, "adapter_dir"):
+        return
+    given = [a for a in (args.adapter, args.adapter_dir) if a is not None]
+    sub = parser._subparsers._group_actions[0].choices[args.command]
+    if not given:
+        sub.error("the adapter folder is required: --adapter DIR")
+    if len(given) == 2 and Path(given[0]) != Path(given[1]):
+        sub.error(f"two different adapter folders given: --adapter {given[0]} and {given[1]}")
+    args.adapter = given[0]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="peftkit", description="Parameter-efficient fine-tuning from the command line.", epilog=EPILOG
@@ -47,7 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_flags(p)
     _add_common(p)
 
-    model_help = "base model: a local HF folder or Hub id (default: the embedded SmolLM2-135M-Instruct)"
+    model_help = (
+        "base model: a local HF folder or Hub id (default: the base the adapter was trained on, its "
+        "base_model_name_or_path; without an adapter, the embedded SmolLM2-135M-Instruct); an architecture "
+        "or size different from the adapter's base is an error"
+    )
     p = sub.add_parser("generate", help="generate from the base model plus adapters, once or as a chat")
     p.add_argument("prompt", nargs="?", help="the user message; omit it for an interactive chat")
     p.add_argument("--model", help=model_help)
@@ -96,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "merge", help="fold an adapter into the base weights; write a plain transformers model folder"
     )
-    p.add_argument("adapter", help="adapter folder")
+    _add_adapter(p, "adapter folder to merge")
     p.add_argument("--model", help=model_help)
     p.add_argument(
         "--output", required=True, help="folder for the merged model (config, safetensors, tokenizer)"
@@ -113,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "info", help="describe an adapter folder: method, targets, rank, parameters, size, base model"
     )
-    p.add_argument("adapter", help="adapter folder (adapter_config.json + adapter_model.safetensors)")
+    _add_adapter(p, "adapter folder (adapter_config.json + adapter_model.safetensors)")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
     _add_common(p)
     return parser
@@ -121,11 +148,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_train(args: argparse.Namespace) -> int:
     from peftkit.train.loop import train
-    from peftkit.train.options import FIELDS, load_config_file, make_options
+    from peftkit.train.options import FIELDS, given_values, length_note, load_config_file, make_options
 
     file_values = load_config_file(args.config) if args.config else {}
     flags = {name: getattr(args, name) for name in FIELDS}
-    report = train(make_options(file_values, flags), progress=not args.no_progress, say=_say)
+    options = make_options(file_values, flags)
+    note = length_note(given_values(file_values, flags))
+    if note:
+        _say(note)
+    report = train(options, progress=not args.no_progress, say=_say)
     print(report["markdown"])
     return 0
 
@@ -155,25 +186,53 @@ def dispatch(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``peftkit`` console script; returns the exit status."""
-    args = build_parser().parse_args(argv)
+    """Entry point of the ``peftkit`` console script; returns the exit status.
+
+    Every error ends as one line on stderr and a non-zero exit (``--debug`` re-raises it with its traceback):
+    a user mistake (:class:`PeftkitError`, the library's ``ValueError``/``OSError``) as its message; anything
+    else as its type, message and the file:line that raised it, so a genuine bug still tells where it is.
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _one_adapter(parser, args)
     try:
         return dispatch(args)
-    except PeftkitError as e:
-        if args.debug:
-            raise
-        print(f"peftkit {args.command}: error: {e}", file=sys.stderr)
-        return getattr(e, "exit_code", 1)
-    except (ValueError, FileNotFoundError, OSError) as e:  # the library's own input errors
-        if args.debug:
-            raise
-        print(f"peftkit {args.command}: error: {_one_line(e)}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         if args.debug:
             raise
         print(f"peftkit {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        if args.debug:
+            raise
+        print(f"peftkit {args.command}: error: {describe_error(e)}", file=sys.stderr)
+        return getattr(e, "exit_code", 1) if isinstance(e, PeftkitError) else 1
+
+
+def describe_error(e: BaseException) -> str:
+    """One line for ``e``: the message of a user error, else ``Type: message (at file:line in function)``.
+
+    User errors are :class:`PeftkitError` and the ``ValueError``/``OSError`` that peftkit's own code raises
+    about its input; the same types raised inside torch or transformers get the full form, like any other.
+    """
+    frames = traceback.extract_tb(e.__traceback__)
+    raised_by_peftkit = bool(frames) and "peftkit" in Path(frames[-1].filename).parts
+    if isinstance(e, PeftkitError) or (isinstance(e, (ValueError, OSError)) and raised_by_peftkit):
+        return _one_line(e)
+    where = ""
+    if frames:
+        last = frames[-1]
+        where = f" (at {_short_path(last.filename)}:{last.lineno} in {last.name}; rerun with --debug for the traceback)"
+    return f"{type(e).__name__}: {_one_line(e)}{where}"
+
+
+def _short_path(filename: str) -> str:
+    """``.../site-packages/torch/optim/adamw.py`` -> ``torch/optim/adamw.py``: the package-relative path."""
+    parts = Path(filename).parts
+    for marker in ("site-packages", "dist-packages", "src"):
+        if marker in parts:
+            return "/".join(parts[len(parts) - parts[::-1].index(marker) :])
+    return filename
 
 
 def _one_line(e: BaseException) -> str:

@@ -162,3 +162,41 @@ def test_every_flag_has_help(flag, capsys):
     for name, sub in parser._subparsers._group_actions[0].choices.items():
         for action in sub._actions:
             assert action.help, f"{name} {action.dest}"
+
+
+def _fail_in_optimizer(monkeypatch):
+    def step(self, *args, **kwargs):
+        raise RuntimeError("The size of tensor a (12) must match\nthe size of tensor b (10)")
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+
+
+def test_an_unexpected_training_error_is_one_line_with_its_type_and_place(train_args, monkeypatch, capsys):
+    _fail_in_optimizer(monkeypatch)
+    assert cli.main([*train_args(), "--skip-eval-before"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(
+        "peftkit train: error: RuntimeError: The size of tensor a (12) must match the size of tensor b (10) (at "
+    ), last
+    assert "test_train_cli.py:" in last and last.endswith(" in step; rerun with --debug for the traceback)")
+
+
+def test_debug_shows_the_traceback_of_an_unexpected_error(train_args, monkeypatch):
+    _fail_in_optimizer(monkeypatch)
+    with pytest.raises(RuntimeError, match="size of tensor a"):
+        cli.main([*train_args(), "--skip-eval-before", "--debug"])
+
+
+def test_value_errors_from_other_libraries_keep_their_type():
+    try:
+        torch.zeros(2).view(3)
+    except RuntimeError as e:
+        assert cli.describe_error(e).startswith("RuntimeError: shape '[3]' is invalid")
+    try:
+        torch.nn.functional.cross_entropy(torch.zeros(2, 3), torch.zeros(3, dtype=torch.long))
+    except ValueError as e:
+        text = cli.describe_error(e)
+        assert text.startswith("ValueError: Expected input batch_size (2) to match target batch_size (3)")
+        assert "(at torch/nn/functional.py:" in text

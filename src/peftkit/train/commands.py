@@ -16,7 +16,7 @@ import torch
 from peftkit.train.data import Example, encode_prompt, load_examples, tokenize_all
 from peftkit.train.errors import PeftkitError
 from peftkit.train.evaluate import default_max_new_tokens, eval_loss, exact_match
-from peftkit.train.modeling import load_model_and_tokenizer, set_threads
+from peftkit.train.modeling import choose_base, load_model_and_tokenizer, set_threads
 
 
 def _check_adapter_dir(path: str) -> Path:
@@ -27,18 +27,38 @@ def _check_adapter_dir(path: str) -> Path:
 
 
 def load_with_adapters(model: str | None, adapters: list[str], progress: bool):
-    """Base model plus each adapter under its folder name; returns ``(model, tokenizer, adapter_names)``."""
+    """Base model plus each adapter under its folder name.
+
+    The base is ``model`` (``--model``) when given, else the one the adapters were trained on
+    (``base_model_name_or_path``), else the embedded default. Returns ``(model, tokenizer, adapter_names,
+    base_name)``.
+    """
     import peftkit
 
     folders = [_check_adapter_dir(a) for a in adapters]
-    base, tokenizer, _ = load_model_and_tokenizer(model, progress)
+    chosen = choose_base(model, folders)
+    try:
+        base, tokenizer, base_name = load_model_and_tokenizer(chosen, progress)
+    except PeftkitError as e:
+        if model or not folders or chosen is None:
+            raise
+        raise PeftkitError(
+            f"{e} (the base_model_name_or_path of {folders[0] / 'adapter_config.json'}; pass --model to use "
+            "another copy of that base)"
+        ) from e
     if not folders:
-        return base.eval(), tokenizer, []
+        return base.eval(), tokenizer, [], base_name
     names = [f"{i}-{f.resolve().name}" for i, f in enumerate(folders)]
-    wrapped = peftkit.PeftModel.from_pretrained(base, str(folders[0]), adapter_name=names[0])
-    for name, folder in zip(names[1:], folders[1:]):
-        wrapped.load_adapter(str(folder), adapter_name=name)
-    return wrapped.eval(), tokenizer, names
+    wrapped = None
+    for name, folder in zip(names, folders):
+        try:
+            if wrapped is None:
+                wrapped = peftkit.PeftModel.from_pretrained(base, str(folder), adapter_name=name)
+            else:
+                wrapped.load_adapter(str(folder), adapter_name=name)
+        except ValueError as e:  # shapes or target modules that this base does not have
+            raise PeftkitError(f"adapter {folder} does not fit base model {base_name}: {e}") from e
+    return wrapped.eval(), tokenizer, names, base_name
 
 
 @torch.no_grad()
@@ -74,7 +94,7 @@ def _answers(model, tokenizer, names: list[str], messages: list[dict], args) -> 
 def generate(args) -> int:
     """Answer one prompt, or chat interactively (history kept per session, `/quit` to stop)."""
     set_threads(None)
-    model, tokenizer, names = load_with_adapters(args.model, args.adapter, not args.no_progress)
+    model, tokenizer, names, _ = load_with_adapters(args.model, args.adapter, not args.no_progress)
     if args.prompt is not None:
         for label, text in _answers(
             model, tokenizer, names, [{"role": "user", "content": args.prompt}], args
@@ -107,11 +127,16 @@ def evaluate(args) -> int:
     set_threads(None)
     rows = load_examples(args.data or [bundled(BUNDLED_EVAL)])
     rows = rows[: args.limit] if args.limit else rows
-    model, tokenizer, _ = load_with_adapters(
+    model, tokenizer, _, base_name = load_with_adapters(
         args.model, [args.adapter] if args.adapter else [], not args.no_progress
     )
     items = tokenize_all(tokenizer, rows, args.max_length, "evaluation")
-    result = {"rows": len(rows), **eval_loss(model, items, tokenizer.pad_token_id, args.batch_size)}
+    result = {
+        "base_model": base_name,
+        "adapter": args.adapter,
+        "rows": len(rows),
+        **eval_loss(model, items, tokenizer.pad_token_id, args.batch_size),
+    }
     if not args.no_exact_match:
         max_new = args.max_new_tokens or default_max_new_tokens(tokenizer, rows)
         em = exact_match(model, tokenizer, rows, max_new, batch_size=args.batch_size)
@@ -126,7 +151,7 @@ def merge(args) -> int:
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise PeftkitError(f"merge output {out} is not empty; pass --overwrite to replace it")
     set_threads(None)
-    model, tokenizer, _ = load_with_adapters(args.model, [args.adapter], not args.no_progress)
+    model, tokenizer, _, _ = load_with_adapters(args.model, [args.adapter], not args.no_progress)
     merged = model.merge_and_unload()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))

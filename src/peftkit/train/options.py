@@ -14,6 +14,9 @@ from pathlib import Path
 
 from peftkit.train.errors import PeftkitError
 
+# The bundled run's length when the user sets neither --epochs nor --max-steps (see `resolve_length`).
+DEFAULT_MAX_STEPS = 50
+
 
 def _opt(default, help: str, **kw):
     return field(default=default, metadata={"help": help, **kw})
@@ -58,8 +61,19 @@ class TrainOptions:
         "module names to adapt, e.g. q_proj v_proj (default: all linear layers of the attention and MLP blocks)",
         nargs="+",
     )
-    epochs: float = _opt(1.0, "passes over the training data (ignored when --max-steps is set)")
-    max_steps: int | None = _opt(50, "optimizer steps to run (overrides --epochs; 0 = use --epochs)")
+    epochs: float = _opt(
+        1.0,
+        "passes over the training data, e.g. 2 or 0.5; decides the run length when --max-steps is not given "
+        "(with neither flag the run is 50 steps)",
+        show_default=False,
+    )
+    max_steps: int | None = _opt(
+        DEFAULT_MAX_STEPS,
+        "optimizer steps to run; when given, it sets the run length and --epochs is not used, as in "
+        "transformers.Trainer (0 = let --epochs decide, 1 epoch if not given). Default: 50 when --epochs is "
+        "not given either",
+        show_default=False,
+    )
     batch_size: int = _opt(8, "rows per micro-batch")
     grad_accum: int = _opt(1, "micro-batches per optimizer step")
     lr: float = _opt(2e-3, "peak learning rate (AdamW)")
@@ -141,12 +155,36 @@ def load_config_file(path: str) -> dict:
     return values
 
 
+def given_values(file_values: dict, flag_values: dict) -> dict:
+    """The values the user gave: the config file's, overridden by the flags actually passed."""
+    return {**file_values, **{k: v for k, v in flag_values.items() if v is not None}}
+
+
 def make_options(file_values: dict, flag_values: dict) -> TrainOptions:
     """Defaults, then the config file, then the flags the user actually passed."""
-    merged = {**file_values, **{k: v for k, v in flag_values.items() if v is not None}}
-    options = TrainOptions(**merged)
+    merged = given_values(file_values, flag_values)
+    options = TrainOptions(**resolve_length(merged))
     validate(options)
     return options
+
+
+def resolve_length(given: dict) -> dict:
+    """Decide the run length from the values the user gave (flags or config file), never from a default.
+
+    --max-steps given: it sets the number of optimizer steps and --epochs is not used (transformers.Trainer's
+    rule); only --epochs given: the epochs decide (max_steps becomes None); neither: 50 steps.
+    """
+    if given.get("max_steps") is None and given.get("epochs") is not None:
+        return {**given, "max_steps": None}
+    return given
+
+
+def length_note(given: dict) -> str | None:
+    """A one-line note when both --epochs and --max-steps were given, saying which one decides."""
+    steps, epochs = given.get("max_steps"), given.get("epochs")
+    if steps and epochs is not None:
+        return f"note: --max-steps {steps} sets the run length; --epochs {epochs} is not used"
+    return None
 
 
 def validate(o: TrainOptions) -> None:
