@@ -140,6 +140,9 @@ def test_every_readme_command_runs_as_written(workdir):
     exe = shutil.which("peftkit")
     prefix = [exe] if exe else [sys.executable, "-m", "peftkit.cli"]
     for where, argv in shown_commands():
+        if argv[0] == "serve":
+            _check_server_starts(where, [*prefix, *argv], workdir)
+            continue
         done = subprocess.run(
             [*prefix, *argv],
             cwd=workdir["work"],
@@ -156,3 +159,33 @@ def test_every_readme_command_runs_as_written(workdir):
     assert (work / "merged-model/config.json").is_file()
     mine = json.loads((work / "runs/mine/report.json").read_text())
     assert mine["steps"] == 2 * math.ceil(mine["train_rows"] / 8)  # --epochs 2 at the default batch of 8
+
+
+def _check_server_starts(where: str, command: list[str], workdir: dict) -> None:
+    """`peftkit serve ...` runs until stopped: it must answer /v1/models with the adapters it was given."""
+    import time
+
+    import httpx
+
+    argv = command[command.index("serve") + 1 :]
+    port = argv[argv.index("--port") + 1] if "--port" in argv else "8000"
+    names = [a.split("=", 1)[0] for flag, a in zip(argv, argv[1:]) if flag == "--adapter" and "=" in a]
+    proc = subprocess.Popen(
+        command, cwd=workdir["work"], env=workdir["env"], stderr=subprocess.PIPE, text=True
+    )
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                models = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=1).json()
+                served = [m["id"] for m in models["data"]]
+                assert set(names) <= set(served), f"{where}: serving {served}, expected {names}"
+                return
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        pytest.fail(
+            f"{where}: `peftkit {shlex.join(argv)}` did not answer: {proc.stderr.read()[-3000:] if proc.poll() is not None else 'timeout'}"
+        )
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

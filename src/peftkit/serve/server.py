@@ -10,7 +10,7 @@ from pathlib import Path
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model",
-        help="base model: a local HF folder or Hub id (default: the embedded SmolLM2-135M-Instruct)",
+        help="base model: a local HF folder or Hub id (default: the base the adapters were trained on, else the embedded SmolLM2-135M-Instruct)",
     )
     p.add_argument(
         "--adapter",
@@ -32,7 +32,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def build(args: argparse.Namespace, say=print):
     """(engine, app, base_id) for the parsed `peftkit serve` arguments."""
-    from peftkit.train.modeling import load_model_and_tokenizer, set_threads
+    from peftkit.train.modeling import choose_base, load_model_and_tokenizer, set_threads
 
     from .adapters import discover, load, scan
     from .app import create_app
@@ -43,7 +43,8 @@ def build(args: argparse.Namespace, say=print):
     directory = args.adapter_dir or ("runs" if not args.adapter and Path("runs").is_dir() else None)
     for name, path in (scan(directory) if directory else {}).items():
         specs.setdefault(name, path)
-    model, tokenizer, name = load_model_and_tokenizer(args.model, progress=False)
+    base = choose_base(args.model, [Path(p) for p in specs.values()])  # the adapters' base, checked to agree
+    model, tokenizer, name = load_model_and_tokenizer(base, progress=False)
     base_id = Path(name).name if Path(name).exists() else name
     engine = Engine(model, tokenizer, max_batch=args.max_batch)
     for adapter, path in specs.items():
