@@ -104,3 +104,43 @@ def test_gpt2_conv1d_and_clear_errors(tmp_path):
     bert_like.model_type = "bert"
     with pytest.raises(ExportError, match="'bert'"):
         adapter_tensors(tmp_path / "a" if (tmp_path / "a").exists() else tmp_path / "g", bert_like)
+
+
+def test_peftkit_export_command(tmp_path):
+    """`peftkit export` as a subprocess: the GGUF and the Ollama Modelfile; an existing output is kept."""
+    import subprocess
+    import sys
+
+    from .train.tiny import build_tiny_model
+
+    model_dir = build_tiny_model(tmp_path / "model", chat_template=True)
+    from transformers import AutoModelForCausalLM
+
+    _random_lora(
+        AutoModelForCausalLM.from_pretrained(model_dir),
+        tmp_path / "adapter",
+        r=2,
+        target_modules=["q_proj", "o_proj"],
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "peftkit.cli",
+        "export",
+        "--adapter",
+        str(tmp_path / "adapter"),
+        "--output",
+        str(tmp_path / "out.gguf"),
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    _, tensors = _read(tmp_path / "out.gguf")
+    assert "blk.1.attn_output.weight.lora_b" in tensors and len(tensors) == 8
+    modelfile = (tmp_path / "out.Modelfile").read_text().splitlines()
+    assert modelfile[0].startswith("FROM ") and modelfile[1] == f"ADAPTER {(tmp_path / 'out.gguf').resolve()}"
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert (
+        again.returncode == 1
+        and "--overwrite" in again.stderr
+        and len(again.stderr.strip().splitlines()) == 1
+    )

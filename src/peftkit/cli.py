@@ -131,6 +131,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output folder")
     _add_common(p)
 
+    p = sub.add_parser(
+        "export", help="write an adapter for other runtimes: a llama.cpp/Ollama LoRA GGUF, or a merged model"
+    )
+    _add_adapter(p, "adapter folder to export")
+    p.add_argument("--model", help=model_help)
+    p.add_argument(
+        "--format",
+        choices=("gguf", "safetensors-merged"),
+        default="gguf",
+        help="gguf: a llama.cpp LoRA adapter file (plus an Ollama Modelfile); safetensors-merged: as `merge`",
+    )
+    p.add_argument("--output", required=True, help="the .gguf file, or the merged model's folder")
+    p.add_argument(
+        "--dtype", choices=("f32", "f16"), default="f32", help="tensor type in the GGUF (default: f32)"
+    )
+    p.add_argument(
+        "--base-gguf",
+        metavar="FILE",
+        help="the base model's GGUF, named in the Ollama Modelfile (default: the embedded model's, when it is the base)",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    _add_common(p)
+
     p = sub.add_parser("serve", help="serve the model and adapters over an OpenAI-compatible HTTP API")
     from peftkit.serve.server import add_arguments
 
@@ -181,6 +204,7 @@ def dispatch(args: argparse.Namespace) -> int:
         "merge": commands.merge,
         "info": commands.info,
         "serve": _serve,
+        "export": commands.export,
     }
     return handlers[args.command](args)
 

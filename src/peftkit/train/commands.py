@@ -167,6 +167,45 @@ def merge(args) -> int:
     return 0
 
 
+def export(args) -> int:
+    """`peftkit export`: a llama.cpp LoRA GGUF (+ Ollama Modelfile), or the merged model (`--format
+    safetensors-merged`, exactly `peftkit merge`)."""
+    if args.format == "safetensors-merged":
+        return merge(args)
+    from transformers import AutoConfig
+
+    from peftkit.export.gguf_adapter import write_gguf_adapter
+    from peftkit.train.modeling import choose_base, resolve_model
+
+    folder = _check_adapter_dir(args.adapter)
+    out = Path(args.output).expanduser()
+    if out.exists() and not args.overwrite:
+        raise PeftkitError(f"export output {out} exists; pass --overwrite to replace it")
+    base = resolve_model(choose_base(args.model, [folder]), progress=not args.no_progress)
+    summary = write_gguf_adapter(folder, out, AutoConfig.from_pretrained(base), dtype=args.dtype)
+    base_gguf = args.base_gguf or _default_gguf_if_base(base)
+    lines = [f"FROM {base_gguf or '<path to the base model GGUF>'}", f"ADAPTER {out.resolve()}"]
+    modelfile = out.with_name(out.stem + ".Modelfile")
+    modelfile.write_text("\n".join(lines) + "\n")
+    print(
+        f"llama.cpp LoRA adapter written to {out} ({summary['tensors']} tensors, {summary['bytes']:,} bytes, "
+        f"architecture {summary['architecture']}); Ollama Modelfile: {modelfile}"
+    )
+    return 0
+
+
+def _default_gguf_if_base(base: str) -> str | None:
+    """The embedded model's GGUF file when `base` is the embedded model's converted folder (never converts)."""
+    from peftkit.train.default_model import MODEL_DIRNAME, cache_dir, find_gguf
+
+    if Path(base).resolve() != (cache_dir() / MODEL_DIRNAME).resolve():
+        return None
+    try:
+        return str(find_gguf())
+    except PeftkitError:  # the wheel is gone: the Modelfile gets a placeholder
+        return None
+
+
 def info(args) -> int:
     """Describe an adapter folder without loading its base model."""
     from safetensors import safe_open
