@@ -101,6 +101,8 @@ def module_type(layer: AdapterLayer) -> str:
     """`"lora.Linear"` for `peftkit.tuners.lora.LoraLinear`: the method file, then the layer kind (the class
     name without the method's prefix, or the base layer's kind for one class serving every kind)."""
     method = type(layer).__module__.rsplit(".", 1)[-1]
+    for suffix in ("_layers", "_param"):  # a method's layers may live in tuners/<method>_<part>.py
+        method = method.removesuffix(suffix)
     kind = type(layer).__name__
     if kind.lower().startswith(method.replace("_", "")):
         kind = kind[len(method.replace("_", "")) :]
