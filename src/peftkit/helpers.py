@@ -65,3 +65,14 @@ def cast_mixed_precision_params(model: nn.Module, dtype: torch.dtype) -> None:
         )
     for p in model.parameters():
         p.data = p.data.to(torch.float32 if p.requires_grad else dtype)
+
+
+def check_if_peft_model(model_name_or_path: str) -> bool:
+    """True if `model_name_or_path` (a folder or Hub id) holds an adapter config peftkit can read."""
+    from .config import PeftConfig
+
+    try:
+        PeftConfig.from_pretrained(model_name_or_path)
+    except Exception:  # not an adapter, unreadable, or unreachable: all mean "no"
+        return False
+    return True
