@@ -4,12 +4,16 @@
 recognises it and calls our `save_pretrained` for checkpoints (an unrecognised class gets its whole
 `state_dict()` written, hundreds of MB, and fails on tied weights). Nothing of `PreTrainedModel.__init__`
 runs: the wrapper keeps no config of its own and never touches the base model's.
+
+transformers, TRL and accelerate inspect the *base* model of an HF peft model (its forward signature, class,
+class name); a peftkit model answers those questions the same way: see `peftkit.integrations`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -18,7 +22,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from . import io
+from . import integrations, io
 from .config import PeftConfig
 from .fast_attention import fast_attention
 from .fused_loss import try_fused_forward
@@ -26,7 +30,8 @@ from .modules_to_save import ModulesToSaveWrapper
 from .registry import get_method
 
 TRAINER_CHECKPOINT_PREFIX = "checkpoint-"  # transformers.trainer_utils.PREFIX_CHECKPOINT_DIR
-RESUME_INDEX_NAME = "model.safetensors.index.json"  # what Trainer's resume looks for in a checkpoint
+RESUME_INDEX_NAME = "model.safetensors.index.json"  # what earlier peftkit wrote into Trainer checkpoints
+TRAINER_MODEL_FILE = "model.safetensors"  # transformers.utils.SAFE_WEIGHTS_NAME: what Trainer reloads
 
 
 class PeftModel(PreTrainedModel):
@@ -37,6 +42,13 @@ class PeftModel(PreTrainedModel):
     """
 
     classifier_module_names: tuple[str, ...] = ()
+
+    def __new__(cls, model: nn.Module | None = None, *args: Any, **kwargs: Any) -> PeftModel:
+        """An instance of `cls` specialised to `type(model)`: its `forward` shows the base model's signature
+        (see `peftkit.integrations.specialise`). Without a model (copy, unpickling) `cls` is used as is."""
+        if model is not None and isinstance(model, nn.Module):
+            cls = integrations.specialise(integrations.unspecialised(cls), type(model))
+        return nn.Module.__new__(cls)
 
     def __init__(
         self,
@@ -58,6 +70,26 @@ class PeftModel(PreTrainedModel):
         self._wrap_modules_to_save(self.peft_config[adapter_name], adapter_name)
 
     # ----- identity and delegation -------------------------------------------------------------------------
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "forward" and integrations.redirect_forward_patch(self, value):
+            return  # a patch meant for the transformers model (TRL's fused LM head) went to the base model
+        super().__setattr__(name, value)
+
+    def _get_name(self) -> str:
+        """The base model's class name: transformers decides from it (as it does from an HF peft model's
+        base) whether label smoothing shifts the labels. `repr` still shows the wrapper's name."""
+        base = self._modules.get("base_model")
+        model = getattr(base, "model", None) if base is not None else None
+        return model._get_name() if isinstance(model, nn.Module) else type(self).__name__
+
+    def __repr__(self) -> str:
+        text = super().__repr__()
+        return type(self).__name__ + text[len(self._get_name()) :]
+
+    def can_generate(self) -> bool:  # a classmethod on PreTrainedModel; pipelines ask the instance
+        can = getattr(self.get_base_model(), "can_generate", None)
+        return bool(can()) if callable(can) else False
+
     @property
     def base_model(self) -> nn.Module:  # PreTrainedModel defines a property of that name; ours is the tuner
         return self._modules["base_model"]
@@ -107,6 +139,7 @@ class PeftModel(PreTrainedModel):
         return self.base_model.model
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        integrations.check_no_adapter_names(self, kwargs)
         return self.base_model(*args, **kwargs)
 
     def get_input_embeddings(self) -> nn.Module:
@@ -401,17 +434,27 @@ class PeftModel(PreTrainedModel):
         return config
 
     def _write_resume_index(self, save_directory: str) -> None:
-        """In a Trainer checkpoint folder, an index pointing at the adapter file lets
-        `trainer.train(resume_from_checkpoint=...)` restore the adapter through `load_state_dict`."""
+        """In a Trainer checkpoint folder, `model.safetensors` names the active adapter's file (a hard link, a
+        copy where links are impossible). Trainer knows no adapter files unless it sees an HF peft model: both
+        `train(resume_from_checkpoint=...)` and `load_best_model_at_end` then read `model.safetensors` through
+        `load_state_dict`, which maps the file keys onto the active adapter. (Without it, `load_best_model_at_end`
+        looks for `pytorch_model.bin`.) A non-default active adapter lives in its sub-folder, so the link
+        points there, never at `default`'s file."""
         name = self.active_adapter
-        keys = io.adapter_key_map(self, name)
-        io.write_json(
-            os.path.join(save_directory, RESUME_INDEX_NAME),
-            {
-                "metadata": {"format": "peftkit-adapter", "adapter_name": name},
-                "weight_map": dict.fromkeys(keys, io.SAFETENSORS_WEIGHTS_NAME),
-            },
-        )
+        folder = save_directory if name == "default" else os.path.join(save_directory, name)
+        source = os.path.join(folder, io.SAFETENSORS_WEIGHTS_NAME)
+        if not os.path.isfile(source):
+            return  # saved as .bin (safe_serialization=False): Trainer's WEIGHTS_NAME is not ours to fake
+        target = os.path.join(save_directory, TRAINER_MODEL_FILE)
+        if os.path.lexists(target):
+            os.remove(target)
+        try:
+            os.link(source, target)
+        except OSError:
+            shutil.copyfile(source, target)
+        stale = os.path.join(save_directory, RESUME_INDEX_NAME)  # written by peftkit <= 0.1 instead
+        if os.path.isfile(stale):
+            os.remove(stale)
 
     @property
     def _keys_to_ignore_on_save(self) -> list[str]:
@@ -500,6 +543,7 @@ class PeftModelForCausalLM(PeftModel):
         Training forwards also run transformers' "sdpa" attention as a blocked causal kernel on CPU; see
         `peftkit.fast_attention` (and `set_fast_attention`).
         """
+        _check_wrapper_kwargs(self, task_ids, kwargs)
         extra = {
             "output_attentions": output_attentions,
             "output_hidden_states": output_hidden_states,
@@ -511,9 +555,12 @@ class PeftModelForCausalLM(PeftModel):
             "inputs_embeds": inputs_embeds,
         }
         with fast_attention(self, self.get_base_model()):
-            fused = try_fused_forward(
-                self, self.get_base_model(), labels, return_dict, {**body_kwargs, **extra}
-            )
+            # TRL's fused LM head (patched onto the base model's forward) computes its own loss
+            fused = None
+            if "fused_lm_head" not in kwargs:
+                fused = try_fused_forward(
+                    self, self.get_base_model(), labels, return_dict, {**body_kwargs, **extra}
+                )
             if fused is not None:
                 return fused
             return self.base_model(
@@ -529,6 +576,7 @@ class PeftModelForCausalLM(PeftModel):
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         """The tuner's generate: the base model's, except where a method changes it (prompt learning)."""
+        integrations.check_no_adapter_names(self, kwargs)
         return self.base_model.generate(*args, **kwargs)
 
     def prepare_inputs_for_generation(self, *args: Any, **kwargs: Any) -> Any:
@@ -553,6 +601,7 @@ class PeftModelForSeq2SeqLM(PeftModelForCausalLM):
         task_ids: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> Any:
+        _check_wrapper_kwargs(self, task_ids, kwargs)
         return self.base_model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -581,6 +630,7 @@ class _EncoderTaskModel(PeftModel):
         task_ids: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> Any:
+        _check_wrapper_kwargs(self, task_ids, kwargs)
         if labels is not None:
             kwargs["labels"] = labels
         return self.base_model(
@@ -612,6 +662,7 @@ class PeftModelForQuestionAnswering(PeftModel):
     classifier_module_names = ("qa_outputs",)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        _check_wrapper_kwargs(self, kwargs.pop("task_ids", None), kwargs)
         return self.base_model(*args, **kwargs)
 
 
@@ -629,6 +680,7 @@ class PeftModelForFeatureExtraction(PeftModel):
         task_ids: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> Any:
+        _check_wrapper_kwargs(self, task_ids, kwargs)
         return self.base_model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -637,6 +689,44 @@ class PeftModelForFeatureExtraction(PeftModel):
             output_hidden_states=output_hidden_states,
             return_dict=return_dict,
             **kwargs,
+        )
+
+
+def _delegate_model_description(cls: type[PeftModel]) -> None:
+    """Class-level facts `PreTrainedModel` declares (`_supports_sdpa`, `_tied_weights_keys`, `_tp_plan`,
+    `base_model_prefix`, `config_class`, ...) would otherwise read as the wrapper's empty defaults; HF peft's
+    wrapper forwards them to the base model, and so does peftkit (setting one sets it on the base model)."""
+    for klass in PreTrainedModel.__mro__:
+        if not klass.__module__.startswith("transformers."):
+            continue  # nn.Module's own class attributes describe the wrapper itself
+        for name, value in vars(klass).items():
+            if name.startswith("__") or name in cls.__dict__ or callable(value):
+                continue
+            if isinstance(value, (property, classmethod, staticmethod)) or hasattr(value, "__get__"):
+                continue
+            setattr(cls, name, _delegated(name, value))
+
+
+def _delegated(name: str, default: Any) -> property:
+    def get(self: PeftModel) -> Any:
+        return getattr(self.get_base_model(), name, default)
+
+    def set_(self: PeftModel, value: Any) -> None:
+        setattr(self.get_base_model(), name, value)
+
+    return property(get, set_, doc=f"The base model's `{name}`.")
+
+
+_delegate_model_description(PeftModel)
+
+
+def _check_wrapper_kwargs(model: PeftModel, task_ids: Any, kwargs: dict[str, Any]) -> None:
+    """Arguments the wrapper takes but cannot honour are errors, never silently dropped."""
+    integrations.check_no_adapter_names(model, kwargs)
+    if task_ids is not None:
+        raise ValueError(
+            "task_ids is used by multitask prompt tuning, which peftkit does not implement; "
+            f"the {model.peft_type} adapter {model.active_adapter!r} would ignore it"
         )
 
 
