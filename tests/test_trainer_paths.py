@@ -404,3 +404,30 @@ def test_unknown_keyword_reaches_a_custom_model_and_fails_there() -> None:
     model = peftkit.get_peft_model(tiny_convnet(), peftkit.LoraConfig(r=2, target_modules=["conv1"]))
     with pytest.raises(TypeError, match="bogus"):
         model(torch.randn(1, 3, 4, 4), bogus=1)
+
+
+# ----- the per-base wrapper class ------------------------------------------------------------------------------
+def test_specialised_wrapper_keeps_its_name_copies_and_pickles() -> None:
+    import copy
+    import inspect
+
+    model = peftkit.get_peft_model(tiny_gpt2(), peftkit.LoraConfig(r=4, task_type="CAUSAL_LM"))
+    assert type(model).__name__ == "PeftModelForCausalLM" and isinstance(model, peftkit.PeftModelForCausalLM)
+    assert repr(model).startswith("PeftModelForCausalLM(")
+    assert model._get_name() == "GPT2LMHeadModel"  # what label smoothing asks
+    assert "token_type_ids" in inspect.signature(model.forward).parameters
+    assert "token_type_ids" in inspect.signature(type(model).forward).parameters
+    ids = torch.tensor([[3, 4, 5]])
+    expected = model(input_ids=ids).logits
+    for clone in (copy.deepcopy(model), torch_roundtrip(model)):
+        assert type(clone) is type(model)
+        torch.testing.assert_close(clone(input_ids=ids).logits, expected)
+
+
+def torch_roundtrip(model: nn.Module) -> nn.Module:
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=False)

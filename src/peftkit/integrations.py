@@ -85,6 +85,11 @@ def specialise(wrapper_cls: type, base_cls: type) -> type:
     return cls
 
 
+def new_specialised(wrapper_cls: type, base_cls: type) -> Any:
+    """An empty instance of the specialised class (unpickling; the state is set afterwards)."""
+    return nn.Module.__new__(specialise(wrapper_cls, base_cls))
+
+
 def unspecialised(cls: type) -> type:
     """The task wrapper class `cls` was specialised from (`cls` itself if it was not)."""
     return cls.__dict__.get("_peftkit_wrapper_class", cls)

@@ -50,6 +50,14 @@ class PeftModel(PreTrainedModel):
             cls = integrations.specialise(integrations.unspecialised(cls), type(model))
         return nn.Module.__new__(cls)
 
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        """Pickle (and copy) by the wrapper and base classes: the specialised class is rebuilt on load."""
+        base_cls = type(self).__dict__.get("_peftkit_base_class")
+        if base_cls is None:
+            return super().__reduce_ex__(protocol)
+        wrapper = integrations.unspecialised(type(self))
+        return integrations.new_specialised, (wrapper, base_cls), self.__getstate__()
+
     def __init__(
         self,
         model: nn.Module,
