@@ -306,7 +306,8 @@ def lm_trainer(model: nn.Module, training: TrainingArguments) -> Trainer:
 
 @pytest.mark.parametrize("adapter_name", ["default", "other"])
 def test_load_best_model_at_end(adapter_name: str, tmp_path: Path) -> None:
-    model = peftkit.get_peft_model(tiny_gpt2(), peftkit.LoraConfig(r=4), adapter_name=adapter_name)
+    config = peftkit.LoraConfig(r=4, task_type="CAUSAL_LM")
+    model = peftkit.get_peft_model(tiny_gpt2(), config, adapter_name=adapter_name)
     training = checkpoint_args(
         tmp_path,
         eval_steps=1,

@@ -717,7 +717,9 @@ def _delegate_model_description(cls: type[PeftModel]) -> None:
 
 def _delegated(name: str, default: Any) -> property:
     def get(self: PeftModel) -> Any:
-        return getattr(self.get_base_model(), name, default)
+        tuner = self.__dict__.get("_modules", {}).get("base_model")  # None while the wrapper is being built
+        model = getattr(tuner, "model", None)
+        return default if model is None else getattr(model, name, default)
 
     def set_(self: PeftModel, value: Any) -> None:
         setattr(self.get_base_model(), name, value)
