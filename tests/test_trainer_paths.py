@@ -424,3 +424,43 @@ def torch_roundtrip(model: nn.Module) -> nn.Module:
     torch.save(model, buffer)
     buffer.seek(0)
     return torch.load(buffer, weights_only=False)
+
+
+def test_seq2seq_trainer_predict_with_generate_matches_hf_peft(tmp_path: Path) -> None:
+    from transformers import DataCollatorForSeq2Seq, Seq2SeqTrainer, Seq2SeqTrainingArguments
+
+    data = datasets.Dataset.from_dict(
+        {
+            "input_ids": [[3, 4, 5], [6, 7]] * 2,
+            "attention_mask": [[1, 1, 1], [1, 1]] * 2,
+            "labels": [[8, 9], [10, 11, 12]] * 2,
+        }
+    )
+    results = {}
+    for name, lib in LIBS.items():
+        model = wrap(lib, TASKS["SEQ_2_SEQ_LM"](), "SEQ_2_SEQ_LM")
+        training = Seq2SeqTrainingArguments(
+            output_dir=str(tmp_path / name),
+            max_steps=2,
+            per_device_train_batch_size=2,
+            learning_rate=1e-2,
+            logging_steps=1,
+            report_to="none",
+            use_cpu=True,
+            disable_tqdm=True,
+            save_strategy="no",
+            predict_with_generate=True,
+            generation_max_length=5,
+        )
+        trainer = Seq2SeqTrainer(
+            model=model,
+            args=training,
+            train_dataset=data,
+            data_collator=DataCollatorForSeq2Seq(tiny_tokenizer(), model=model),
+        )
+        trainer.train()
+        results[name] = (logged(trainer, "loss"), trainer.predict(data))
+    (our_loss, ours), (their_loss, theirs) = results["peftkit"], results["hf"]
+    assert our_loss == pytest.approx(their_loss, rel=1e-5)
+    assert ours.metrics["test_loss"] == pytest.approx(theirs.metrics["test_loss"], rel=1e-5)
+    assert (ours.predictions == theirs.predictions).all()
