@@ -90,3 +90,63 @@ def test_seed_brief_script_on_a_datasets_dataset(
     resumed.train(resume_from_checkpoint=str(checkpoint))
     assert resumed.state.global_step == trainer.state.global_step
     torch.testing.assert_close(eval_logits(again), eval_logits(peft_model), atol=1e-6, rtol=0)
+
+
+WITHOUT_HF_PEFT = """
+import importlib.abc, importlib.util, sys
+
+class HidePeft(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "peft" or name.startswith("peft."):
+            raise ModuleNotFoundError(name)
+
+_find_spec = importlib.util.find_spec
+importlib.util.find_spec = lambda name, *a: None if name.split(".")[0] == "peft" else _find_spec(name, *a)
+sys.meta_path.insert(0, HidePeft())
+
+import datasets, transformers
+from transformers.utils import is_peft_available
+import peftkit as peft
+from tokenizers import Tokenizer, models, pre_tokenizers
+from tests.models import tiny_gpt2
+
+assert not is_peft_available()
+words = "[PAD] [UNK] say hello world name three colours red green blue".split()
+backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+backend.pre_tokenizer = pre_tokenizers.Whitespace()
+tok = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]")
+data = datasets.Dataset.from_dict({"text": ["say hello world", "name three colours red green blue"] * 2})
+data = data.map(lambda rows: tok(rows["text"]), batched=True, remove_columns=["text"])
+model = peft.get_peft_model(tiny_gpt2(), peft.LoraConfig(r=16))
+args = transformers.TrainingArguments(
+    output_dir=sys.argv[1], max_steps=2, per_device_train_batch_size=2, report_to="none", use_cpu=True,
+    label_smoothing_factor=0.1, save_steps=1, disable_tqdm=True,
+)
+trainer = transformers.Trainer(
+    model=model, args=args, train_dataset=data,
+    data_collator=transformers.DataCollatorForLanguageModeling(tok, mlm=False),
+)
+assert trainer.label_names == ["labels"], trainer.label_names
+trainer.train()
+assert trainer.state.global_step == 2
+assert "peft" not in sys.modules
+print("OK")
+"""
+
+
+def test_brief_flow_without_hf_peft_installed(tmp_path: Path) -> None:
+    """transformers takes its non-peft road when HF peft is absent; a peftkit model trains the same way."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root / "src"), str(root)])}
+    done = subprocess.run(
+        [sys.executable, "-c", WITHOUT_HF_PEFT, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=root,
+        timeout=600,
+    )
+    assert done.returncode == 0 and done.stdout.strip().endswith("OK"), done.stderr[-3000:]
