@@ -151,3 +151,34 @@ def test_dpo_trainer_without_precompute_loads_a_second_base_model(tmp_path: Path
     assert not isinstance(trainer.ref_model, peftkit.PeftModel)
     trainer.train()
     assert all(torch.isfinite(torch.tensor(v)) for v in logged(trainer, "loss"))
+
+
+def test_fused_lm_head_patch_goes_to_the_base_model_also_after_accelerate_wrapped_forward() -> None:
+    """A second trainer on the same model (a notebook cell run twice) finds accelerate's fp32 wrapper on the
+    peftkit model's `forward`; TRL's patch must still land on the base model."""
+    import types
+
+    from trl.trainer.utils import add_fused_lm_head
+
+    model = peftkit.get_peft_model(tiny_gpt2(), peftkit.LoraConfig(r=4, task_type="CAUSAL_LM"))
+    ids = torch.tensor([[3, 4, 5, 6]])
+    expected = model(input_ids=ids).logits
+    for _ in range(2):
+        add_fused_lm_head(model)
+        assert code_name(vars(model.get_base_model())["forward"]) == "_fused_forward"
+        accelerate_like = wrap_function(model.forward.__func__)
+        model.forward = types.MethodType(accelerate_like, model)  # stays on the wrapper
+        assert vars(model)["forward"].__func__ is accelerate_like
+    torch.testing.assert_close(model(input_ids=ids).logits, expected)
+    fused = model(input_ids=ids, labels=ids, fused_lm_head=True)
+    assert fused.log_probs.shape == (1, 3)
+    torch.testing.assert_close(fused.loss, model(input_ids=ids, labels=ids).loss)
+
+
+def wrap_function(inner: Any) -> Any:
+    """Like accelerate's `convert_outputs_to_fp32(model.forward.__func__)`."""
+
+    def forward(self: Any, *args: Any, **kwargs: Any) -> Any:
+        return inner(self, *args, **kwargs)
+
+    return forward

@@ -106,7 +106,7 @@ def check_no_adapter_names(model: Any, kwargs: dict[str, Any]) -> None:
 def redirect_forward_patch(model: nn.Module, value: Any) -> bool:
     """Move a `forward` patch meant for a transformers model (TRL's fused LM head) onto `model`'s base model.
 
-    Recognised shape: `model.forward = MethodType(fn, model)` where `fn` closes over the previous bound
+    Recognised shape: `model.forward = MethodType(fn, model)` where `fn` closes over the current bound
     `model.forward` (to call it when the patch does not apply). The patch is rebuilt with that captured forward
     replaced by the base model's own and bound to the base model, as if it had been applied to the base model
     (what TRL does for an HF peft model). Returns False (nothing done) for any other assignment, e.g.
@@ -115,7 +115,8 @@ def redirect_forward_patch(model: nn.Module, value: Any) -> bool:
         return False
     fn = value.__func__
     cells = fn.__closure__ or ()
-    own = [i for i, c in enumerate(cells) if _is_own_forward(model, _cell_contents(c))]
+    current = model.forward  # the class's, or an earlier patch that stays on the wrapper (accelerate's)
+    own = [i for i, c in enumerate(cells) if _is_forward_of(model, _cell_contents(c), current)]
     if not own:
         return False
     base = model.get_base_model()
@@ -137,9 +138,5 @@ def _cell_contents(cell: Any) -> Any:
         return None
 
 
-def _is_own_forward(model: nn.Module, obj: Any) -> bool:
-    return (
-        isinstance(obj, types.MethodType)
-        and obj.__self__ is model
-        and obj.__func__ is getattr(type(model).forward, "__func__", type(model).forward)
-    )
+def _is_forward_of(model: nn.Module, obj: Any, current: Any) -> bool:
+    return isinstance(obj, types.MethodType) and obj.__self__ is model and obj == current
