@@ -464,3 +464,24 @@ def test_seq2seq_trainer_predict_with_generate_matches_hf_peft(tmp_path: Path) -
     assert our_loss == pytest.approx(their_loss, rel=1e-5)
     assert ours.metrics["test_loss"] == pytest.approx(theirs.metrics["test_loss"], rel=1e-5)
     assert (ours.predictions == theirs.predictions).all()
+
+
+def test_trainer_accepts_a_quantized_base_with_peftkit_adapters(tmp_path: Path) -> None:
+    """QLoRA: Trainer refuses a purely quantized model, and tells one with adapters apart by HF peft's class or
+    `_hf_peft_config_loaded`. (The quantizer is faked: no bitsandbytes on CPU.)"""
+    from types import SimpleNamespace
+
+    def quantized() -> nn.Module:
+        base = tiny_gpt2()
+        base.is_quantized = True
+        base.hf_quantizer = SimpleNamespace(
+            is_trainable=True,
+            is_qat_trainable=False,
+            quantization_config=SimpleNamespace(quant_method="fake"),
+        )
+        return base
+
+    with pytest.raises(ValueError, match="purely quantized"):
+        Trainer(model=quantized(), args=args(tmp_path))
+    for lib in LIBS.values():
+        Trainer(model=wrap(lib, quantized(), "CAUSAL_LM"), args=args(tmp_path))

@@ -94,6 +94,12 @@ class PeftModel(PreTrainedModel):
         text = super().__repr__()
         return type(self).__name__ + text[len(self._get_name()) :]
 
+    @property
+    def _hf_peft_config_loaded(self) -> bool:
+        """True: adapters are attached. transformers reads this flag (`validate_quantization_for_training`) to
+        tell a quantized model with trainable adapters (QLoRA) from a purely quantized one, which it refuses."""
+        return True
+
     def can_generate(self) -> bool:  # a classmethod on PreTrainedModel; pipelines ask the instance
         can = getattr(self.get_base_model(), "can_generate", None)
         return bool(can()) if callable(can) else False
