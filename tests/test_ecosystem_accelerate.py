@@ -12,6 +12,7 @@ import peft as hf_peft
 import pytest
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 
@@ -22,9 +23,18 @@ from .test_trainer import DATASET, FIXED_BATCH, adapter_tensors, tiny_gpt2
 LIBS = {"peftkit": peftkit, "hf": hf_peft}
 
 
+@pytest.fixture(autouse=True)
+def fresh_accelerator_state() -> Any:
+    """accelerate keeps one process-wide state: a TRL config run earlier (bf16 by default) would leave it in
+    bf16 autocast. Each test here starts from a fresh fp32 state."""
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
 def prepared(lib: Any) -> tuple[Accelerator, Any, Any, Any]:
     set_seed(0)
-    accelerator = Accelerator(cpu=True)
+    accelerator = Accelerator(cpu=True, mixed_precision="no")
     model = lib.get_peft_model(tiny_gpt2(), lib.LoraConfig(r=4, task_type="CAUSAL_LM"))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     loader = DataLoader(DATASET, batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(0))
