@@ -17,6 +17,9 @@ its wrapper answer every such question the way the base model would:
   calls `self.base_model` (the backbone) and captures the old `model.forward`. Given a peftkit model, that
   patch is moved onto the wrapped transformers model, where TRL puts it for an HF peft model.
 
+- `delegate_model_description`: the class-level facts `PreTrainedModel` declares read the base model's values.
+- `check_no_adapter_names` / `check_wrapper_kwargs`: arguments the wrapper cannot honour are errors.
+
 Everything else transformers asks (`_get_name`, `can_generate`, `get_input_embeddings`, `loss_type`, ...)
 is delegated to the base model by `PeftModel` itself.
 """
@@ -28,6 +31,7 @@ import types
 from typing import Any
 
 from torch import nn
+from transformers import PreTrainedModel
 
 _SPECIALISED: dict[tuple[type, type], type] = {}
 
@@ -101,6 +105,43 @@ def check_no_adapter_names(model: Any, kwargs: dict[str, Any]) -> None:
     if names is not None:
         raise ValueError(ADAPTER_NAMES_ERROR.format(names=names, active=model.active_adapter))
     kwargs.pop("adapter_names", None)
+
+
+def check_wrapper_kwargs(model: Any, task_ids: Any, kwargs: dict[str, Any]) -> None:
+    """Arguments the wrapper takes but cannot honour are errors, never silently dropped."""
+    check_no_adapter_names(model, kwargs)
+    if task_ids is not None:
+        raise ValueError(
+            "task_ids is used by multitask prompt tuning, which peftkit does not implement; "
+            f"the {model.peft_type} adapter {model.active_adapter!r} would ignore it"
+        )
+
+
+def delegate_model_description(cls: type) -> None:
+    """Class-level facts `PreTrainedModel` declares (`_supports_sdpa`, `_tied_weights_keys`, `_tp_plan`,
+    `base_model_prefix`, `config_class`, ...) would otherwise read as the wrapper's empty defaults; HF peft's
+    wrapper forwards them to the base model, and so does peftkit (setting one sets it on the base model)."""
+    for klass in PreTrainedModel.__mro__:
+        if not klass.__module__.startswith("transformers."):
+            continue  # nn.Module's own class attributes describe the wrapper itself
+        for name, value in vars(klass).items():
+            if name.startswith("__") or name in cls.__dict__ or callable(value):
+                continue
+            if isinstance(value, (property, classmethod, staticmethod)) or hasattr(value, "__get__"):
+                continue
+            setattr(cls, name, _delegated(name, value))
+
+
+def _delegated(name: str, default: Any) -> property:
+    def get(self: nn.Module) -> Any:
+        tuner = self.__dict__.get("_modules", {}).get("base_model")  # None while the wrapper is being built
+        model = getattr(tuner, "model", None)
+        return default if model is None else getattr(model, name, default)
+
+    def set_(self: nn.Module, value: Any) -> None:
+        setattr(self.get_base_model(), name, value)
+
+    return property(get, set_, doc=f"The base model's `{name}`.")
 
 
 def redirect_forward_patch(model: nn.Module, value: Any) -> bool:

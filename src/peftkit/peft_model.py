@@ -557,7 +557,7 @@ class PeftModelForCausalLM(PeftModel):
         Training forwards also run transformers' "sdpa" attention as a blocked causal kernel on CPU; see
         `peftkit.fast_attention` (and `set_fast_attention`).
         """
-        _check_wrapper_kwargs(self, task_ids, kwargs)
+        integrations.check_wrapper_kwargs(self, task_ids, kwargs)
         extra = {
             "output_attentions": output_attentions,
             "output_hidden_states": output_hidden_states,
@@ -615,7 +615,7 @@ class PeftModelForSeq2SeqLM(PeftModelForCausalLM):
         task_ids: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> Any:
-        _check_wrapper_kwargs(self, task_ids, kwargs)
+        integrations.check_wrapper_kwargs(self, task_ids, kwargs)
         return self.base_model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -644,7 +644,7 @@ class _EncoderTaskModel(PeftModel):
         task_ids: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> Any:
-        _check_wrapper_kwargs(self, task_ids, kwargs)
+        integrations.check_wrapper_kwargs(self, task_ids, kwargs)
         if labels is not None:
             kwargs["labels"] = labels
         return self.base_model(
@@ -676,7 +676,7 @@ class PeftModelForQuestionAnswering(PeftModel):
     classifier_module_names = ("qa_outputs",)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        _check_wrapper_kwargs(self, kwargs.pop("task_ids", None), kwargs)
+        integrations.check_wrapper_kwargs(self, kwargs.pop("task_ids", None), kwargs)
         return self.base_model(*args, **kwargs)
 
 
@@ -694,7 +694,7 @@ class PeftModelForFeatureExtraction(PeftModel):
         task_ids: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> Any:
-        _check_wrapper_kwargs(self, task_ids, kwargs)
+        integrations.check_wrapper_kwargs(self, task_ids, kwargs)
         return self.base_model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -706,44 +706,7 @@ class PeftModelForFeatureExtraction(PeftModel):
         )
 
 
-def _delegate_model_description(cls: type[PeftModel]) -> None:
-    """Class-level facts `PreTrainedModel` declares (`_supports_sdpa`, `_tied_weights_keys`, `_tp_plan`,
-    `base_model_prefix`, `config_class`, ...) would otherwise read as the wrapper's empty defaults; HF peft's
-    wrapper forwards them to the base model, and so does peftkit (setting one sets it on the base model)."""
-    for klass in PreTrainedModel.__mro__:
-        if not klass.__module__.startswith("transformers."):
-            continue  # nn.Module's own class attributes describe the wrapper itself
-        for name, value in vars(klass).items():
-            if name.startswith("__") or name in cls.__dict__ or callable(value):
-                continue
-            if isinstance(value, (property, classmethod, staticmethod)) or hasattr(value, "__get__"):
-                continue
-            setattr(cls, name, _delegated(name, value))
-
-
-def _delegated(name: str, default: Any) -> property:
-    def get(self: PeftModel) -> Any:
-        tuner = self.__dict__.get("_modules", {}).get("base_model")  # None while the wrapper is being built
-        model = getattr(tuner, "model", None)
-        return default if model is None else getattr(model, name, default)
-
-    def set_(self: PeftModel, value: Any) -> None:
-        setattr(self.get_base_model(), name, value)
-
-    return property(get, set_, doc=f"The base model's `{name}`.")
-
-
-_delegate_model_description(PeftModel)
-
-
-def _check_wrapper_kwargs(model: PeftModel, task_ids: Any, kwargs: dict[str, Any]) -> None:
-    """Arguments the wrapper takes but cannot honour are errors, never silently dropped."""
-    integrations.check_no_adapter_names(model, kwargs)
-    if task_ids is not None:
-        raise ValueError(
-            "task_ids is used by multitask prompt tuning, which peftkit does not implement; "
-            f"the {model.peft_type} adapter {model.active_adapter!r} would ignore it"
-        )
+integrations.delegate_model_description(PeftModel)
 
 
 TASK_MODELS: dict[str | None, type[PeftModel]] = {
