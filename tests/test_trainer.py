@@ -9,7 +9,6 @@ no dropout, so two runs (or the two libraries) take bit-identical steps.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -279,12 +278,15 @@ def test_checkpoints_hold_only_the_adapter(run_a: Run) -> None:
         folder = run_a.output_dir / f"checkpoint-{step}"
         assert (folder / "adapter_config.json").is_file()
         assert (folder / "adapter_model.safetensors").is_file()
-        for full_model_file in ("model.safetensors", "pytorch_model.bin", "config.json"):
+        for full_model_file in ("pytorch_model.bin", "config.json"):
             assert not (folder / full_model_file).exists(), f"{folder.name} holds {full_model_file}"
+        # model.safetensors is what Trainer reloads (resume, load_best_model_at_end): the adapter file itself
+        link = folder / "model.safetensors"
+        assert link.stat().st_ino == (folder / "adapter_model.safetensors").stat().st_ino
         model_files = [
             p for p in folder.iterdir() if p.name.startswith(("model", "adapter_model", "pytorch_model"))
         ]
-        model_bytes = sum(p.stat().st_size for p in model_files)
+        model_bytes = sum({p.stat().st_ino: p.stat().st_size for p in model_files}.values())
         assert model_bytes < run_a.base_bytes / 4, (sorted(p.name for p in model_files), model_bytes)
         # the optimizer holds state for the adapter only
         assert (folder / "optimizer.pt").stat().st_size < run_a.base_bytes
@@ -452,72 +454,4 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-class ListDataset(torch.utils.data.Dataset):
-    def __init__(self, rows: list[dict[str, list[int]]]) -> None:
-        self.rows = rows
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, i: int) -> dict[str, list[int]]:
-        return self.rows[i]
-
-
-@pytest.mark.parametrize("arch", sorted(ARCHS))
-def test_seed_brief_flow(arch: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    import peftkit as peft
-
-    texts = [
-        "below is an instruction that describes a task name three colours red green blue",
-        "below is an instruction give two animals cat dog",
-        "say hello world",
-        "write a response that completes the request say hello",
-        "name three colours red blue green",
-    ] * 2
-    tokenizer = tiny_tokenizer()
-    tokenized_dataset = ListDataset([tokenizer(t) for t in texts])
-    model = ARCHS[arch]()
-
-    lora_config = peft.LoraConfig(r=16)
-    peft_model = peft.get_peft_model(model, lora_config)
-    peft_model.print_trainable_parameters()
-    assert capsys.readouterr().out.startswith("trainable params: ")
-
-    training_args = transformers.TrainingArguments(
-        output_dir=str(tmp_path / "alpaca_lora_model"),
-        num_train_epochs=1,
-        per_device_train_batch_size=2,
-        learning_rate=2e-4,
-        logging_steps=1,
-        save_steps=2,
-        fp16=False,
-        report_to="none",
-        use_cpu=True,
-        disable_tqdm=True,
-    )
-    trainer = transformers.Trainer(
-        model=peft_model,
-        args=training_args,
-        train_dataset=tokenized_dataset,
-        data_collator=transformers.DataCollatorForLanguageModeling(tokenizer, mlm=False),
-    )
-    trainer.train()
-    assert trainer.state.global_step == len(texts) // 2
-    assert all(torch.isfinite(torch.tensor(loss)) for loss in logged(trainer, "loss"))
-
-    out = tmp_path / "alpaca_lora_model"
-    peft_model.save_pretrained(str(out))
-    assert sorted(p.name for p in out.iterdir() if p.is_file()) == [
-        "adapter_config.json",
-        "adapter_model.safetensors",
-    ]
-    checkpoints = sorted(p.name for p in out.glob("checkpoint-*"))
-    assert {"checkpoint-2", "checkpoint-4"} <= set(
-        checkpoints
-    )  # (recent transformers also save the last step)
-    for name in checkpoints:
-        assert (out / name / "adapter_model.safetensors").is_file()
-        assert not (out / name / "model.safetensors").exists()
-    reloaded = peft.PeftModel.from_pretrained(ARCHS[arch](), str(out))
-    torch.testing.assert_close(eval_logits(reloaded), eval_logits(peft_model), atol=1e-6, rtol=0)
-    assert os.path.getsize(out / "adapter_model.safetensors") < 100_000
+# The seed brief's flow itself, on a tokenized datasets.Dataset: tests/test_seed_brief.py

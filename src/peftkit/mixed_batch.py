@@ -12,7 +12,7 @@ which holds in the decoder body and in `generate` with a KV cache (rows repeated
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -201,3 +201,9 @@ def mixed_call(model: PeftModel, adapter_names: Any, args: tuple, kwargs: dict[s
                 model.__dict__.pop(key, None)
             else:
                 model.__dict__[key] = value
+
+
+def from_kwargs(model: PeftModel, args: tuple, kwargs: dict[str, Any]) -> AbstractContextManager:
+    """Pop `adapter_names` from a call's `kwargs`: a `mixed_call` context when given, else a no-op one."""
+    names = kwargs.pop("adapter_names", None)
+    return nullcontext() if names is None else mixed_call(model, names, args, kwargs)

@@ -4,12 +4,16 @@
 recognises it and calls our `save_pretrained` for checkpoints (an unrecognised class gets its whole
 `state_dict()` written, hundreds of MB, and fails on tied weights). Nothing of `PreTrainedModel.__init__`
 runs: the wrapper keeps no config of its own and never touches the base model's.
+
+transformers, TRL and accelerate inspect the *base* model of an HF peft model (its forward signature, class,
+class name); a peftkit model answers those questions the same way: see `peftkit.integrations`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -18,18 +22,18 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from . import io, merge
+from . import integrations, io, merge, mixed_batch
 from .config import PeftConfig
 from .fast_attention import fast_attention
 from .fused_loss import try_fused_forward
-from .mixed_batch import mixed_call
 from .modules_to_save import ModulesToSaveWrapper
 from .registry import get_method
 from .status import TunerLayerStatus, TunerModelStatus, get_layer_status, get_model_status
 from .tuners.switching import has_active_enabled_adapter, set_requires_grad
 
 TRAINER_CHECKPOINT_PREFIX = "checkpoint-"  # transformers.trainer_utils.PREFIX_CHECKPOINT_DIR
-RESUME_INDEX_NAME = "model.safetensors.index.json"  # what Trainer's resume looks for in a checkpoint
+RESUME_INDEX_NAME = "model.safetensors.index.json"  # what earlier peftkit wrote into Trainer checkpoints
+TRAINER_MODEL_FILE = "model.safetensors"  # transformers.utils.SAFE_WEIGHTS_NAME: what Trainer reloads
 
 
 class PeftModel(PreTrainedModel):
@@ -40,6 +44,21 @@ class PeftModel(PreTrainedModel):
     """
 
     classifier_module_names: tuple[str, ...] = ()
+
+    def __new__(cls, model: nn.Module | None = None, *args: Any, **kwargs: Any) -> PeftModel:
+        """An instance of `cls` specialised to `type(model)`: its `forward` shows the base model's signature
+        (see `peftkit.integrations.specialise`). Without a model (copy, unpickling) `cls` is used as is."""
+        if model is not None and isinstance(model, nn.Module):
+            cls = integrations.specialise(integrations.unspecialised(cls), type(model))
+        return nn.Module.__new__(cls)
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        """Pickle (and copy) by the wrapper and base classes: the specialised class is rebuilt on load."""
+        base_cls = type(self).__dict__.get("_peftkit_base_class")
+        if base_cls is None:
+            return super().__reduce_ex__(protocol)
+        wrapper = integrations.unspecialised(type(self))
+        return integrations.new_specialised, (wrapper, base_cls), self.__getstate__()
 
     def __init__(
         self,
@@ -69,6 +88,32 @@ class PeftModel(PreTrainedModel):
         self._wrap_modules_to_save(self.peft_config[adapter_name], adapter_name)
 
     # ----- identity and delegation -------------------------------------------------------------------------
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "forward" and integrations.redirect_forward_patch(self, value):
+            return  # a patch meant for the transformers model (TRL's fused LM head) went to the base model
+        super().__setattr__(name, value)
+
+    def _get_name(self) -> str:
+        """The base model's class name: transformers decides from it (as it does from an HF peft model's
+        base) whether label smoothing shifts the labels. `repr` still shows the wrapper's name."""
+        base = self._modules.get("base_model")
+        model = getattr(base, "model", None) if base is not None else None
+        return model._get_name() if isinstance(model, nn.Module) else type(self).__name__
+
+    def __repr__(self) -> str:
+        text = super().__repr__()
+        return type(self).__name__ + text[len(self._get_name()) :]
+
+    @property
+    def _hf_peft_config_loaded(self) -> bool:
+        """True: adapters are attached. transformers reads this flag (`validate_quantization_for_training`) to
+        tell a quantized model with trainable adapters (QLoRA) from a purely quantized one, which it refuses."""
+        return True
+
+    def can_generate(self) -> bool:  # a classmethod on PreTrainedModel; pipelines ask the instance
+        can = getattr(self.get_base_model(), "can_generate", None)
+        return bool(can()) if callable(can) else False
+
     @property
     def base_model(self) -> nn.Module:  # PreTrainedModel defines a property of that name; ours is the tuner
         return self.__dict__.get("_prompt_tuner") or self._modules["base_model"]
@@ -124,21 +169,18 @@ class PeftModel(PreTrainedModel):
         return self.base_model.model
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.base_model(*args, **kwargs)
+        with mixed_batch.from_kwargs(self, args, kwargs):
+            return self.base_model(*args, **kwargs)
 
-    def __call__(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """`adapter_names` (one per row, `"__base__"` for none) runs a mixed-adapter batch: see `mixed_batch`."""
-        if adapter_names is None:
-            return super().__call__(*args, **kwargs)
-        with mixed_call(self, adapter_names, args, kwargs):
+        with mixed_batch.from_kwargs(self, args, kwargs):
             return super().__call__(*args, **kwargs)
 
-    def generate(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
         """The tuner's generate: the base model's, except where a method changes it (prompt learning).
         `adapter_names` (one per prompt) generates each row with its own adapter: see `mixed_batch`."""
-        if adapter_names is None:
-            return self.base_model.generate(*args, **kwargs)
-        with mixed_call(self, adapter_names, args, kwargs):
+        with mixed_batch.from_kwargs(self, args, kwargs):
             return self.base_model.generate(*args, **kwargs)
 
     def get_input_embeddings(self) -> nn.Module:
@@ -463,17 +505,27 @@ class PeftModel(PreTrainedModel):
         return config
 
     def _write_resume_index(self, save_directory: str) -> None:
-        """In a Trainer checkpoint folder, an index pointing at the adapter file lets
-        `trainer.train(resume_from_checkpoint=...)` restore the adapter through `load_state_dict`."""
+        """In a Trainer checkpoint folder, `model.safetensors` names the active adapter's file (a hard link, a
+        copy where links are impossible). Trainer knows no adapter files unless it sees an HF peft model: both
+        `train(resume_from_checkpoint=...)` and `load_best_model_at_end` then read `model.safetensors` through
+        `load_state_dict`, which maps the file keys onto the active adapter. (Without it, `load_best_model_at_end`
+        looks for `pytorch_model.bin`.) A non-default active adapter lives in its sub-folder, so the link
+        points there, never at `default`'s file."""
         name = self.active_adapter
-        keys = io.adapter_key_map(self, name)
-        io.write_json(
-            os.path.join(save_directory, RESUME_INDEX_NAME),
-            {
-                "metadata": {"format": "peftkit-adapter", "adapter_name": name},
-                "weight_map": dict.fromkeys(keys, io.SAFETENSORS_WEIGHTS_NAME),
-            },
-        )
+        folder = save_directory if name == "default" else os.path.join(save_directory, name)
+        source = os.path.join(folder, io.SAFETENSORS_WEIGHTS_NAME)
+        if not os.path.isfile(source):
+            return  # saved as .bin (safe_serialization=False): Trainer's WEIGHTS_NAME is not ours to fake
+        target = os.path.join(save_directory, TRAINER_MODEL_FILE)
+        if os.path.lexists(target):
+            os.remove(target)
+        try:
+            os.link(source, target)
+        except OSError:
+            shutil.copyfile(source, target)
+        stale = os.path.join(save_directory, RESUME_INDEX_NAME)  # written by peftkit <= 0.1 instead
+        if os.path.isfile(stale):
+            os.remove(stale)
 
     @property
     def _keys_to_ignore_on_save(self) -> list[str]:
@@ -593,6 +645,7 @@ class PeftModelForCausalLM(PeftModel):
         Training forwards also run transformers' "sdpa" attention as a blocked causal kernel on CPU; see
         `peftkit.fast_attention` (and `set_fast_attention`).
         """
+        integrations.check_wrapper_kwargs(self, task_ids, kwargs)
         extra = {
             "output_attentions": output_attentions,
             "output_hidden_states": output_hidden_states,
@@ -604,9 +657,12 @@ class PeftModelForCausalLM(PeftModel):
             "inputs_embeds": inputs_embeds,
         }
         with fast_attention(self, self.get_base_model()):
-            fused = try_fused_forward(
-                self, self.get_base_model(), labels, return_dict, {**body_kwargs, **extra}
-            )
+            # TRL's fused LM head (patched onto the base model's forward) computes its own loss
+            fused = None
+            if "fused_lm_head" not in kwargs:
+                fused = try_fused_forward(
+                    self, self.get_base_model(), labels, return_dict, {**body_kwargs, **extra}
+                )
             if fused is not None:
                 return fused
             return self.base_model(
@@ -642,6 +698,7 @@ class PeftModelForSeq2SeqLM(PeftModelForCausalLM):
         task_ids: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> Any:
+        integrations.check_wrapper_kwargs(self, task_ids, kwargs)
         return self.base_model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -670,6 +727,7 @@ class _EncoderTaskModel(PeftModel):
         task_ids: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> Any:
+        integrations.check_wrapper_kwargs(self, task_ids, kwargs)
         if labels is not None:
             kwargs["labels"] = labels
         return self.base_model(
@@ -701,6 +759,7 @@ class PeftModelForQuestionAnswering(PeftModel):
     classifier_module_names = ("qa_outputs",)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        integrations.check_wrapper_kwargs(self, kwargs.pop("task_ids", None), kwargs)
         return self.base_model(*args, **kwargs)
 
 
@@ -718,6 +777,7 @@ class PeftModelForFeatureExtraction(PeftModel):
         task_ids: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> Any:
+        integrations.check_wrapper_kwargs(self, task_ids, kwargs)
         return self.base_model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -727,6 +787,9 @@ class PeftModelForFeatureExtraction(PeftModel):
             return_dict=return_dict,
             **kwargs,
         )
+
+
+integrations.delegate_model_description(PeftModel)
 
 
 TASK_MODELS: dict[str | None, type[PeftModel]] = {

@@ -370,6 +370,7 @@ class BaseTuner(nn.Module):
 
         set_requires_grad(self, adapter_names, requires_grad)
 
+
 def _targets_as_set(config: PeftConfig) -> PeftConfig:
     """A copy of `config` whose list of target module names is a set, as HF peft holds it after injection
     (user code does `"q_proj" in config.target_modules` or set algebra on it); files still write a sorted list.

@@ -19,7 +19,9 @@ def tuner_of(model: nn.Module) -> BaseTuner | None:
     """The tuner of a PeftModel (its `base_model`), the model itself if it is a tuner, else None."""
     if isinstance(model, BaseTuner):
         return model
-    inner = model.__dict__.get("_prompt_tuner") or model._modules.get("base_model")  # prompt learning: see PeftModel
+    inner = model.__dict__.get("_prompt_tuner") or model._modules.get(
+        "base_model"
+    )  # prompt learning: see PeftModel
     return inner if isinstance(inner, BaseTuner) else None
 
 
