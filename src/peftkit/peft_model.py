@@ -368,7 +368,10 @@ class PeftModel(PreTrainedModel):
         **kwargs: Any,
     ) -> None:
         """Write each adapter as `adapter_config.json` + `adapter_model.safetensors` (non-default names in a
-        sub-folder of that name). Every file is written to a temporary name and renamed into place."""
+        sub-folder of that name), and a `README.md` model card (a user's README is updated, not replaced).
+
+        Each adapter's two files are replaced as one unit (`io.save_adapter_files`): a crash leaves the old
+        pair or the new one, never new weights beside an old config. Other files in the folder are kept."""
         save_directory = os.fspath(save_directory)
         if os.path.isfile(save_directory):
             raise ValueError(f"save_pretrained: {save_directory} is a file; expected a directory")
@@ -379,13 +382,29 @@ class PeftModel(PreTrainedModel):
             return
         for name in names:
             folder = save_directory if name == "default" else os.path.join(save_directory, name)
-            os.makedirs(folder, exist_ok=True)
             tensors = self.get_adapter_state_dict(name, state_dict, save_embedding_layers)
             weights = io.SAFETENSORS_WEIGHTS_NAME if safe_serialization else io.WEIGHTS_NAME
-            io.save_tensors(os.path.join(folder, weights), tensors, safe_serialization)
-            self._config_for_saving(name).save_pretrained(folder)
+            config_json = self._config_for_saving(name).to_json_bytes()
+            io.save_adapter_files(
+                folder, config_json, io.tensors_to_bytes(tensors, safe_serialization), weights
+            )
+        self._write_model_card(save_directory, names)
         if os.path.basename(os.path.normpath(save_directory)).startswith(TRAINER_CHECKPOINT_PREFIX):
             self._write_resume_index(save_directory)
+
+    def _write_model_card(self, save_directory: str, names: list[str]) -> None:
+        from . import __version__
+        from .model_card import write_model_card
+
+        config = self.peft_config[names[0] if names else self.active_adapter]
+        base = config.base_model_name_or_path
+        tags = ["peftkit", *(f"base_model:adapter:{base}" for base in [base] if base)]
+        tags += sorted({str(self.peft_config[n].peft_type).lower() for n in names})
+        if isinstance(self.get_base_model(), PreTrainedModel):
+            tags.append("transformers")
+        pipeline = "text-generation" if isinstance(self, PeftModelForCausalLM) else None
+        methods = sorted({str(self.peft_config[n].peft_type) for n in names})
+        write_model_card(save_directory, base, methods, tags, pipeline, __version__)
 
     def _config_for_saving(self, adapter_name: str) -> PeftConfig:
         config = dataclasses.replace(self.peft_config[adapter_name], inference_mode=True)
