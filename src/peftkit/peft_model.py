@@ -54,7 +54,10 @@ class PeftModel(PreTrainedModel):
         if method.tuner_cls is None:
             raise NotImplementedError(f"{method.peft_type} is not implemented in peftkit yet")
         peft_config = self._prepare_config(model, peft_config)
+        # meta tensors hold no values, so initialising them would be wasted work (and PiSSA would rewrite the base)
+        init_weights = init_weights and not low_cpu_mem_usage
         self.base_model = method.tuner_cls(model, peft_config, adapter_name, init_weights=init_weights)
+        self.base_model.place_adapter(adapter_name, autocast_adapter_dtype, on_meta=low_cpu_mem_usage)
         self._wrap_modules_to_save(self.peft_config[adapter_name], adapter_name)
 
     # ----- identity and delegation -------------------------------------------------------------------------
@@ -226,15 +229,19 @@ class PeftModel(PreTrainedModel):
         peft_config: PeftConfig,
         low_cpu_mem_usage: bool = False,
         init_weights: bool = True,
+        autocast_adapter_dtype: bool = True,
     ) -> None:
-        """Add a new adapter (not activated: call `set_adapter` to use it)."""
+        """Add a new adapter (not activated: call `set_adapter` to use it). `low_cpu_mem_usage` and
+        `autocast_adapter_dtype` as in `get_peft_model` (see `tuners/placement.py`)."""
         if peft_config.peft_type != self.peft_type:
             raise ValueError(
                 f"Cannot add a {peft_config.peft_type} adapter to a {self.peft_type} model; "
                 "one PeftModel holds adapters of one method"
             )
         peft_config = self._prepare_config(self.get_base_model(), peft_config)
+        init_weights = init_weights and not low_cpu_mem_usage
         self.base_model.inject_adapter(peft_config, adapter_name, init_weights=init_weights)
+        self.base_model.place_adapter(adapter_name, autocast_adapter_dtype, on_meta=low_cpu_mem_usage)
         self._wrap_modules_to_save(peft_config, adapter_name)
 
     def _check_adapter_name(self, adapter_name: str) -> None:
@@ -453,24 +460,38 @@ class PeftModel(PreTrainedModel):
         adapter_name: str,
         is_trainable: bool = False,
         torch_device: str | None = None,
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
         **kwargs: Any,
     ) -> Any:
-        """Load an adapter folder as `adapter_name` (it becomes trainable only with `is_trainable=True`)."""
+        """Load an adapter folder as `adapter_name` (it becomes trainable only with `is_trainable=True`).
+
+        `autocast_adapter_dtype`: float16/bfloat16 adapter tensors become float32 (else they take the base
+        layer's dtype); `low_cpu_mem_usage`: the adapter is created empty on the meta device and materialised
+        by the file's tensors (see `tuners/placement.py`)."""
         config = PeftConfig.from_pretrained(model_id, subfolder=kwargs.get("subfolder"))
         config = dataclasses.replace(config, inference_mode=not is_trainable)
         weights_path = io.find_weights_file(model_id, kwargs.get("subfolder"))
         tensors = io.load_weights_file(weights_path)
         if adapter_name not in self.peft_config:
-            self.add_adapter(adapter_name, config, init_weights=False)
-        result = self._load_adapter_tensors(tensors, adapter_name, weights_path)
+            self.add_adapter(adapter_name, config, low_cpu_mem_usage, False, autocast_adapter_dtype)
+        result = self._load_adapter_tensors(tensors, adapter_name, weights_path, autocast_adapter_dtype)
         self.set_adapter(self.active_adapter)
         return result
 
-    def _load_adapter_tensors(self, tensors: dict[str, torch.Tensor], adapter_name: str, source: str) -> Any:
-        """Copy file tensors into `adapter_name`, checking every shape; errors name module and shapes."""
+    def _load_adapter_tensors(
+        self,
+        tensors: dict[str, torch.Tensor],
+        adapter_name: str,
+        source: str,
+        autocast_adapter_dtype: bool = True,
+    ) -> Any:
+        """Copy file tensors into `adapter_name`, checking every shape; errors name module and shapes.
+        Meta tensors (`low_cpu_mem_usage`) are materialised first, on the base layers' device."""
         from .adapter_loading import copy_adapter_tensors
 
         self.base_model.before_loading(adapter_name)
+        self.base_model.place_adapter(adapter_name, autocast_adapter_dtype)
         return copy_adapter_tensors(self, tensors, adapter_name, source)
 
     @classmethod
@@ -481,16 +502,27 @@ class PeftModel(PreTrainedModel):
         adapter_name: str = "default",
         is_trainable: bool = False,
         config: PeftConfig | None = None,
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
         **kwargs: Any,
     ) -> PeftModel:
-        """Wrap `model` with the adapter saved in `model_id` (a folder or Hub id)."""
+        """Wrap `model` with the adapter saved in `model_id` (a folder or Hub id); the two flags as in
+        `load_adapter`."""
         if config is None:
             config = PeftConfig.from_pretrained(model_id, subfolder=kwargs.get("subfolder"))
         config = dataclasses.replace(config, inference_mode=not is_trainable)
         model_cls = TASK_MODELS.get(config.task_type, PeftModel) if cls is PeftModel else cls
-        peft_model = model_cls(model, config, adapter_name, init_weights=False)
+        peft_model = model_cls(
+            model,
+            config,
+            adapter_name,
+            init_weights=False,
+            autocast_adapter_dtype=autocast_adapter_dtype,
+            low_cpu_mem_usage=low_cpu_mem_usage,
+        )
         weights_path = io.find_weights_file(model_id, kwargs.get("subfolder"))
-        peft_model._load_adapter_tensors(io.load_weights_file(weights_path), adapter_name, weights_path)
+        tensors = io.load_weights_file(weights_path)
+        peft_model._load_adapter_tensors(tensors, adapter_name, weights_path, autocast_adapter_dtype)
         if not is_trainable:
             peft_model.eval()
         return peft_model
@@ -688,4 +720,10 @@ def get_peft_model(
     if revision is not None:
         peft_config = dataclasses.replace(peft_config, revision=revision)
     cls = TASK_MODELS.get(peft_config.task_type, PeftModel)
-    return cls(model, peft_config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+    return cls(
+        model,
+        peft_config,
+        adapter_name,
+        autocast_adapter_dtype=autocast_adapter_dtype,
+        low_cpu_mem_usage=low_cpu_mem_usage,
+    )

@@ -33,6 +33,9 @@ class AdapterLayer(nn.Module):
     """
 
     adapter_attrs: tuple[str, ...] = ()
+    # the adapter is a trainable copy of the base layer (LN tuning): it keeps the base's dtype and device under
+    # autocast_adapter_dtype/low_cpu_mem_usage, as in HF peft
+    copies_base_layer: bool = False
 
     def __init__(self, base_layer: nn.Module, module_name: str = "") -> None:
         super().__init__()
@@ -222,6 +225,25 @@ class BaseTuner(nn.Module):
                 )
         self.peft_config[adapter_name] = config
         self.set_adapter(self.active_adapter)
+
+    def place_adapter(
+        self, adapter_name: str, autocast_adapter_dtype: bool = True, on_meta: bool = False
+    ) -> None:
+        """Put `adapter_name`'s tensors on their base layers' device and dtype, upcasting half precision to
+        float32 when `autocast_adapter_dtype`; `on_meta` empties them onto the meta device instead (see
+        `tuners/placement.py`). Shared tensors (VeRA's projections) follow the first adapted layer."""
+        from .placement import place_tensors
+
+        first_ref = None
+        for _, layer in self.adapter_layers():
+            if adapter_name not in layer.adapter_names or layer.copies_base_layer:
+                continue
+            ref = getattr(layer.base_layer, "weight", None)
+            ref = ref if isinstance(ref, torch.Tensor) else None
+            first_ref = ref if first_ref is None else first_ref
+            place_tensors(layer, layer.adapter_attrs, adapter_name, ref, autocast_adapter_dtype, on_meta)
+        shared = getattr(self, "shared_adapter_attrs", ())
+        place_tensors(self, shared, adapter_name, first_ref, autocast_adapter_dtype, on_meta=False)
 
     def tensors_for_saving(
         self, adapter_name: str, tensors: dict[str, torch.Tensor]
