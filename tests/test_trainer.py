@@ -508,6 +508,7 @@ def test_seed_brief_flow(arch: str, tmp_path: Path, capsys: pytest.CaptureFixtur
     out = tmp_path / "alpaca_lora_model"
     peft_model.save_pretrained(str(out))
     assert sorted(p.name for p in out.iterdir() if p.is_file()) == [
+        "README.md",  # the model card, as HF peft writes one
         "adapter_config.json",
         "adapter_model.safetensors",
     ]
