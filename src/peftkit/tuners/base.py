@@ -129,15 +129,28 @@ class AdapterLayer(nn.Module):
                 continue
             with torch.no_grad():
                 new_weight, state = self.merge_weight(weight.detach().clone(), name)
-                if safe_merge and not torch.isfinite(new_weight).all():
-                    raise ValueError(
-                        f"safe_merge: merging adapter {name!r} into {self.module_name or type(self).__name__} "
-                        "gives NaN/inf weights; the model was left unmerged"
-                    )
+                if safe_merge:
+                    self._check_finite(new_weight, name)
                 weight.data.copy_(new_weight)
             self._merge_bias(name, +1)
             self._unmerge_state[name] = state
             self.merged_adapters.append(name)
+
+    def _check_finite(self, merged: torch.Tensor, name: str) -> None:
+        if not torch.isfinite(merged).all():
+            raise ValueError(
+                f"safe_merge: merging adapter {name!r} into {self.module_name or type(self).__name__} "
+                "gives NaN/inf weights; the model was left unmerged"
+            )
+
+    def check_merge(self, adapter_names: list[str] | None = None) -> None:
+        """Raise as `merge(safe_merge=True)` would, without changing anything (each adapter checked alone)."""
+        names = self.active_adapters if adapter_names is None else adapter_names
+        weight = self.base_layer.weight
+        for name in names:
+            if name not in self.merged_adapters and name in self.adapter_names:
+                with torch.no_grad():
+                    self._check_finite(self.merge_weight(weight.detach().clone(), name)[0], name)
 
     def unmerge(self) -> None:
         """Restore the base weight by undoing the merges, last first."""
@@ -304,7 +317,11 @@ class BaseTuner(nn.Module):
 
     # ----- merging -----------------------------------------------------------------------------------------
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
-        """Merge into every layer; if a safe merge fails anywhere, every layer is unmerged again."""
+        """Merge into every layer. A safe merge checks every layer before it changes any, so a failure leaves
+        the base weights bit for bit as they were (merging then unmerging would round them)."""
+        if safe_merge:
+            for _, layer in self.adapter_layers():
+                layer.check_merge(adapter_names)
         try:
             for _, layer in self.adapter_layers():
                 layer.merge(safe_merge=safe_merge, adapter_names=adapter_names)
