@@ -344,18 +344,26 @@ class PeftModel(PreTrainedModel):
             ]
         targets = getattr(config, "target_modules", None) or []
         embed_names = ("embed_tokens", "lm_head")
-        want = save_embedding_layers is True or (
-            save_embedding_layers == "auto"
-            and not isinstance(targets, str)
-            and any(t in embed_names for t in targets)
-        )
-        if want:
-            extra += [
-                f"{path}.base_layer.weight"
-                for path, _ in self._adapter_layer_items()
-                if path.rsplit(".", 1)[-1] in embed_names and f"{path}.base_layer.weight" in source
-            ]
+        in_targets = not isinstance(targets, str) and any(t in embed_names for t in targets)
+        if save_embedding_layers is True or (save_embedding_layers == "auto" and in_targets):
+            extra += self._embedding_keys(source, in_targets)
         return extra
+
+    def _embedding_keys(self, source: dict[str, torch.Tensor], in_targets: bool) -> list[str]:
+        """The base input/output embedding tensors HF peft saves with `save_embedding_layers`: of the adapted
+        embedding layers when embeddings are targets, else of the plain ones (`embed_tokens`, `lm_head`)."""
+        from .tuners.base import AdapterLayer
+
+        base = self.get_base_model()
+        paths = {id(m): p for p, m in self.named_modules()}
+        keys: list[str] = []
+        for get in ("get_input_embeddings", "get_output_embeddings"):
+            layer = getattr(base, get, lambda: None)()
+            if layer is None or id(layer) not in paths or isinstance(layer, AdapterLayer) != in_targets:
+                continue
+            prefix = f"{paths[id(layer)]}.base_layer." if in_targets else f"{paths[id(layer)]}."
+            keys += [k for k in source if k.startswith(prefix) and k not in keys]
+        return keys
 
     def _adapter_layer_items(self) -> Iterator[tuple[str, nn.Module]]:
         from .tuners.base import AdapterLayer
