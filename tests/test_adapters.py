@@ -77,8 +77,13 @@ def test_model_type_without_defaults_asks_for_targets():
 
 def test_safe_merge_refuses_nan_and_leaves_model_unmerged():
     model = peftkit.get_peft_model(tiny_llama(), lora(r=4))
+    with torch.no_grad():  # a non-zero update everywhere, so a merge left behind would show in the logits
+        for _, layer in model.base_model.adapter_layers():
+            layer.lora_B["default"].weight.normal_()
     before = logits(model)
+    bases = {n: layer.base_layer.weight.clone() for n, layer in model.base_model.adapter_layers()}
     layer = model.base_model.model.model.layers[1].self_attn.v_proj
+    kept = layer.lora_B["default"].weight[0, 0].item()
     with torch.no_grad():
         layer.lora_B["default"].weight[0, 0] = float("nan")
     with pytest.raises(
@@ -86,9 +91,11 @@ def test_safe_merge_refuses_nan_and_leaves_model_unmerged():
     ):
         model.merge_and_unload(safe_merge=True)
     assert not any(m.merged for _, m in model.base_model.adapter_layers())
+    for name, layer_ in model.base_model.adapter_layers():  # every base weight restored bit for bit
+        assert torch.equal(layer_.base_layer.weight, bases[name]), name
     with torch.no_grad():
-        layer.lora_B["default"].weight[0, 0] = 0.0
-    assert torch.isfinite(logits(model)).all() and before.shape == logits(model).shape
+        layer.lora_B["default"].weight[0, 0] = kept
+    assert torch.equal(logits(model), before)
 
 
 def test_shape_mismatch_names_module_and_shapes(tmp_path):

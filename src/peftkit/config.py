@@ -125,12 +125,15 @@ class PeftConfig:
             out[f.name] = value
         return out
 
+    def to_json_bytes(self) -> bytes:
+        """The contents of `adapter_config.json` for this config."""
+        return (json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n").encode()
+
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
         """Write `adapter_config.json` into `save_directory` atomically."""
-        from .io import atomic_write_bytes
+        from .atomic_files import atomic_write_bytes
 
-        text = json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
-        atomic_write_bytes(os.path.join(save_directory, CONFIG_NAME), text.encode())
+        atomic_write_bytes(os.path.join(save_directory, CONFIG_NAME), self.to_json_bytes())
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "<dict>") -> PeftConfig:

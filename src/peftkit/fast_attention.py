@@ -10,7 +10,7 @@ that only hides keys causality allows) and transformers' own `sdpa_attention_for
 gradients equal sdpa's within fp32 rounding.
 
 OFF by default (opt in with `peftkit.set_fast_attention(True)`; `model.fast_attention = False` keeps one model
-out). Measured on SmolLM2-135M LoRA all-linear at 4x512: the kernel's forward+backward is 0.75-0.85x of
+out), and never under gradient checkpointing (see `_checkpointing`). Measured on SmolLM2-135M LoRA all-linear at 4x512: the kernel's forward+backward is 0.75-0.85x of
 PyTorch's flash kernel per layer at 448-640 queries, but a whole training step is unchanged (10.18 s on vs
 10.23 s off, idle machine), and when other processes compete for the cores its many small ops stall under
 PyTorch's default OpenMP spin-waiting (one 4x512 layer: 4.5 s vs 0.16 s for flash) unless
@@ -165,6 +165,14 @@ def _configs(base: nn.Module) -> list[PreTrainedConfig]:
     return list(found.values())
 
 
+def _checkpointing(base: nn.Module) -> bool:
+    """Whether gradient checkpointing is on in `base`. The backward then recomputes each layer after this
+    context has restored "sdpa", so a forward with the blocked kernel would differ from its recomputation
+    (non-reentrant checkpointing raises CheckpointError; reentrant would mix the two kernels' gradients):
+    the swap is skipped, and checkpointed training runs sdpa throughout."""
+    return any(getattr(m, "gradient_checkpointing", False) is True for m in base.modules())
+
+
 @contextmanager
 def fast_attention(model: nn.Module, base: nn.Module) -> Iterator[None]:
     """Within: `base`'s "sdpa" configs use "peftkit_sdpa", when `model` (a PeftModel) is in a training forward.
@@ -173,7 +181,11 @@ def fast_attention(model: nn.Module, base: nn.Module) -> Iterator[None]:
     so a sub-config with another implementation keeps it.
     """
     if not (
-        _enabled and getattr(model, "fast_attention", True) and model.training and torch.is_grad_enabled()
+        _enabled
+        and getattr(model, "fast_attention", True)
+        and model.training
+        and torch.is_grad_enabled()
+        and not _checkpointing(base)
     ):
         yield
         return

@@ -20,6 +20,7 @@ from transformers.loss.loss_utils import ForCausalLMLoss
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .functional.lm_loss import causal_lm_loss
+from .hf_compat import CACHE_KEY
 from .shared_prefix import prefix_length, run_with_shared_prefix
 
 # Classes whose forward is exactly `body -> lm_head(hidden) -> ForCausalLMLoss` (checked in transformers 5).
@@ -128,12 +129,12 @@ def fused_loss_forward(
     ran = run_with_shared_prefix(body, kwargs, shared) if shared else None
     if ran is None:
         out = body(**kwargs)
-        hidden, cache = out.last_hidden_state, getattr(out, "cache", None)
+        hidden, cache = out.last_hidden_state, getattr(out, CACHE_KEY, None)
     else:  # the suffix's hidden states; the label at the first suffix position is -100 (see shared_prefix)
         (hidden, positions), cache = ran, None
         labels = labels[:, positions]
     loss = causal_lm_loss(hidden, head.weight, labels, head.bias, num_items)
-    return CausalLMOutputWithPast(loss=loss, logits=None, cache=cache)
+    return CausalLMOutputWithPast(loss=loss, logits=None, **{CACHE_KEY: cache})
 
 
 def loss_only(model: nn.Module, batch: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor | None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from typing import Any
 
 import torch
@@ -19,33 +18,13 @@ from safetensors.torch import load as st_load_bytes
 from safetensors.torch import save as st_save_bytes
 from torch import nn
 
+from .atomic_files import atomic_write_bytes, finish_pending_writes, write_files_together
 from .modules_to_save import ModulesToSaveWrapper
 from .tuners.base import AdapterLayer, BaseTuner
 
 WEIGHTS_NAME = "adapter_model.bin"
 SAFETENSORS_WEIGHTS_NAME = "adapter_model.safetensors"
 PROMPT_EMBEDDINGS_KEY = "prompt_embeddings"  # the one tensor of a prompt-learning adapter file
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write `data` to a temporary file beside `path`, fsync it, then rename it into place.
-
-    A failure half-way (disk full, process killed) leaves any existing file at `path` untouched.
-    """
-    path = os.fspath(path)
-    directory = os.path.dirname(path) or "."
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix="-" + os.path.basename(path), dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def adapter_key_map(root: nn.Module, adapter_name: str) -> dict[str, str]:
@@ -102,6 +81,7 @@ def resolve_adapter_file(
     model_id = os.fspath(model_id)
     local_dir = os.path.join(model_id, subfolder) if subfolder else model_id
     if os.path.isdir(local_dir):
+        finish_pending_writes(local_dir)  # a save interrupted after its commit point: see the new pair
         return os.path.join(local_dir, filename)
     if os.path.exists(model_id) or model_id.startswith((".", "/")) or model_id.count("/") > 1:
         raise FileNotFoundError(f"Adapter folder {local_dir} does not exist")
@@ -159,19 +139,31 @@ def load_weights_file(path: str, device: str | torch.device = "cpu") -> dict[str
     return {k: v.to(device) for k, v in tensors.items()}
 
 
-def save_tensors(path: str, tensors: dict[str, torch.Tensor], safe_serialization: bool = True) -> None:
-    """Write adapter tensors atomically (safetensors, or a torch `.bin` when asked)."""
+def tensors_to_bytes(tensors: dict[str, torch.Tensor], safe_serialization: bool = True) -> bytes:
+    """Adapter tensors as the bytes of a safetensors file (or of a torch `.bin` when asked)."""
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     if safe_serialization:
         # shared storage (tied tensors) is not allowed by safetensors; adapters rarely share, so clone
         tensors = {k: v.clone() for k, v in tensors.items()}
-        atomic_write_bytes(path, st_save_bytes(tensors, metadata={"format": "pt"}))
-    else:
-        import io as _io
+        return st_save_bytes(tensors, metadata={"format": "pt"})
+    import io as _io
 
-        buf = _io.BytesIO()
-        torch.save(tensors, buf)
-        atomic_write_bytes(path, buf.getvalue())
+    buf = _io.BytesIO()
+    torch.save(tensors, buf)
+    return buf.getvalue()
+
+
+def save_tensors(path: str, tensors: dict[str, torch.Tensor], safe_serialization: bool = True) -> None:
+    """Write adapter tensors atomically (safetensors, or a torch `.bin` when asked)."""
+    atomic_write_bytes(path, tensors_to_bytes(tensors, safe_serialization))
+
+
+def save_adapter_files(folder: str, config_json: bytes, tensors: bytes, weights_name: str) -> None:
+    """Write an adapter's config and weights as one unit: a reader sees the old pair or the new pair, never
+    a mix (`atomic_files.write_files_together`); other files in `folder` are left alone."""
+    from .config import CONFIG_NAME
+
+    write_files_together(folder, {weights_name: tensors, CONFIG_NAME: config_json})
 
 
 def write_json(path: str, data: Any) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-import torch
 from torch import nn
 
 
@@ -46,9 +45,15 @@ class ModulesToSaveWrapper(nn.Module):
             return self.original_module
         return self.modules_to_save[self.active_adapter]
 
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.active_module.weight
+    def __getattr__(self, name: str) -> Any:
+        """Attributes this wrapper lacks (`weight`, `bias`, `in_features`, a config, ...) come from the
+        active module, so code that reads `model.lm_head.bias` works on a wrapped head."""
+        try:
+            return super().__getattr__(name)  # our own parameters, buffers and sub-modules
+        except AttributeError:
+            if name.startswith("__") or "modules_to_save" not in self.__dict__.get("_modules", {}):
+                raise  # dunders, or not built yet (__init__, copy, unpickling): never recurse
+            return getattr(self.active_module, name)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.active_module(*args, **kwargs)

@@ -76,7 +76,10 @@ class PeftModel(PreTrainedModel):
         if method.tuner_cls is None:
             raise NotImplementedError(f"{method.peft_type} is not implemented in peftkit yet")
         peft_config = self._prepare_config(model, peft_config)
+        # meta tensors hold no values, so initialising them would be wasted work (and PiSSA would rewrite the base)
+        init_weights = init_weights and not low_cpu_mem_usage
         tuner = method.tuner_cls(model, peft_config, adapter_name, init_weights=init_weights)
+        tuner.place_adapter(adapter_name, autocast_adapter_dtype, on_meta=low_cpu_mem_usage)
         if method.is_prompt_learning:  # HF peft's layout: `base_model.*` is the model, `prompt_encoder.*` the
             # encoders; the tuner that runs them is held unregistered (`self.base_model` still returns it)
             self.__dict__["_prompt_tuner"] = tuner
@@ -300,15 +303,19 @@ class PeftModel(PreTrainedModel):
         peft_config: PeftConfig,
         low_cpu_mem_usage: bool = False,
         init_weights: bool = True,
+        autocast_adapter_dtype: bool = True,
     ) -> None:
-        """Add a new adapter (not activated: call `set_adapter` to use it)."""
+        """Add a new adapter (not activated: call `set_adapter` to use it). `low_cpu_mem_usage` and
+        `autocast_adapter_dtype` as in `get_peft_model` (see `tuners/placement.py`)."""
         if peft_config.peft_type != self.peft_type:
             raise ValueError(
                 f"Cannot add a {peft_config.peft_type} adapter to a {self.peft_type} model; "
                 "one PeftModel holds adapters of one method"
             )
         peft_config = self._prepare_config(self.get_base_model(), peft_config)
+        init_weights = init_weights and not low_cpu_mem_usage
         self.base_model.inject_adapter(peft_config, adapter_name, init_weights=init_weights)
+        self.base_model.place_adapter(adapter_name, autocast_adapter_dtype, on_meta=low_cpu_mem_usage)
         self._wrap_modules_to_save(peft_config, adapter_name)
 
     def _check_adapter_name(self, adapter_name: str) -> None:
@@ -441,18 +448,26 @@ class PeftModel(PreTrainedModel):
             ]
         targets = getattr(config, "target_modules", None) or []
         embed_names = ("embed_tokens", "lm_head")
-        want = save_embedding_layers is True or (
-            save_embedding_layers == "auto"
-            and not isinstance(targets, str)
-            and any(t in embed_names for t in targets)
-        )
-        if want:
-            extra += [
-                f"{path}.base_layer.weight"
-                for path, _ in self._adapter_layer_items()
-                if path.rsplit(".", 1)[-1] in embed_names and f"{path}.base_layer.weight" in source
-            ]
+        in_targets = not isinstance(targets, str) and any(t in embed_names for t in targets)
+        if save_embedding_layers is True or (save_embedding_layers == "auto" and in_targets):
+            extra += self._embedding_keys(source, in_targets)
         return extra
+
+    def _embedding_keys(self, source: dict[str, torch.Tensor], in_targets: bool) -> list[str]:
+        """The base input/output embedding tensors HF peft saves with `save_embedding_layers`: of the adapted
+        embedding layers when embeddings are targets, else of the plain ones (`embed_tokens`, `lm_head`)."""
+        from .tuners.base import AdapterLayer
+
+        base = self.get_base_model()
+        paths = {id(m): p for p, m in self.named_modules()}
+        keys: list[str] = []
+        for get in ("get_input_embeddings", "get_output_embeddings"):
+            layer = getattr(base, get, lambda: None)()
+            if layer is None or id(layer) not in paths or isinstance(layer, AdapterLayer) != in_targets:
+                continue
+            prefix = f"{paths[id(layer)]}.base_layer." if in_targets else f"{paths[id(layer)]}."
+            keys += [k for k in source if k.startswith(prefix) and k not in keys]
+        return keys
 
     def _adapter_layer_items(self) -> Iterator[tuple[str, nn.Module]]:
         from .tuners.base import AdapterLayer
@@ -472,7 +487,10 @@ class PeftModel(PreTrainedModel):
         **kwargs: Any,
     ) -> None:
         """Write each adapter as `adapter_config.json` + `adapter_model.safetensors` (non-default names in a
-        sub-folder of that name). Every file is written to a temporary name and renamed into place."""
+        sub-folder of that name), and a `README.md` model card (a user's README is updated, not replaced).
+
+        Each adapter's two files are replaced as one unit (`io.save_adapter_files`): a crash leaves the old
+        pair or the new one, never new weights beside an old config. Other files in the folder are kept."""
         save_directory = os.fspath(save_directory)
         if os.path.isfile(save_directory):
             raise ValueError(f"save_pretrained: {save_directory} is a file; expected a directory")
@@ -483,13 +501,29 @@ class PeftModel(PreTrainedModel):
             return
         for name in names:
             folder = save_directory if name == "default" else os.path.join(save_directory, name)
-            os.makedirs(folder, exist_ok=True)
             tensors = self.get_adapter_state_dict(name, state_dict, save_embedding_layers)
             weights = io.SAFETENSORS_WEIGHTS_NAME if safe_serialization else io.WEIGHTS_NAME
-            io.save_tensors(os.path.join(folder, weights), tensors, safe_serialization)
-            self._config_for_saving(name).save_pretrained(folder)
+            config_json = self._config_for_saving(name).to_json_bytes()
+            io.save_adapter_files(
+                folder, config_json, io.tensors_to_bytes(tensors, safe_serialization), weights
+            )
+        self._write_model_card(save_directory, names)
         if os.path.basename(os.path.normpath(save_directory)).startswith(TRAINER_CHECKPOINT_PREFIX):
             self._write_resume_index(save_directory)
+
+    def _write_model_card(self, save_directory: str, names: list[str]) -> None:
+        from . import __version__
+        from .model_card import write_model_card
+
+        config = self.peft_config[names[0] if names else self.active_adapter]
+        base = config.base_model_name_or_path
+        tags = ["peftkit", *(f"base_model:adapter:{base}" for base in [base] if base)]
+        tags += sorted({str(self.peft_config[n].peft_type).lower() for n in names})
+        if isinstance(self.get_base_model(), PreTrainedModel):
+            tags.append("transformers")
+        pipeline = "text-generation" if isinstance(self, PeftModelForCausalLM) else None
+        methods = sorted({str(self.peft_config[n].peft_type) for n in names})
+        write_model_card(save_directory, base, methods, tags, pipeline, __version__)
 
     def _config_for_saving(self, adapter_name: str) -> PeftConfig:
         config = dataclasses.replace(self.peft_config[adapter_name], inference_mode=True)
@@ -548,24 +582,38 @@ class PeftModel(PreTrainedModel):
         adapter_name: str,
         is_trainable: bool = False,
         torch_device: str | None = None,
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
         **kwargs: Any,
     ) -> Any:
-        """Load an adapter folder as `adapter_name` (it becomes trainable only with `is_trainable=True`)."""
+        """Load an adapter folder as `adapter_name` (it becomes trainable only with `is_trainable=True`).
+
+        `autocast_adapter_dtype`: float16/bfloat16 adapter tensors become float32 (else they take the base
+        layer's dtype); `low_cpu_mem_usage`: the adapter is created empty on the meta device and materialised
+        by the file's tensors (see `tuners/placement.py`)."""
         config = PeftConfig.from_pretrained(model_id, subfolder=kwargs.get("subfolder"))
         config = dataclasses.replace(config, inference_mode=not is_trainable)
         weights_path = io.find_weights_file(model_id, kwargs.get("subfolder"))
         tensors = io.load_weights_file(weights_path)
         if adapter_name not in self.peft_config:
-            self.add_adapter(adapter_name, config, init_weights=False)
-        result = self._load_adapter_tensors(tensors, adapter_name, weights_path)
+            self.add_adapter(adapter_name, config, low_cpu_mem_usage, False, autocast_adapter_dtype)
+        result = self._load_adapter_tensors(tensors, adapter_name, weights_path, autocast_adapter_dtype)
         self.set_adapter(self.active_adapter)
         return result
 
-    def _load_adapter_tensors(self, tensors: dict[str, torch.Tensor], adapter_name: str, source: str) -> Any:
-        """Copy file tensors into `adapter_name`, checking every shape; errors name module and shapes."""
+    def _load_adapter_tensors(
+        self,
+        tensors: dict[str, torch.Tensor],
+        adapter_name: str,
+        source: str,
+        autocast_adapter_dtype: bool = True,
+    ) -> Any:
+        """Copy file tensors into `adapter_name`, checking every shape; errors name module and shapes.
+        Meta tensors (`low_cpu_mem_usage`) are materialised first, on the base layers' device."""
         from .adapter_loading import copy_adapter_tensors
 
         self.base_model.before_loading(adapter_name)
+        self.base_model.place_adapter(adapter_name, autocast_adapter_dtype)
         return copy_adapter_tensors(self, tensors, adapter_name, source)
 
     @classmethod
@@ -576,16 +624,27 @@ class PeftModel(PreTrainedModel):
         adapter_name: str = "default",
         is_trainable: bool = False,
         config: PeftConfig | None = None,
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
         **kwargs: Any,
     ) -> PeftModel:
-        """Wrap `model` with the adapter saved in `model_id` (a folder or Hub id)."""
+        """Wrap `model` with the adapter saved in `model_id` (a folder or Hub id); the two flags as in
+        `load_adapter`."""
         if config is None:
             config = PeftConfig.from_pretrained(model_id, subfolder=kwargs.get("subfolder"))
         config = dataclasses.replace(config, inference_mode=not is_trainable)
         model_cls = TASK_MODELS.get(config.task_type, PeftModel) if cls is PeftModel else cls
-        peft_model = model_cls(model, config, adapter_name, init_weights=False)
+        peft_model = model_cls(
+            model,
+            config,
+            adapter_name,
+            init_weights=False,
+            autocast_adapter_dtype=autocast_adapter_dtype,
+            low_cpu_mem_usage=low_cpu_mem_usage,
+        )
         weights_path = io.find_weights_file(model_id, kwargs.get("subfolder"))
-        peft_model._load_adapter_tensors(io.load_weights_file(weights_path), adapter_name, weights_path)
+        tensors = io.load_weights_file(weights_path)
+        peft_model._load_adapter_tensors(tensors, adapter_name, weights_path, autocast_adapter_dtype)
         if not is_trainable:
             peft_model.eval()
         return peft_model
@@ -821,4 +880,10 @@ def get_peft_model(
     if revision is not None:
         peft_config = dataclasses.replace(peft_config, revision=revision)
     cls = TASK_MODELS.get(peft_config.task_type, PeftModel)
-    return cls(model, peft_config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+    return cls(
+        model,
+        peft_config,
+        adapter_name,
+        autocast_adapter_dtype=autocast_adapter_dtype,
+        low_cpu_mem_usage=low_cpu_mem_usage,
+    )

@@ -28,6 +28,8 @@ import torch
 from torch import nn
 from transformers.cache_utils import DynamicLayer
 
+from .hf_compat import CACHE_KEY
+
 IGNORE_INDEX = -100
 MIN_PREFIX = 8
 _CALLER_STATE = ("inputs_embeds", "position_ids", "cache", "past_key_values", "cache_position")
@@ -106,7 +108,7 @@ def _broadcast_cache(cache: Any, batch: int) -> bool:
 def prefix_cache(module: nn.Module, prefix_ids: torch.Tensor, rows: int) -> Any:
     """Run `module` (a decoder body or a causal LM) once on prefix_ids (1, P) and return its KV cache
     broadcast to `rows` rows, or None if the cache is not made of plain full-length layers."""
-    cache = getattr(module(input_ids=prefix_ids, use_cache=True), "cache", None)
+    cache = getattr(module(input_ids=prefix_ids, use_cache=True), CACHE_KEY, None)
     return cache if cache is not None and _broadcast_cache(cache, rows) else None
 
 
@@ -123,5 +125,5 @@ def run_with_shared_prefix(
         return None
     rest = {k: v for k, v in kwargs.items() if k != "use_cache"}
     rest["input_ids"] = ids[:, prefix:]
-    out = body(**rest, cache=cache, use_cache=True)
+    out = body(**rest, **{CACHE_KEY: cache}, use_cache=True)
     return out.last_hidden_state, slice(prefix, None)

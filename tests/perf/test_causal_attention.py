@@ -279,11 +279,41 @@ def test_registered_function_equals_transformers_sdpa(blocked_calls, mask_kind, 
 def test_registered_function_leaves_unusual_calls_to_sdpa(blocked_calls):
     q, k, v, _ = _qkvg(1, 6, 2, 24, 24, 8)
     q.requires_grad_()
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
     for kwargs in ({"dropout": 0.1}, {"softcap": 30.0}, {"sliding_window": 8}, {"s_aux": torch.zeros(6)}):
-        try:
-            fast_attention.peftkit_sdpa_attention_forward(_Attn(), q, k, v, None, **kwargs)
-        except (ValueError, TypeError):
-            pass  # sdpa rejects some of these itself
+        outcome = []  # what transformers' sdpa does with the call (a result or an error), and what ours does
+        for fn in (sdpa_attention_forward, fast_attention.peftkit_sdpa_attention_forward):
+            torch.manual_seed(0)  # the same dropout mask
+            try:
+                outcome.append(fn(_Attn(), q, k, v, None, **kwargs)[0].detach())
+            except Exception as err:  # sdpa rejects some of these itself: ours must reject them the same way
+                outcome.append(type(err))
+        if isinstance(outcome[0], torch.Tensor):
+            torch.testing.assert_close(outcome[1], outcome[0], atol=0, rtol=0, msg=str(kwargs))
+        else:
+            assert outcome[1] is outcome[0], kwargs
     with torch.no_grad():
         fast_attention.peftkit_sdpa_attention_forward(_Attn(), q, k, v, None)
     assert blocked_calls == []
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_gradient_checkpointing_with_fast_attention(blocked_calls, use_reentrant):
+    """The backward recomputes each checkpointed layer outside the forward's swap: the layer must run the
+    same attention both times (non-reentrant checkpointing raised CheckpointError), with the same result."""
+    batch = _batch(True)
+    plain = _lora_llama()
+    plain.fused_causal_lm_loss = False
+    peftkit.set_fast_attention(False)
+    plain(**batch).loss.backward()
+    peftkit.set_fast_attention(True)
+    model = _lora_llama()
+    model.fused_causal_lm_loss = False
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+    model(**batch).loss.backward()
+    expected = {n: p.grad for n, p in plain.named_parameters() if p.requires_grad}
+    assert expected
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, expected[name], atol=1e-5, rtol=1e-4, msg=name)

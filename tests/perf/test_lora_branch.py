@@ -55,7 +55,12 @@ def test_model_in_place_equals_plain(make, dropout, monkeypatch):
     )
     model = get_peft_model(make(), config).train()
     inputs = token_inputs(batch=2, seq=9)
+    calls = []
+    real = lora_module.lora_branch_
+    monkeypatch.setattr(lora_module, "lora_branch_", lambda *a, **k: calls.append(1) or real(*a, **k))
     fast_loss, fast = _loss_and_grads(model, inputs)
+    n_layers = sum(isinstance(m, LoraLinear) for m in model.modules())
+    assert n_layers and len(calls) == n_layers, (len(calls), n_layers)  # every layer took the in-place path
     monkeypatch.setattr(LoraLinear, "_in_place_ok", lambda self, *a: False)
     plain_loss, plain = _loss_and_grads(model, inputs)
 

@@ -43,3 +43,21 @@ def test_generation_with_shared_opening_equals_left_padding(tiny_chat_model, wra
     monkeypatch.setattr(ev, "_shared_prompt_length", lambda m, p: 0)
     plain = ev.generate_batch(model, tok, prompts, max_new_tokens=6)
     assert fast == plain and any(fast)
+
+
+def test_exact_match_counts_the_rows_whose_greedy_answer_is_the_reference(tiny_chat_model):
+    """References set to the model's own greedy answers for rows 0 and 2 (of different prompt lengths, so the
+    length sort reorders them) and to something else for the rest: exactly those two count."""
+    tok = AutoTokenizer.from_pretrained(tiny_chat_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_chat_model).eval()
+    rows = [
+        Example(messages=({"role": "user", "content": " ".join(WORDS[: 5 - i])},), response="")
+        for i in range(4)
+    ]
+    answers = [ev.generate_batch(model, tok, [encode_prompt(tok, e)], 4)[0].strip() for e in rows]
+    assert any(answers), "the tiny model must say something for the check to mean anything"
+    refs = [answers[0], "never said", f"  {answers[2]} ", answers[3] + " and more"]
+    rows = [Example(messages=e.messages, response=r) for e, r in zip(rows, refs)]
+    result = ev.exact_match(model, tok, rows, max_new_tokens=4, batch_size=3)
+    assert (result["correct"], result["total"]) == (2, 4) and result["exact_match"] == 0.5
+    assert [s["got"] for s in result["samples"]] == answers

@@ -36,8 +36,9 @@ def skew_from_square(data: torch.Tensor) -> torch.Tensor:
 
 def cayley(skew: torch.Tensor) -> torch.Tensor:
     """Exact Cayley transform (I - S)(I + S)^-1 of skew-symmetric (..., b, b): an orthogonal (..., b, b)."""
-    eye = torch.eye(skew.shape[-1], device=skew.device, dtype=skew.dtype).expand_as(skew)
-    return torch.linalg.solve(eye + skew, eye - skew, left=False)
+    work = skew if skew.dtype in (torch.float32, torch.float64) else skew.float()  # no half-precision `lu`
+    eye = torch.eye(skew.shape[-1], device=skew.device, dtype=work.dtype).expand_as(work)
+    return torch.linalg.solve(eye + work, eye - work, left=False).to(skew.dtype)
 
 
 def cayley_neumann(skew: torch.Tensor, terms: int) -> torch.Tensor:

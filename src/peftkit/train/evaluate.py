@@ -7,6 +7,7 @@ import math
 import torch
 
 from peftkit.fused_loss import loss_only
+from peftkit.hf_compat import CACHE_KEY
 from peftkit.shared_prefix import MIN_PREFIX, prefix_cache
 from peftkit.train.data import IGNORE_INDEX, Example, Tokenized, collate, encode_prompt
 
@@ -60,7 +61,7 @@ def generate_batch(model, tokenizer, prompts: list[list[int]], max_new_tokens: i
         use_cache=True,
         pad_token_id=pad_id,
         eos_token_id=tokenizer.eos_token_id,
-        **({"cache": cache} if cache is not None else {}),
+        **({CACHE_KEY: cache} if cache is not None else {}),
     )  # [batch, shared + width + new]
     return tokenizer.batch_decode(out[:, shared + width :], skip_special_tokens=True)
 

@@ -34,6 +34,9 @@ class AdapterLayer(nn.Module):
     """
 
     adapter_attrs: tuple[str, ...] = ()
+    # the adapter is a trainable copy of the base layer (LN tuning): it keeps the base's dtype and device under
+    # autocast_adapter_dtype/low_cpu_mem_usage, as in HF peft
+    copies_base_layer: bool = False
 
     def __init__(self, base_layer: nn.Module, module_name: str = "") -> None:
         super().__init__()
@@ -127,15 +130,28 @@ class AdapterLayer(nn.Module):
                 continue
             with torch.no_grad():
                 new_weight, state = self.merge_weight(weight.detach().clone(), name)
-                if safe_merge and not torch.isfinite(new_weight).all():
-                    raise ValueError(
-                        f"safe_merge: merging adapter {name!r} into {self.module_name or type(self).__name__} "
-                        "gives NaN/inf weights; the model was left unmerged"
-                    )
+                if safe_merge:
+                    self._check_finite(new_weight, name)
                 weight.data.copy_(new_weight)
             self._merge_bias(name, +1)
             self._unmerge_state[name] = state
             self.merged_adapters.append(name)
+
+    def _check_finite(self, merged: torch.Tensor, name: str) -> None:
+        if not torch.isfinite(merged).all():
+            raise ValueError(
+                f"safe_merge: merging adapter {name!r} into {self.module_name or type(self).__name__} "
+                "gives NaN/inf weights; the model was left unmerged"
+            )
+
+    def check_merge(self, adapter_names: list[str] | None = None) -> None:
+        """Raise as `merge(safe_merge=True)` would, without changing anything (each adapter checked alone)."""
+        names = self.active_adapters if adapter_names is None else adapter_names
+        weight = self.base_layer.weight
+        for name in names:
+            if name not in self.merged_adapters and name in self.adapter_names:
+                with torch.no_grad():
+                    self._check_finite(self.merge_weight(weight.detach().clone(), name)[0], name)
 
     def unmerge(self) -> None:
         """Restore the base weight by undoing the merges, last first."""
@@ -247,6 +263,25 @@ class BaseTuner(nn.Module):
         self.peft_config[adapter_name] = config
         self.set_adapter(self.active_adapter)
 
+    def place_adapter(
+        self, adapter_name: str, autocast_adapter_dtype: bool = True, on_meta: bool = False
+    ) -> None:
+        """Put `adapter_name`'s tensors on their base layers' device and dtype, upcasting half precision to
+        float32 when `autocast_adapter_dtype`; `on_meta` empties them onto the meta device instead (see
+        `tuners/placement.py`). Shared tensors (VeRA's projections) follow the first adapted layer."""
+        from .placement import place_tensors
+
+        first_ref = None
+        for _, layer in self.adapter_layers():
+            if adapter_name not in layer.adapter_names or layer.copies_base_layer:
+                continue
+            ref = getattr(layer.base_layer, "weight", None)
+            ref = ref if isinstance(ref, torch.Tensor) else None
+            first_ref = ref if first_ref is None else first_ref
+            place_tensors(layer, layer.adapter_attrs, adapter_name, ref, autocast_adapter_dtype, on_meta)
+        shared = getattr(self, "shared_adapter_attrs", ())
+        place_tensors(self, shared, adapter_name, first_ref, autocast_adapter_dtype, on_meta=False)
+
     def tensors_for_saving(
         self, adapter_name: str, tensors: dict[str, torch.Tensor]
     ) -> dict[str, torch.Tensor]:
@@ -306,7 +341,11 @@ class BaseTuner(nn.Module):
 
     # ----- merging -----------------------------------------------------------------------------------------
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
-        """Merge into every layer; if a safe merge fails anywhere, every layer is unmerged again."""
+        """Merge into every layer. A safe merge checks every layer before it changes any, so a failure leaves
+        the base weights bit for bit as they were (merging then unmerging would round them)."""
+        if safe_merge:
+            for _, layer in self.adapter_layers():
+                layer.check_merge(adapter_names)
         try:
             for _, layer in self.adapter_layers():
                 layer.merge(safe_merge=safe_merge, adapter_names=adapter_names)

@@ -52,6 +52,7 @@ class LNTuningLayer(AdapterLayer):
     """
 
     adapter_attrs = ("ln_tuning_layers",)
+    copies_base_layer = True
 
     def __init__(self, base_layer: nn.Module, module_name: str = "") -> None:
         super().__init__(base_layer, module_name)
