@@ -49,8 +49,9 @@ def _placed(tensor: torch.Tensor, ref: torch.Tensor | None, autocast: bool, on_m
     """`tensor` moved to follow `ref` (the base weight) under the module docstring's rule."""
     if not tensor.is_floating_point():
         return tensor
-    if on_meta:
-        return torch.empty_like(tensor, device="meta")
+    if on_meta:  # the created tensor's dtype (half precision upcast under autocast), no memory
+        dtype = torch.float32 if autocast and tensor.dtype in _HALF else tensor.dtype
+        return torch.empty(tensor.shape, dtype=dtype, device="meta")
     device, dtype = tensor.device, tensor.dtype
     if ref is not None and ref.device.type != "meta":
         device = ref.device
