@@ -84,6 +84,41 @@ def test_generate_with_two_adapters_and_the_base(trained, capsys):
     assert cli.main(argv) == 0
     lines = capsys.readouterr().out.splitlines()
     assert [line.split("]")[0] for line in lines] == ["[base", "[0-adapter", "[1-adapter"]
+    answers = [line.split("] ", 1)[1] if "] " in line else "" for line in lines]
+    base_answer, adapter_answer = _greedy_answers(trained, "cat", 4)
+    assert answers == [base_answer, adapter_answer, adapter_answer]  # the models' own greedy answers
+
+
+def _greedy_answers(trained, prompt: str, max_new: int) -> tuple[str, str]:
+    """(base, adapter) greedy answers to `prompt` through the chat template, computed here, not by the CLI."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import peftkit
+
+    tok = AutoTokenizer.from_pretrained(trained["model"])
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
+    )
+    ids = torch.tensor([list(ids["input_ids"] if hasattr(ids, "keys") else ids)])
+    model = peftkit.PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(trained["model"]), trained["adapter"]
+    )
+
+    def answer() -> str:
+        with torch.no_grad():
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=max_new,
+                do_sample=False,
+                pad_token_id=tok.pad_token_id,
+                eos_token_id=tok.eos_token_id,
+            )
+        return tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
+
+    with model.disable_adapter():
+        base = answer()
+    return base, answer()
 
 
 def test_generate_interactive_chat(trained, monkeypatch, capsys):
@@ -100,7 +135,12 @@ def test_generate_interactive_chat(trained, monkeypatch, capsys):
         "--no-progress",
     ]
     assert cli.main(argv) == 0
-    assert len(capsys.readouterr().out.splitlines()) == 2  # one answer per message
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2  # one answer per message; after /reset the history is empty again
+    assert (
+        lines[0] == _greedy_answers(trained, "hello", 3)[1]
+        and lines[1] == _greedy_answers(trained, "again", 3)[1]
+    )
 
 
 def test_eval_with_and_without_adapter(trained, capsys):
@@ -109,7 +149,8 @@ def test_eval_with_and_without_adapter(trained, capsys):
     plain = json.loads(capsys.readouterr().out)
     assert cli.main([*base, "--adapter", str(trained["adapter"])]) == 0
     adapted = json.loads(capsys.readouterr().out)
-    assert plain["rows"] == 8 and 0 <= adapted["exact_match"] <= 1
+    assert plain["rows"] == 8 and adapted["correct"] == round(adapted["exact_match"] * 8)
+    assert adapted["exact_match"] >= plain["exact_match"]  # trained on these very rows
     assert adapted["loss"] < plain["loss"]  # trained on these very rows
     assert adapted["perplexity"] == pytest.approx(torch.tensor(adapted["loss"]).exp().item(), rel=1e-4)
 
