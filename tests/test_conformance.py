@@ -199,7 +199,14 @@ def test_interop_with_hf_peft(case: Case, direction: str, tmp_path):
         return
     assert bool(perturb_trained_base_tensors(model, case)) == _trains_base_tensors(case)
     model.save_pretrained(tmp_path)
-    loaded = dst.PeftModel.from_pretrained(case.model(0), tmp_path)
+    try:
+        loaded = dst.PeftModel.from_pretrained(case.model(0), tmp_path)
+    except TypeError as e:  # the reference itself, on the oldest transformers CI tests (5.0.0)
+        if dst is hf_peft and "loading_info" in str(e):
+            pytest.skip(
+                f"HF peft {hf_peft.__version__} cannot load target_parameters adapters on this transformers: {e}"
+            )
+        raise
     assert type(loaded).__name__ == type(model).__name__
     torch.testing.assert_close(run(loaded, inputs), run(model, inputs), atol=ATOL, rtol=1e-5)
 
