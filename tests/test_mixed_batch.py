@@ -288,3 +288,46 @@ def test_batched_lora_equals_per_row_computation_with_padding_and_ranks():
             result[i] if n not in ranks else result[i] + scale[n] * x[i] @ weights[n][0].T @ weights[n][1].T
         )
         torch.testing.assert_close(got[i], want)
+
+
+def test_long_inputs_take_the_batched_path_and_stay_exact(monkeypatch):
+    """More tokens than `_CONCAT_MAX_TOKENS`: one gather and two batched matmuls per layer, same rows."""
+    import peftkit.mixed_batch as mb
+
+    calls = {"batched": 0, "concatenated": 0}
+    for name in calls:
+        real = getattr(mb, f"{name}_lora_")
+
+        def counting(*args, _real=real, _name=name):
+            calls[_name] += 1
+            return _real(*args)
+
+        monkeypatch.setattr(mb, f"{name}_lora_", counting)
+    model = _llama_with(CONFIG_SETS["lora-ranks-targets"])
+    _check_rows_equal_alone(model, _inputs(seq=60))  # 5 x 60 = 300 tokens
+    assert calls["batched"] > 0 and calls["concatenated"] == 0
+    _check_rows_equal_alone(model, _inputs(seq=7))
+    assert calls["concatenated"] > 0
+
+
+def test_concatenated_lora_equals_per_row_computation():
+    from peftkit.functional.segmented import column_mask, concatenated_lora_
+
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(5, 3, 8, generator=g)
+    result = torch.randn(5, 3, 6, generator=g)
+    ranks, scale = {"p": 2, "q": 3}, {"p": 0.5, "q": -2.0}
+    weights = {n: (torch.randn(r, 8, generator=g), torch.randn(6, r, generator=g)) for n, r in ranks.items()}
+    names = ["q", "__base__", "p", "q", "p"]
+    groups = [(n, idx) for n, idx in row_groups(names, 5) if n in ranks]
+    order = [n for n, _ in groups]
+    A_cat = torch.cat([torch.nn.functional.pad(weights[n][0], (0, 0, 0, 3 - ranks[n])) for n in order])
+    B_cat = torch.cat(
+        [torch.nn.functional.pad(weights[n][1] * scale[n], (0, 3 - ranks[n])) for n in order], dim=1
+    )
+    got = concatenated_lora_(result.clone(), x, column_mask(groups, 5, 3), A_cat, B_cat)
+    for i, n in enumerate(names):
+        want = (
+            result[i] if n not in ranks else result[i] + scale[n] * x[i] @ weights[n][0].T @ weights[n][1].T
+        )
+        torch.testing.assert_close(got[i], want)
