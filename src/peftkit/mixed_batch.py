@@ -18,15 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from .functional.segmented import (
-    batched_lora_,
-    column_mask,
-    concatenated_lora_,
-    grouped_apply,
-    padded_groups,
-    row_groups,
-    segmented_lora,
-)
+from .functional.segmented import batched_lora_, grouped_apply, padded_groups, row_groups, segmented_lora
 from .modules_to_save import ModulesToSaveWrapper
 from .tuners.base import AdapterLayer
 
@@ -34,9 +26,6 @@ if TYPE_CHECKING:
     from .peft_model import PeftModel
 
 BASE_NAME = "__base__"
-# Up to this many tokens (decoding steps) a mixed LoRA layer runs every adapter's factors side by side in two
-# GEMMs (`concatenated_lora_`); above it, one gather and two batched matmuls (`batched_lora_`) do less work.
-_CONCAT_MAX_TOKENS = 256
 
 
 def check_adapter_names(model: PeftModel, names: Any, rows: int | None) -> list[str]:
@@ -66,7 +55,6 @@ class RowPlan:
         self._groups: dict[int, list[tuple[str, torch.Tensor]]] = {}
         self._tables: dict[tuple, tuple[torch.Tensor, torch.Tensor | None]] = {}
         self._present: dict[tuple[int, int], list[tuple[str, torch.Tensor]]] = {}
-        self._columns: dict[tuple, torch.Tensor] = {}
 
     def groups(self, rows: int) -> list[tuple[str, torch.Tensor]]:
         if rows not in self._groups:
@@ -79,12 +67,6 @@ class RowPlan:
         if key not in self._present:
             self._present[key] = [(n, idx) for n, idx in self.groups(rows) if n in layer.lora_A]
         return self._present[key]
-
-    def columns(self, rows: int, groups: list[tuple[str, torch.Tensor]], r_max: int) -> torch.Tensor:
-        key = (rows, tuple(n for n, _ in groups), r_max)
-        if key not in self._columns:
-            self._columns[key] = column_mask(groups, rows, r_max)
-        return self._columns[key]
 
     def table(
         self, rows: int, groups: list[tuple[str, torch.Tensor]]
@@ -144,13 +126,8 @@ def _lora_forward(layer: Any, plan: RowPlan, x: torch.Tensor, *args: Any, **kwar
         and not torch.is_grad_enabled()
         and not any(layer.lora_dropout[n].training for n, _ in groups)
     ):
-        stack = _stacked(layer, [n for n, _ in groups])
-        if x.numel() // x.shape[-1] <= _CONCAT_MAX_TOKENS and result.is_contiguous():
-            mask = plan.columns(x.shape[0], groups, stack["A"].shape[1])
-            return concatenated_lora_(result, x, mask, stack["A_cat"], stack["B_cat"])
-        return batched_lora_(
-            result, x, *plan.table(x.shape[0], groups), stack["A"], stack["B"], stack["scaling"]
-        )
+        A, B, scaling = _stacked(layer, [n for n, _ in groups])
+        return batched_lora_(result, x, *plan.table(x.shape[0], groups), A, B, scaling)
     segments = [
         (idx, layer.lora_A[n].weight, layer.lora_B[n].weight, layer.scaling[n], layer.lora_dropout[n])
         for n, idx in groups
@@ -158,11 +135,9 @@ def _lora_forward(layer: Any, plan: RowPlan, x: torch.Tensor, *args: Any, **kwar
     return segmented_lora(result, x, segments)
 
 
-def _stacked(layer: Any, names: list[str]) -> dict[str, torch.Tensor]:
-    """The LoRA factors of `names` in `layer`, ranks zero-padded to r_max, in the two layouts the mixed paths use:
-    A (n, r_max, in), B (n, out, r_max), scaling (n,); A_cat (n*r_max, in) and B_cat (out, n*r_max) with the
-    scalings folded in. Kept on the layer and rebuilt only when the adapters or their tensors change (tensor
-    versions count in-place updates)."""
+def _stacked(layer: Any, names: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(A (n, r_max, in), B (n, out, r_max), scaling (n,)) of `names` in `layer`, ranks zero-padded; kept on the
+    layer and rebuilt only when the adapters or their tensors change (tensor versions count in-place updates)."""
     pairs = [(layer.lora_A[n].weight, layer.lora_B[n].weight) for n in names]
     key = tuple(
         (n, a.data_ptr(), a._version, b.data_ptr(), b._version, layer.scaling[n])
@@ -176,15 +151,8 @@ def _stacked(layer: Any, names: list[str]) -> dict[str, torch.Tensor]:
         )
         B = torch.stack([torch.nn.functional.pad(b.detach(), (0, r_max - b.shape[1])) for _, b in pairs])
         scaling = torch.tensor([layer.scaling[n] for n in names], dtype=A.dtype, device=A.device)
-        stack = {
-            "A": A,
-            "B": B,
-            "scaling": scaling,
-            "A_cat": A.reshape(-1, A.shape[-1]),
-            "B_cat": (B * scaling.view(-1, 1, 1)).permute(1, 0, 2).reshape(B.shape[1], -1).contiguous(),
-        }
-        cached = layer.__dict__["_mixed_stack"] = (key, stack)
-    return cached[1]
+        cached = layer.__dict__["_mixed_stack"] = (key, A, B, scaling)
+    return cached[1:]
 
 
 def _grouped_forward(module: nn.Module, plan: RowPlan, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:

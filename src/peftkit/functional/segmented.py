@@ -104,30 +104,3 @@ def batched_lora_(
     h = (h.view(n, widest, -1, h.shape[-1]) * weight.view(n, -1, 1, 1)).view(n, -1, h.shape[-1])
     update = torch.bmm(h, B.transpose(1, 2))  # (n, widest*T, out)
     return result.index_add_(0, flat, update.reshape(n * widest, *inner, -1).to(result.dtype))
-
-
-def column_mask(groups: list[tuple[str, torch.Tensor]], rows: int, r_max: int) -> torch.Tensor:
-    """(rows, n * r_max) 0/1: row b keeps the r_max columns of its group's block (none for rows in no group)."""
-    mask = torch.zeros(rows, len(groups), r_max)
-    for g, (_, idx) in enumerate(groups):
-        mask[idx, g] = 1
-    return mask.reshape(rows, -1)
-
-
-def concatenated_lora_(
-    result: torch.Tensor, x: torch.Tensor, mask: torch.Tensor, A_cat: torch.Tensor, B_cat: torch.Tensor
-) -> torch.Tensor:
-    """Add every row's own LoRA update to `result`, in place, with two GEMMs over all adapters' factors
-    side by side: fewer, larger operations than `batched_lora_`, for few tokens (decoding) where per-op
-    overhead dominates; the extra work is the other adapters' rank columns, masked out.
-
-    result: (rows, ..., out). x: (rows, ..., in). mask: (rows, n*r_max) from `column_mask`.
-    A_cat: (n*r_max, in), every adapter's A stacked. B_cat: (out, n*r_max), every B side by side, scaled.
-    """
-    rows, width = mask.shape
-    h = (x.reshape(rows, -1, x.shape[-1]).to(A_cat.dtype) @ A_cat.T) * mask.to(A_cat).unsqueeze(
-        1
-    )  # (rows, T, n*r)
-    out = result.view(-1, result.shape[-1])
-    out.addmm_(h.reshape(-1, width).to(out.dtype), B_cat.T.to(out.dtype))
-    return result
