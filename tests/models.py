@@ -51,9 +51,9 @@ def tiny_gpt2(seed: int = 0, **config: object) -> nn.Module:
     return GPT2LMHeadModel(cfg).eval()
 
 
-def tiny_bert_cls(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    cfg = BertConfig(
+def tiny_bert_config(**overrides: object) -> BertConfig:
+    """The tiny BERT every test uses (3 labels); `overrides` change any BertConfig field."""
+    fields = dict(
         vocab_size=VOCAB,
         hidden_size=32,
         intermediate_size=64,
@@ -62,7 +62,17 @@ def tiny_bert_cls(seed: int = 0) -> nn.Module:
         max_position_embeddings=64,
         num_labels=3,
     )
-    return BertForSequenceClassification(cfg).eval()
+    return BertConfig(**{**fields, **overrides})
+
+
+def tiny_bert(cls: type = BertForSequenceClassification, seed: int = 0, **overrides: object) -> nn.Module:
+    """A seeded tiny BERT with the head class `cls` (sequence classification by default)."""
+    torch.manual_seed(seed)
+    return cls(tiny_bert_config(**overrides)).eval()
+
+
+def tiny_bert_cls(seed: int = 0) -> nn.Module:
+    return tiny_bert(seed=seed)
 
 
 def tiny_t5(seed: int = 0) -> nn.Module:

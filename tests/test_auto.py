@@ -16,23 +16,13 @@ from transformers import (
     AutoModelForSeq2SeqLM,
     AutoModelForSequenceClassification,
     AutoModelForTokenClassification,
-    BertConfig,
 )
 
 import peftkit as pk
 
-from .models import VOCAB, seq2seq_inputs, tiny_llama, tiny_t5, token_inputs
+from .models import VOCAB, seq2seq_inputs, tiny_bert_config, tiny_llama, tiny_t5, token_inputs
 
 ATOL = 1e-6
-BERT = dict(
-    vocab_size=VOCAB,
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    max_position_embeddings=64,
-    num_labels=3,
-)
 # task -> (Auto class of the base, how to build it, inputs, auto class name, LoRA targets)
 TASKS = {
     "CAUSAL_LM": (
@@ -74,7 +64,7 @@ def _base(task: str):
         return build()
     torch.manual_seed(0)
     labels = 2 if task == "QUESTION_ANS" else 3  # a span head has start and end logits
-    return auto.from_config(BertConfig(**{**BERT, "num_labels": labels})).eval()
+    return auto.from_config(tiny_bert_config(num_labels=labels)).eval()
 
 
 def _first_tensor(out) -> torch.Tensor:

@@ -173,7 +173,9 @@ def test_the_embedded_default_base_is_found_offline_from_another_cache_path(rela
 def test_an_unloadable_recorded_hub_base_says_where_it_came_from(relative_run, tmp_path, monkeypatch, capsys):
     import huggingface_hub.constants
 
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # read at import time: the constant itself, too (no network wait)
+    monkeypatch.setenv(
+        "HF_HUB_OFFLINE", "1"
+    )  # read at import time: the constant itself, too (no network wait)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     copy = tmp_path / "adapter"
     shutil.copytree(relative_run["adapter"], copy)

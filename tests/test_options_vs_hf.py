@@ -10,11 +10,11 @@ import peft as hf_peft
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import BertConfig, BertForQuestionAnswering, BertForTokenClassification, BertModel
+from transformers import BertForQuestionAnswering, BertForTokenClassification, BertModel
 
 import peftkit
 
-from .models import VOCAB, tiny_llama, token_inputs
+from .models import tiny_bert, tiny_llama, token_inputs
 
 LIBS = (hf_peft, peftkit)
 
@@ -58,17 +58,7 @@ def test_pissa_niter_keeps_the_output_and_matches_hf():
 
 
 def _tiny_bert(cls, seed: int = 0):
-    torch.manual_seed(seed)
-    config = BertConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=64,
-        num_labels=2,  # question answering: start and end
-    )
-    return cls(config).eval()
+    return tiny_bert(cls, seed, num_labels=2)  # question answering: start and end
 
 
 def _first_tensor(out) -> torch.Tensor:

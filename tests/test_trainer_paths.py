@@ -30,7 +30,7 @@ from transformers import (
 
 import peftkit
 
-from .models import tiny_convnet, tiny_t5
+from .models import tiny_bert_config, tiny_convnet, tiny_t5
 from .test_trainer import VOCAB, adapter_tensors, logged, tiny_gpt2, tiny_llama, tiny_tokenizer
 
 LIBS = {"peftkit": peftkit, "hf": hf_peft}
@@ -38,17 +38,7 @@ MAX_DIFFS: dict[str, float] = {}  # printed at the end of a run (-s) for the rep
 
 
 def bert_config() -> BertConfig:
-    return BertConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=64,
-        num_labels=3,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
+    return tiny_bert_config(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
 
 
 def bert(cls: type) -> nn.Module:
