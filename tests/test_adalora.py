@@ -190,3 +190,40 @@ def test_training_state_for_other_modules_is_refused():
     )
     with pytest.raises(ValueError, match=re.escape(fragment)):
         other.base_model.load_training_state(state)
+
+
+def test_default_targets_are_adaloras_own_as_in_hf_peft():
+    """AdaLoRA with no target_modules on OPT adapts every attention projection and the MLP (HF peft's table),
+    not LoRA's q/v; the same modules as HF peft's AdaLoRA."""
+    import peft as hf
+    from transformers import OPTConfig, OPTForCausalLM
+
+    import peftkit
+
+    def opt():
+        torch.manual_seed(0)
+        return OPTForCausalLM(
+            OPTConfig(
+                vocab_size=64,
+                hidden_size=16,
+                ffn_dim=32,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                word_embed_proj_dim=16,
+            )
+        )
+
+    config = dict(init_r=4, target_r=2, total_step=10)
+    ours = peftkit.get_peft_model(opt(), peftkit.AdaLoraConfig(**config))
+    theirs = hf.get_peft_model(opt(), hf.AdaLoraConfig(**config))
+    assert set(ours.peft_config["default"].target_modules) == {
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "out_proj",
+        "fc1",
+        "fc2",
+    }
+    assert sorted(n for n, _ in ours.named_parameters() if "lora_A" in n) == sorted(
+        n for n, _ in theirs.named_parameters() if "lora_A" in n
+    )

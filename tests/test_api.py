@@ -76,13 +76,7 @@ TABLES = [
     "BOFT",
     "IA3",
     "LNTUNING",
-    pytest.param(
-        "ADALORA",
-        marks=pytest.mark.xfail(
-            strict=True,
-            reason="AdaLoRA uses LoRA's default targets; HF peft has its own table (tuners/adalora.py)",
-        ),
-    ),
+    "ADALORA",
 ]
 
 

@@ -70,6 +70,25 @@ DEFAULT_TARGETS: dict[str, list[str]] = {
     "codegen": ["qkv_proj"],
 }
 
+# AdaLoRA's defaults (HF peft's): LoRA's for the architectures listed, with every attention projection and
+# the MLP for six of them; an architecture not listed needs explicit target_modules, as in HF peft.
+_ADALORA_WIDER: dict[str, list[str]] = {
+    "t5": ["q", "k", "v", "o", "wi", "wo"],
+    "mt5": ["q", "k", "v", "o", "wi_0", "wi_1", "wo"],
+    "bart": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
+    "opt": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
+    "roberta": ["query", "key", "value", "dense"],
+    "deberta-v2": ["query_proj", "key_proj", "value_proj", "dense"],
+}
+_ADALORA_AS_LORA = (
+    "bert", "bloom", "deberta", "gemma", "gemma2", "gemma3_text", "gpt2", "gpt_bigcode", "gpt_neo",
+    "gpt_neox", "gptj", "llama", "qwen2", "qwen3",
+)  # fmt: skip
+ADALORA_DEFAULT_TARGETS: dict[str, list[str]] = {
+    **{name: DEFAULT_TARGETS[name] for name in _ADALORA_AS_LORA},
+    **_ADALORA_WIDER,
+}
+
 # (IA)^3 defaults (HF peft's): the attention keys/values and the MLP output, whose *input* is scaled
 # (`feedforward_modules`, a subset of the targets).
 IA3_DEFAULT_TARGETS: dict[str, list[str]] = {

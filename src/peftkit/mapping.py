@@ -11,6 +11,7 @@ from typing import Any
 
 from .config import PeftConfig, PeftType
 from .inject import (
+    ADALORA_DEFAULT_TARGETS,
     DEFAULT_TARGETS,
     IA3_DEFAULT_FEEDFORWARD,
     IA3_DEFAULT_TARGETS,
@@ -46,7 +47,7 @@ MODEL_TYPE_TO_PEFT_MODEL_MAPPING: dict[str, type[PeftModel]] = {
 
 # Default `target_modules` per transformers `model_type`, per method (what `target_modules=None` means).
 TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING: dict[str, list[str]] = dict(DEFAULT_TARGETS)
-TRANSFORMERS_MODELS_TO_ADALORA_TARGET_MODULES_MAPPING: dict[str, list[str]] = dict(DEFAULT_TARGETS)
+TRANSFORMERS_MODELS_TO_ADALORA_TARGET_MODULES_MAPPING: dict[str, list[str]] = dict(ADALORA_DEFAULT_TARGETS)
 TRANSFORMERS_MODELS_TO_OFT_TARGET_MODULES_MAPPING: dict[str, list[str]] = dict(DEFAULT_TARGETS)
 TRANSFORMERS_MODELS_TO_BOFT_TARGET_MODULES_MAPPING: dict[str, list[str]] = dict(DEFAULT_TARGETS)
 TRANSFORMERS_MODELS_TO_LOHA_TARGET_MODULES_MAPPING: dict[str, list[str]] = dict(LoHaModel.default_targets)

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..functional import adalora as FA
-from ..inject import LINEAR_TYPES, Conv1D
+from ..inject import ADALORA_DEFAULT_TARGETS, LINEAR_TYPES, Conv1D, default_targets
 from ..registry import register_peft_method
 from .base import AdapterLayer
 from .lora import LoraConfig, LoraModel
@@ -271,6 +271,16 @@ class AdaLoraModel(LoraModel):
         self.rankallocator = RankAllocator(
             self.peft_config[adapter_name], self._svd_layers(adapter_name), adapter_name
         )
+
+    def resolve_config(self, config: AdaLoraConfig) -> AdaLoraConfig:
+        """AdaLoRA's own default targets (`inject.ADALORA_DEFAULT_TARGETS`); otherwise as LoRA."""
+        if config.target_modules is None:
+            return super().resolve_config(
+                dataclasses.replace(
+                    config, target_modules=default_targets(self.model, ADALORA_DEFAULT_TARGETS)
+                )
+            )
+        return super().resolve_config(config)
 
     def _svd_layers(self, adapter_name: str) -> dict[str, AdaLoraLayer]:
         return {
