@@ -165,7 +165,6 @@ def _inject(model: PeftModel, adapters: list[str], adapter_name: str, **changes:
         )
     config = dataclasses.replace(configs[0], **changes)
     model.base_model.inject_adapter(config, adapter_name, init_weights=False)
-    model.set_adapter(model.active_adapter)  # the new adapter stays inactive and frozen
 
 
 # ----- LoRA ----------------------------------------------------------------------------------------------------
@@ -258,7 +257,8 @@ def _add_ia3(model: PeftModel, adapters: list[str], weights: list[float], adapte
 
 
 def _carry_modules_to_save(model: PeftModel, adapters: list[str], adapter_name: str) -> None:
-    """The new adapter uses the trained copy of a full module (a head) of the one adapter that has it."""
+    """The new adapter uses the trained copy of a full module (a head) of the one adapter that has it; then the
+    active adapter is set again, so the new one stays inactive and frozen."""
     for wrapper in model.get_base_model().modules():
         if not isinstance(wrapper, ModulesToSaveWrapper):
             continue

@@ -175,6 +175,16 @@ class LoraLayer(AdapterLayer):
         A, B, s = self.lora_A[name], self.lora_B[name], self.scaling[name]
         return B(A(xa)) * s if B.bias is not None else B(A(xa) * s)
 
+    def _add_update(self, result: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
+        """`result` (the layer output so far) plus adapter `name`'s update on input `x`: the LoRA branch added,
+        or DoRA's rescaled output. The plain path of every kind; Linear also has faster exact paths."""
+        drop = self.lora_dropout[name]
+        xa = drop(x.to(self.lora_A[name].weight.dtype))
+        lora = self._branch(name, xa)
+        if not self.use_dora[name]:
+            return result + lora.to(result.dtype)
+        return self._dora_update(result, xa, lora, name, isinstance(drop, nn.Identity))
+
     def _frozen_output(self, xa: torch.Tensor) -> torch.Tensor:
         """The frozen layer on the (dropped-out) adapter input, without bias."""
         raise NotImplementedError
@@ -339,12 +349,7 @@ class LoraLinear(LoraLayer):
                 p = drop.p if isinstance(drop, nn.Dropout) else 0.0
                 result = lora_branch_(result, x, A.weight, B.weight, self.scaling[name], p, drop.training)
                 continue
-            xa = drop(x.to(A.weight.dtype))
-            lora = self._branch(name, xa)
-            if not self.use_dora[name]:
-                result = result + lora.to(result.dtype)
-                continue
-            result = self._dora_update(result, xa, lora, name, isinstance(drop, nn.Identity))
+            result = self._add_update(result, x, name)
         return result
 
     def _frozen_output(self, xa: torch.Tensor) -> torch.Tensor:
@@ -452,13 +457,7 @@ class LoraConv2d(LoraLayer):
         """x: (N, in, H, W) -> (N, out, H', W')."""
         result = self.base_layer(x, *args, **kwargs)
         for name in self._active_unmerged():
-            A, drop = self.lora_A[name], self.lora_dropout[name]
-            xa = drop(x.to(A.weight.dtype))
-            lora = self._branch(name, xa)
-            if not self.use_dora[name]:
-                result = result + lora.to(result.dtype)
-                continue
-            result = self._dora_update(result, xa, lora, name, isinstance(drop, nn.Identity))
+            result = self._add_update(result, x, name)
         return result
 
     def _frozen_output(self, xa: torch.Tensor) -> torch.Tensor:
