@@ -288,3 +288,46 @@ def test_batched_lora_equals_per_row_computation_with_padding_and_ranks():
             result[i] if n not in ranks else result[i] + scale[n] * x[i] @ weights[n][0].T @ weights[n][1].T
         )
         torch.testing.assert_close(got[i], want)
+
+
+def test_generate_groups_rows_into_blocks_and_restores_order(monkeypatch):
+    """Interleaved adapters of equal counts: generate reorders prompts into one block per adapter (so layers
+    add updates with `blocked_lora_`, no gather) and returns rows in the caller's order, equal to each alone."""
+    from peftkit.functional import segmented
+
+    calls = []
+    real = segmented.blocked_lora_
+    monkeypatch.setattr("peftkit.mixed_batch.blocked_lora_", lambda *a: calls.append(a[2].shape) or real(*a))
+    model = _llama_with(CONFIG_SETS["lora-ranks-targets"])
+    names = ["a", "b", "__base__", "c", "b", "a", "c", "__base__"]
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(1, 128, (8, 6), generator=g)
+    mask = torch.ones_like(ids)
+    mask[2, :2] = mask[5, :3] = 0
+    kw = {"max_new_tokens": 5, "do_sample": False, "pad_token_id": 0}
+    with torch.no_grad():
+        for extra in ({}, {"num_beams": 2, "num_return_sequences": 2}):
+            calls.clear()
+            mixed = model.generate(input_ids=ids, attention_mask=mask, adapter_names=names, **kw, **extra)
+            per = 2 if extra else 1
+            assert calls and all(shape[0] == 4 for shape in calls)  # 4 blocks: a, b, __base__, c
+            for i, name in enumerate(names):
+                row = {"input_ids": ids[i : i + 1], "attention_mask": mask[i : i + 1]}
+                if name == "__base__":
+                    with model.disable_adapter():
+                        alone = model.generate(**row, **kw, **extra)
+                else:
+                    model.set_adapter(name)
+                    alone = model.generate(**row, **kw, **extra)
+                assert torch.equal(mixed[i * per : (i + 1) * per], alone), (i, name, extra)
+
+
+def test_blocked_lora_equals_per_row_computation():
+    from peftkit.functional.segmented import blocked_lora_
+
+    g = torch.Generator().manual_seed(2)
+    x, result = torch.randn(6, 3, 8, generator=g), torch.randn(6, 3, 5, generator=g)
+    A, B = torch.randn(3, 4, 8, generator=g), torch.randn(3, 5, 4, generator=g)
+    got = blocked_lora_(result.clone(), x, A, B)
+    for i in range(6):
+        torch.testing.assert_close(got[i], result[i] + x[i] @ A[i // 2].T @ B[i // 2].T)

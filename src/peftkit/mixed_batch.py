@@ -18,7 +18,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from .functional.segmented import batched_lora_, grouped_apply, padded_groups, row_groups, segmented_lora
+from .functional.segmented import (
+    batched_lora_,
+    blocked_lora_,
+    grouped_apply,
+    padded_groups,
+    row_groups,
+    segmented_lora,
+)
 from .modules_to_save import ModulesToSaveWrapper
 from .tuners.base import AdapterLayer
 
@@ -55,6 +62,8 @@ class RowPlan:
         self._groups: dict[int, list[tuple[str, torch.Tensor]]] = {}
         self._tables: dict[tuple, tuple[torch.Tensor, torch.Tensor | None]] = {}
         self._present: dict[tuple[int, int], list[tuple[str, torch.Tensor]]] = {}
+        self._blocks: dict[int, int | None] = {}
+        self._block_stacks: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def groups(self, rows: int) -> list[tuple[str, torch.Tensor]]:
         if rows not in self._groups:
@@ -75,6 +84,28 @@ class RowPlan:
         if key not in self._tables:
             self._tables[key] = padded_groups(groups)
         return self._tables[key]
+
+    def blocks(self, rows: int) -> int | None:
+        """The number of groups when the rows of every group are one contiguous block and all blocks have the
+        same size (then x.view(groups, -1, in) splits the batch by adapter without a gather); else None."""
+        if rows not in self._blocks:
+            groups = self.groups(rows)
+            per = rows // len(groups)
+            contiguous = all(
+                len(idx) == per and bool((idx == torch.arange(g * per, (g + 1) * per)).all())
+                for g, (_, idx) in enumerate(groups)
+            )
+            self._blocks[rows] = len(groups) if contiguous and len(groups) > 1 else None
+        return self._blocks[rows]
+
+    def block_stack(self, layer: Any, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A (g, r_max, in), B scaled (g, out, r_max)) of every group in row order, zeros for a group whose
+        adapter `layer` does not hold (or `__base__`); built once per layer for this call."""
+        key = (id(layer), rows)
+        if key not in self._block_stacks:
+            names = [n for n, _ in self.groups(rows)]
+            self._block_stacks[key] = _cached(layer, "_mixed_blocks", names, _block_stacked)
+        return self._block_stacks[key]
 
 
 @contextmanager
@@ -121,11 +152,12 @@ def _lora_forward(layer: Any, plan: RowPlan, x: torch.Tensor, *args: Any, **kwar
     groups = plan.present(layer, x.shape[0])
     if not groups:
         return result
-    if (
-        len(groups) > 1
-        and not torch.is_grad_enabled()
-        and not any(layer.lora_dropout[n].training for n, _ in groups)
-    ):
+    inference = not torch.is_grad_enabled() and not any(layer.lora_dropout[n].training for n, _ in groups)
+    blocks = plan.blocks(x.shape[0]) if inference else None
+    if blocks is not None and result.is_contiguous():
+        A, B = plan.block_stack(layer, x.shape[0])
+        return blocked_lora_(result, x, A, B)
+    if len(groups) > 1 and inference:
         A, B, scaling = _stacked(layer, [n for n, _ in groups])
         return batched_lora_(result, x, *plan.table(x.shape[0], groups), A, B, scaling)
     segments = [
@@ -135,24 +167,49 @@ def _lora_forward(layer: Any, plan: RowPlan, x: torch.Tensor, *args: Any, **kwar
     return segmented_lora(result, x, segments)
 
 
-def _stacked(layer: Any, names: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(A (n, r_max, in), B (n, out, r_max), scaling (n,)) of `names` in `layer`, ranks zero-padded; kept on the
-    layer and rebuilt only when the adapters or their tensors change (tensor versions count in-place updates)."""
-    pairs = [(layer.lora_A[n].weight, layer.lora_B[n].weight) for n in names]
+def _cached(layer: Any, slot: str, names: list[str], build: Any) -> Any:
+    """`build(layer, names)`, kept on the layer under `slot` and rebuilt only when the adapters or their tensors
+    change (data pointers and tensor versions count in-place updates, e.g. an optimizer step)."""
     key = tuple(
         (n, a.data_ptr(), a._version, b.data_ptr(), b._version, layer.scaling[n])
-        for n, (a, b) in zip(names, pairs)
-    )
-    cached = layer.__dict__.get("_mixed_stack")
+        for n in names
+        if n in layer.lora_A
+        for a, b in [(layer.lora_A[n].weight, layer.lora_B[n].weight)]
+    ) + (tuple(names),)
+    cached = layer.__dict__.get(slot)
     if cached is None or cached[0] != key:
-        r_max = max(a.shape[0] for a, _ in pairs)
-        A = torch.stack(
-            [torch.nn.functional.pad(a.detach(), (0, 0, 0, r_max - a.shape[0])) for a, _ in pairs]
-        )
-        B = torch.stack([torch.nn.functional.pad(b.detach(), (0, r_max - b.shape[1])) for _, b in pairs])
-        scaling = torch.tensor([layer.scaling[n] for n in names], dtype=A.dtype, device=A.device)
-        cached = layer.__dict__["_mixed_stack"] = (key, A, B, scaling)
-    return cached[1:]
+        cached = layer.__dict__[slot] = (key, build(layer, names))
+    return cached[1]
+
+
+def _stacked(layer: Any, names: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(A (n, r_max, in), B (n, out, r_max), scaling (n,)) of `names` in `layer`, ranks zero-padded (cached)."""
+    return _cached(layer, "_mixed_stack", names, _build_stacked)
+
+
+def _build_stacked(layer: Any, names: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    pairs = [(layer.lora_A[n].weight, layer.lora_B[n].weight) for n in names]
+    r_max = max(a.shape[0] for a, _ in pairs)
+    A = torch.stack([torch.nn.functional.pad(a.detach(), (0, 0, 0, r_max - a.shape[0])) for a, _ in pairs])
+    B = torch.stack([torch.nn.functional.pad(b.detach(), (0, r_max - b.shape[1])) for _, b in pairs])
+    scaling = torch.tensor([layer.scaling[n] for n in names], dtype=A.dtype, device=A.device)
+    return A, B, scaling
+
+
+def _block_stacked(layer: Any, names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A (g, r_max, in), scaling * B (g, out, r_max)) for the groups `names` (zeros where `layer` lacks one)."""
+    held = [n for n in names if n in layer.lora_A]
+    first = layer.lora_A[held[0]].weight
+    r_max = max(layer.lora_A[n].weight.shape[0] for n in held)
+    d_in, d_out = first.shape[1], layer.lora_B[held[0]].weight.shape[0]
+    A = first.new_zeros((len(names), r_max, d_in))
+    B = first.new_zeros((len(names), d_out, r_max))
+    for g, name in enumerate(names):
+        if name in held:
+            a, b = layer.lora_A[name].weight.detach(), layer.lora_B[name].weight.detach()
+            A[g, : a.shape[0]] = a
+            B[g, :, : b.shape[1]] = b * layer.scaling[name]
+    return A, B
 
 
 def _grouped_forward(module: nn.Module, plan: RowPlan, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
@@ -201,6 +258,65 @@ def mixed_call(model: PeftModel, adapter_names: Any, args: tuple, kwargs: dict[s
                 model.__dict__.pop(key, None)
             else:
                 model.__dict__[key] = value
+
+
+def generate(model: PeftModel, generate_fn: Any, args: tuple, kwargs: dict[str, Any]) -> Any:
+    """`generate_fn(*args, **kwargs)` with `adapter_names` popped from `kwargs` (one per prompt).
+
+    The prompts are reordered so that each adapter's rows are one contiguous block (every per-row tensor
+    argument alike), generated, and the output rows put back in the caller's order: with blocks of equal size
+    each layer adds its LoRA updates with two batched matmuls on views, no gather. Where the reordering could
+    be visible (a streamer, dict outputs, positional arguments, a per-row argument it cannot identify) the
+    rows keep their order."""
+    names = kwargs.pop("adapter_names", None)
+    if names is None:
+        return generate_fn(*args, **kwargs)
+    rows = batch_rows(args, kwargs)
+    names = check_adapter_names(model, names, None)
+    order = _block_order(names) if rows == len(names) and _reorderable(model, args, kwargs, rows) else None
+    if order is None:
+        with mixed_call(model, names, args, kwargs):
+            return generate_fn(*args, **kwargs)
+    index = torch.tensor(order)
+    moved = {k: _take_rows(v, index, rows) for k, v in kwargs.items()}
+    with mixed_call(model, [names[i] for i in order], args, moved):
+        out = generate_fn(*args, **moved)
+    per = out.shape[0] // rows  # num_return_sequences: each prompt's outputs are consecutive
+    back = (torch.argsort(index).view(-1, 1) * per + torch.arange(per)).reshape(-1)
+    return out.index_select(0, back.to(out.device))
+
+
+def _block_order(names: list[str]) -> list[int] | None:
+    """Row order putting each adapter's rows together (first appearance order, stable); None when already so."""
+    first = {n: i for i, n in reversed(list(enumerate(names)))}
+    order = sorted(range(len(names)), key=lambda i: first[names[i]])
+    return None if order == list(range(len(names))) else order
+
+
+# generate() arguments that see row positions (callbacks get the batch index, a streamer the rows in order)
+_ROW_AWARE = (
+    "streamer",
+    "prefix_allowed_tokens_fn",
+    "logits_processor",
+    "stopping_criteria",
+    "assistant_model",
+)
+
+
+def _reorderable(model: PeftModel, args: tuple, kwargs: dict[str, Any], rows: int | None) -> bool:
+    config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
+    if args or rows is None or any(kwargs.get(k) is not None for k in _ROW_AWARE):
+        return False
+    if kwargs.get("return_dict_in_generate", getattr(config, "return_dict_in_generate", False)):
+        return False
+    tensors = [v for v in kwargs.values() if isinstance(v, torch.Tensor) and v.dim() > 0]
+    return all(t.shape[0] == rows for t in tensors)
+
+
+def _take_rows(value: Any, index: torch.Tensor, rows: int) -> Any:
+    if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == rows:
+        return value.index_select(0, index.to(value.device))
+    return value
 
 
 def from_kwargs(model: PeftModel, args: tuple, kwargs: dict[str, Any]) -> AbstractContextManager:

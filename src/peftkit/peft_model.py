@@ -183,8 +183,7 @@ class PeftModel(PreTrainedModel):
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         """The tuner's generate: the base model's, except where a method changes it (prompt learning).
         `adapter_names` (one per prompt) generates each row with its own adapter: see `mixed_batch`."""
-        with mixed_batch.from_kwargs(self, args, kwargs):
-            return self.base_model.generate(*args, **kwargs)
+        return mixed_batch.generate(self, self.base_model.generate, args, kwargs)
 
     def get_input_embeddings(self) -> nn.Module:
         return self.get_base_model().get_input_embeddings()
