@@ -74,7 +74,11 @@ class TrainOptions:
         "not given either",
         show_default=False,
     )
-    batch_size: int = _opt(8, "rows per micro-batch")
+    batch_size: int = _opt(
+        8,
+        "rows per micro-batch, per process: under torchrun/accelerate launch with N processes a step trains on "
+        "batch-size x grad-accum x N rows",
+    )
     grad_accum: int = _opt(1, "micro-batches per optimizer step")
     lr: float = _opt(2e-3, "peak learning rate (AdamW)")
     weight_decay: float = _opt(0.0, "AdamW weight decay")
@@ -91,6 +95,11 @@ class TrainOptions:
     log_every: int = _opt(5, "write a metrics.jsonl row every N optimizer steps")
     resume: bool = _opt(False, "continue from the last checkpoint in --output")
     overwrite: bool = _opt(False, "replace a different run already in --output")
+    fsdp: bool = _opt(
+        False,
+        "under torchrun/accelerate launch: shard the frozen base model across the processes with FSDP2 "
+        "(fully_shard per decoder layer) instead of a full copy per process (DDP); same results",
+    )
     threads: int | None = _opt(
         None,
         "torch CPU threads (default: the number of cores not already busy, by the 1-minute load average)",
