@@ -133,6 +133,7 @@ FREE = {
     "log_every": 2,
     "threads": 2,
     "overwrite": True,
+    "fsdp": True,  # shards the frozen base, same math (the process count is checked on its own)
 }
 RUN_CONTROL = {"output", "resume"}  # which run, and that it is resumed
 
