@@ -127,3 +127,40 @@ def test_resume_with_another_process_count_is_refused(runs):
     assert done.returncode != 0
     assert "trained with 2 process(es)" in done.stderr and "now 1" in done.stderr, done.stderr
     assert "Traceback" not in done.stderr
+
+
+TRAINER_SCRIPT = Path(__file__).resolve().parents[1] / "ddp_trainer_script.py"
+
+
+def run_trainer(model: Path, out: Path, batch: int, processes: int) -> subprocess.CompletedProcess:
+    args = [str(TRAINER_SCRIPT), "--model", str(model), "--output", str(out), "--batch-size", str(batch)]
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    cmd = [sys.executable, *args]
+    if processes > 1:
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(processes),
+            "--standalone",
+        ]
+        cmd += args
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_trainer_under_torchrun_ddp_equals_one_process_at_twice_the_batch(tiny_chat_model, tmp_path):
+    """transformers.Trainer on a peftkit model, 2 processes (DDP over gloo) at per-device batch 2 vs one
+    process at 4: the same adapter, written once by rank 0 with trainer.save_model."""
+    one = run_trainer(tiny_chat_model, tmp_path / "one", 4, 1)
+    assert one.returncode == 0, one.stderr
+    two = run_trainer(tiny_chat_model, tmp_path / "two", 2, 2)
+    assert two.returncode == 0, two.stderr
+    assert "world 2; model run through DistributedDataParallel" in two.stdout
+    a = load_file(str(tmp_path / "one" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "two" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and max(t.abs().max().item() for k, t in a.items() if "lora_B" in k) > 1e-3
+    assert all(torch.allclose(a[k], b[k], atol=1e-5, rtol=0) for k in a)
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(
+        p.name for p in (tmp_path / "one").iterdir()
+    )
