@@ -163,6 +163,20 @@ class Dist:
         if box[0] is not None:
             raise SystemExit(box[0][1])
 
+    def check_same(self, what: str, value) -> None:
+        """Every rank must see the same ``value`` (e.g. the checkpoint to resume from: on several machines
+        ``--output`` must be a folder they all read); else a :class:`PeftkitError` naming the ranks."""
+        if not self.active:
+            return
+        seen = [None] * self.world
+        torch.distributed.all_gather_object(seen, value)
+        if any(v != seen[0] for v in seen):
+            differ = ", ".join(f"rank {r}: {v}" for r, v in enumerate(seen))
+            raise PeftkitError(
+                f"the processes disagree on {what} ({differ}); on several machines --output must be a "
+                "shared folder, and the model and data at the same paths on each"
+            )
+
     def run_config(self, o) -> dict:
         """What run_config.json records about the processes, checked again by ``--resume``."""
         return {"processes": self.world, "global_batch": o.batch_size * o.grad_accum * self.world}

@@ -71,6 +71,7 @@ def train(o: TrainOptions, progress: bool = True, say=print) -> dict:
 
     # ---- the adapter: fresh, or the last checkpoint when resuming
     resume_from = ckpt.latest_checkpoint(output) if o.resume else None
+    dist.check_same("the checkpoint to resume from", str(resume_from))
     saved = ckpt.read_trainer_state(resume_from) if resume_from else None
     batches_per_epoch = math.ceil(len(train_items) / (o.batch_size * dist.world))
     total_steps = o.max_steps or max(1, math.ceil(o.epochs * batches_per_epoch / o.grad_accum))
