@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -71,6 +72,7 @@ def runs(tmp_path_factory, tiny_chat_model) -> dict[str, Path]:
         "ddp": root / "ddp",
         "fsdp": root / "fsdp",
         "wrong": wrong_count,
+        "args": args,
     }
 
 
@@ -120,6 +122,21 @@ def test_fsdp_shards_the_frozen_base(runs):
     single = json.loads((runs["one"] / "report.json").read_text())["base_params_per_process"]
     assert whole == single  # DDP: a full copy per process
     assert shard <= whole // 2 + 64  # FSDP2: about half of it (dim-0 shards, rounded up)
+
+
+def test_a_finished_run_continues_with_a_larger_max_steps(runs, tmp_path):
+    out = tmp_path / "more"
+    shutil.copytree(runs["ddp"], out)  # a finished 2-process run (itself resumed once)
+    assert (out / "checkpoints" / f"step-{STEPS}").is_dir()  # the last step is a checkpoint too
+    args = runs["args"]("unused", 4, "--resume", "--max-steps", str(STEPS + 2))
+    args[args.index("--output") + 1] = str(out)
+    more = launch(args, 2)
+    assert more.returncode == 0, more.stderr
+    assert f"resuming at step {STEPS} from" in more.stderr
+    assert [r["step"] for r in metrics(out) if "loss" in r] == list(range(1, STEPS + 3))
+    assert json.loads((out / "report.json").read_text())["steps"] == STEPS + 2
+    grown = adapter(out)
+    assert any(not torch.equal(grown[k], t) for k, t in adapter(runs["ddp"]).items())
 
 
 def test_resume_with_another_process_count_is_refused(runs):

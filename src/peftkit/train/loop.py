@@ -153,7 +153,8 @@ def train(o: TrainOptions, progress: bool = True, say=print) -> dict:
                         tokens_seen, last_loss = tokens_seen + row["tokens"], row["loss"]
                         bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
                 hook(step - 1, "step_done")
-                if o.save_every and step % o.save_every == 0 and step < total_steps:
+                # the last step too, so a finished run can be continued with a larger --max-steps
+                if o.save_every and (step % o.save_every == 0 or step == total_steps):
                     if dist.main:
                         ckpt.save_checkpoint(model, optimizer, scheduler, step, output, rng, window)
                     dist.barrier()
@@ -226,7 +227,11 @@ def prepare_output(o: TrainOptions, output: Path, dist=None) -> None:
         if dist is not None:
             dist.check_resume(json.loads(saved.read_text()))
         old, new = run_settings(json.loads(saved.read_text())), run_settings(o.to_dict())
-        changed = [f"{k} (was {old[k]!r}, now {new[k]!r})" for k in RUN_DEFINING if old[k] != new[k]]
+        changed = [
+            f"{k} (was {old[k]!r}, now {new[k]!r})"
+            for k in RUN_DEFINING
+            if old[k] != new[k] and not extends_run(k, old[k], new[k])
+        ]
         if changed:
             raise PeftkitError(
                 f"--resume: {output} holds a run with different settings: {', '.join(changed)}; "
@@ -250,6 +255,13 @@ def prepare_output(o: TrainOptions, output: Path, dist=None) -> None:
             elif path.exists():
                 path.unlink()
     output.mkdir(parents=True, exist_ok=True)
+
+
+def extends_run(key: str, old, new) -> bool:
+    """A larger --max-steps continues a run (finished or not) from its last checkpoint: the schedule is then
+    the one of the longer run from that step on, as when transformers.Trainer resumes with a larger max_steps.
+    """
+    return key == "max_steps" and isinstance(old, int) and isinstance(new, int) and new > old
 
 
 def run_settings(options: dict) -> dict:

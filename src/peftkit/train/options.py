@@ -91,9 +91,14 @@ class TrainOptions:
         None, "tokens to generate for exact match (default: longest reference answer + 4)"
     )
     output: str = _opt("runs/peftkit-train", "output folder: adapter, checkpoints, metrics, report")
-    save_every: int = _opt(25, "save an adapter-only checkpoint every N optimizer steps (0 = never)")
+    save_every: int = _opt(
+        25, "save a checkpoint (adapter, optimizer, RNG) every N optimizer steps and at the last (0 = never)"
+    )
     log_every: int = _opt(5, "write a metrics.jsonl row every N optimizer steps")
-    resume: bool = _opt(False, "continue from the last checkpoint in --output")
+    resume: bool = _opt(
+        False,
+        "continue from the last checkpoint in --output (with a larger --max-steps, a finished run goes on)",
+    )
     overwrite: bool = _opt(False, "replace a different run already in --output")
     fsdp: bool = _opt(
         False,
