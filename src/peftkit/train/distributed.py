@@ -145,8 +145,8 @@ class Dist:
             torch.distributed.barrier()
 
     def on_main(self, fn, *args) -> None:
-        """Run ``fn`` (a check that may write, e.g. preparing the output folder) on rank 0 only; a
-        :class:`PeftkitError` there stops every rank, printed once by rank 0 (the others exit quietly)."""
+        """Run ``fn`` (a check that may write, e.g. preparing the output folder) on rank 0 only; an error
+        there stops every rank, printed once by rank 0 (the others exit quietly with its exit code)."""
         if not self.active:
             fn(*args)
             return
@@ -154,7 +154,7 @@ class Dist:
         if self.main:
             try:
                 fn(*args)
-            except PeftkitError as e:
+            except Exception as e:  # every rank must reach the broadcast, or the others would wait for it
                 error = e
         box = [None if error is None else (str(error), getattr(error, "exit_code", 1))]
         torch.distributed.broadcast_object_list(box, src=0)
