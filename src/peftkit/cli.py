@@ -180,7 +180,8 @@ def run_train(args: argparse.Namespace) -> int:
     if note:
         _say(note)
     report = train(options, progress=not args.no_progress, say=_say)
-    print(report["markdown"])
+    if report["markdown"]:  # empty on the processes other than rank 0 of a torchrun launch
+        print(report["markdown"])
     return 0
 
 

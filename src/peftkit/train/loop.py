@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from peftkit.train import checkpoint as ckpt
+from peftkit.train import distributed
 from peftkit.train.data import collate, length_grouped_batches, load_examples, split_examples, tokenize_all
 from peftkit.train.errors import Interrupted, PeftkitError
 from peftkit.train.evaluate import count_targets, default_max_new_tokens, eval_loss, exact_match
@@ -43,7 +44,9 @@ def train(o: TrainOptions, progress: bool = True, say=print) -> dict:
     t_start = time.time()
     threads = set_threads(o.threads)
     output = Path(o.output).expanduser()
-    prepare_output(o, output)
+    dist = distributed.setup(o.fsdp)  # torchrun / accelerate launch: this process's rank (see distributed.py)
+    say, progress = (say, progress) if dist.main else (lambda *_: None, False)
+    dist.on_main(prepare_output, o, output, dist)
     random.seed(o.seed)
     torch.manual_seed(o.seed)
 
@@ -68,12 +71,14 @@ def train(o: TrainOptions, progress: bool = True, say=print) -> dict:
 
     # ---- the adapter: fresh, or the last checkpoint when resuming
     resume_from = ckpt.latest_checkpoint(output) if o.resume else None
+    dist.check_same("the checkpoint to resume from", str(resume_from))
     saved = ckpt.read_trainer_state(resume_from) if resume_from else None
-    batches_per_epoch = math.ceil(len(train_items) / o.batch_size)
+    batches_per_epoch = math.ceil(len(train_items) / (o.batch_size * dist.world))
     total_steps = o.max_steps or max(1, math.ceil(o.epochs * batches_per_epoch / o.grad_accum))
     model = wrap_model(base, o, resume_from, total_steps)
     if saved:
         ckpt.restore_tuner(model, saved, resume_from)
+    runner = dist.wrap(model)  # forward/backward through DDP or FSDP2 with several processes; else `model`
     trainable, total = model.get_nb_trainable_parameters()
     # Sorted by name, so the optimizer state of a checkpoint maps onto the same tensors on resume.
     params = [p for _, p in sorted(model.named_parameters()) if p.requires_grad]
@@ -82,18 +87,21 @@ def train(o: TrainOptions, progress: bool = True, say=print) -> dict:
     allocate = getattr(model.base_model, "update_and_allocate", None)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(o.scheduler, o.warmup, total_steps))
     step = ckpt.restore_trainer(saved, optimizer, scheduler) if saved else 0
-    ckpt.write_json_atomic(output / "run_config.json", {**o.to_dict(), "resolved_model": model_name})
-    metrics = MetricsLog(output / "metrics.jsonl", keep_until=step)
+    if dist.main:
+        run_config = {**o.to_dict(), "resolved_model": model_name, **dist.run_config(o)}
+        ckpt.write_json_atomic(output / "run_config.json", run_config)
+    metrics = MetricsLog(output / "metrics.jsonl" if dist.main else None, keep_until=step)
     if step == 0 and before:
         metrics.write({"step": 0, "eval_loss": before["loss"]["loss"]})
     say(
         f"training {trainable:,} of {total:,} parameters ({100 * trainable / total:.3f}%) for {total_steps} steps"
+        + (f" on {dist.world} processes ({dist.mode})" if dist.active else "")
         + (f", resuming at step {step} from {resume_from}" if resume_from else "")
     )
 
     # ---- the loop
     lengths = [len(t.input_ids) for t in train_items]
-    stream = micro_batches(lengths, o.batch_size, o.seed, start=step * o.grad_accum)
+    stream = micro_batches(lengths, o.batch_size * dist.world, o.seed, start=step * o.grad_accum)
     bar = _progress_bar(total_steps, step, progress)
     model.train()
     t_train, tokens_seen, window = time.time(), 0, {"loss": 0.0, "tokens": 0, "targets": 0, "t": time.time()}
@@ -105,17 +113,23 @@ def train(o: TrainOptions, progress: bool = True, say=print) -> dict:
     try:
         with sigterm_as_interrupt():
             while step < total_steps:
-                chunks = [
-                    collate([train_items[i] for i in next(stream)], pad_id) for _ in range(o.grad_accum)
-                ]
-                n_targets = sum(count_targets(c["labels"]) for c in chunks)  # loss = sum over the step / this
+                global_batches = [next(stream) for _ in range(o.grad_accum)]  # all processes' rows
+                n_targets = sum(  # loss = sum over the step (all processes) / this
+                    count_targets(collate([train_items[i] for i in b], pad_id)["labels"])
+                    for b in global_batches
+                )
                 step_loss, step_tokens = 0.0, 0
-                for batch in chunks:
-                    loss = model(**batch, num_items_in_batch=n_targets).loss
-                    hook(step, "forward")
-                    loss.backward()
-                    step_loss += loss.detach().item() * n_targets
-                    step_tokens += int(batch["attention_mask"].sum())
+                for k, (rows, weight) in enumerate(dist.shard(b) for b in global_batches):
+                    batch = collate([train_items[i] for i in rows], pad_id)
+                    with dist.accumulating(last=k == o.grad_accum - 1):
+                        loss = runner(**batch, num_items_in_batch=n_targets).loss
+                        hook(step, "forward")
+                        (loss * dist.backward_scale(weight)).backward()
+                    step_loss += loss.detach().item() * n_targets * weight
+                    step_tokens += int(batch["attention_mask"].sum()) * weight
+                dist.sync_grads(params)
+                step_loss, step_tokens = dist.sum(step_loss, step_tokens)
+                step_tokens = int(step_tokens)
                 # The step commits as a whole: Ctrl-C from here on is raised once the counter, the RNG
                 # snapshot and the metrics row have moved too, so a checkpoint never holds half a step.
                 with deferred_interrupts():
@@ -139,12 +153,17 @@ def train(o: TrainOptions, progress: bool = True, say=print) -> dict:
                         tokens_seen, last_loss = tokens_seen + row["tokens"], row["loss"]
                         bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
                 hook(step - 1, "step_done")
-                if o.save_every and step % o.save_every == 0 and step < total_steps:
-                    ckpt.save_checkpoint(model, optimizer, scheduler, step, output, rng, window)
+                # the last step too, so a finished run can be continued with a larger --max-steps
+                if o.save_every and (step % o.save_every == 0 or step == total_steps):
+                    if dist.main:
+                        ckpt.save_checkpoint(model, optimizer, scheduler, step, output, rng, window)
+                    dist.barrier()
     except KeyboardInterrupt:
         bar.close()
         # the parameters, optimizer and scheduler are as step `step` left them; `rng` was taken then too
-        folder = ckpt.save_checkpoint(model, optimizer, scheduler, step, output, rng, window)
+        folder = output / "checkpoints" / f"step-{step}"
+        if dist.main:
+            folder = ckpt.save_checkpoint(model, optimizer, scheduler, step, output, rng, window)
         raise Interrupted(
             f"interrupted at step {step}/{total_steps}; checkpoint saved to {folder}; "
             f"continue with --resume --output {o.output}"
@@ -156,6 +175,9 @@ def train(o: TrainOptions, progress: bool = True, say=print) -> dict:
     after = held_out_metrics(model, tokenizer, eval_rows, eval_items, max_new, progress, "after")
     if after:
         metrics.write({"step": step, "eval_loss": after["loss"]["loss"]})
+    if not dist.main:  # rank 0 writes the adapter and the report
+        dist.barrier()
+        return {"markdown": ""}
     ckpt.save_adapter_atomic(model, output / "adapter")
     plot_note = plot_loss_curve(output / "metrics.jsonl", output / "loss_curve.png")
     report = {
@@ -170,6 +192,11 @@ def train(o: TrainOptions, progress: bool = True, say=print) -> dict:
         "adapter_bytes": adapter_size_bytes(output / "adapter"),
         "output": str(output / "adapter"),
         "steps": step,
+        "batch_size": o.batch_size,  # per process
+        "processes": dist.world,
+        "distributed": dist.mode,
+        "global_batch": o.batch_size * o.grad_accum * dist.world,
+        "base_params_per_process": dist.base_params_here(model),
         "train_rows": len(train_items),
         "tokens": tokens_seen,
         "wall_seconds": time.time() - t_start,
@@ -184,20 +211,27 @@ def train(o: TrainOptions, progress: bool = True, say=print) -> dict:
         "eval": _eval_summary(before, after),
     }
     report["markdown"] = write_reports(output, report)
+    dist.barrier()
     return report
 
 
 # ---------------------------------------------------------------- the pieces the loop calls
 
 
-def prepare_output(o: TrainOptions, output: Path) -> None:
+def prepare_output(o: TrainOptions, output: Path, dist=None) -> None:
     """Refuse to mix runs: a non-empty folder needs --overwrite (or --resume with the same settings)."""
     if o.resume:
         saved = output / "run_config.json"
         if not saved.is_file():
             raise PeftkitError(f"--resume: no run to continue in {output} (run_config.json not found)")
+        if dist is not None:
+            dist.check_resume(json.loads(saved.read_text()))
         old, new = run_settings(json.loads(saved.read_text())), run_settings(o.to_dict())
-        changed = [f"{k} (was {old[k]!r}, now {new[k]!r})" for k in RUN_DEFINING if old[k] != new[k]]
+        changed = [
+            f"{k} (was {old[k]!r}, now {new[k]!r})"
+            for k in RUN_DEFINING
+            if old[k] != new[k] and not extends_run(k, old[k], new[k])
+        ]
         if changed:
             raise PeftkitError(
                 f"--resume: {output} holds a run with different settings: {', '.join(changed)}; "
@@ -221,6 +255,13 @@ def prepare_output(o: TrainOptions, output: Path) -> None:
             elif path.exists():
                 path.unlink()
     output.mkdir(parents=True, exist_ok=True)
+
+
+def extends_run(key: str, old, new) -> bool:
+    """A larger --max-steps continues a run (finished or not) from its last checkpoint: the schedule is then
+    the one of the longer run from that step on, as when transformers.Trainer resumes with a larger max_steps.
+    """
+    return key == "max_steps" and isinstance(old, int) and isinstance(new, int) and new > old
 
 
 def run_settings(options: dict) -> dict:
@@ -316,15 +357,20 @@ def _eval_summary(before: dict | None, after: dict | None) -> dict | None:
 
 
 class MetricsLog:
-    """Append-only metrics.jsonl; on resume, rows after the checkpoint's step are dropped first."""
+    """Append-only metrics.jsonl; on resume, rows after the checkpoint's step are dropped first.
+    ``path`` None: rows are computed but not written (the processes other than rank 0)."""
 
-    def __init__(self, path: Path, keep_until: int):
+    def __init__(self, path: Path | None, keep_until: int):
+        self.path = path
+        if path is None:
+            return
         rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
         kept = [r for r in rows if r["step"] <= keep_until] if keep_until else []
         ckpt.write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
-        self.path = path
 
     def write(self, row: dict) -> None:
+        if self.path is None:
+            return
         with self.path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
 

@@ -74,7 +74,11 @@ class TrainOptions:
         "not given either",
         show_default=False,
     )
-    batch_size: int = _opt(8, "rows per micro-batch")
+    batch_size: int = _opt(
+        8,
+        "rows per micro-batch, per process: under torchrun/accelerate launch with N processes a step trains on "
+        "batch-size x grad-accum x N rows",
+    )
     grad_accum: int = _opt(1, "micro-batches per optimizer step")
     lr: float = _opt(2e-3, "peak learning rate (AdamW)")
     weight_decay: float = _opt(0.0, "AdamW weight decay")
@@ -87,10 +91,20 @@ class TrainOptions:
         None, "tokens to generate for exact match (default: longest reference answer + 4)"
     )
     output: str = _opt("runs/peftkit-train", "output folder: adapter, checkpoints, metrics, report")
-    save_every: int = _opt(25, "save an adapter-only checkpoint every N optimizer steps (0 = never)")
+    save_every: int = _opt(
+        25, "save a checkpoint (adapter, optimizer, RNG) every N optimizer steps and at the last (0 = never)"
+    )
     log_every: int = _opt(5, "write a metrics.jsonl row every N optimizer steps")
-    resume: bool = _opt(False, "continue from the last checkpoint in --output")
+    resume: bool = _opt(
+        False,
+        "continue from the last checkpoint in --output (with a larger --max-steps, a finished run goes on)",
+    )
     overwrite: bool = _opt(False, "replace a different run already in --output")
+    fsdp: bool = _opt(
+        False,
+        "under torchrun/accelerate launch: shard the frozen base model across the processes with FSDP2 "
+        "(fully_shard per decoder layer) instead of a full copy per process (DDP); same results",
+    )
     threads: int | None = _opt(
         None,
         "torch CPU threads (default: the number of cores not already busy, by the 1-minute load average)",

@@ -32,6 +32,10 @@ def render_markdown(r: dict) -> str:
         f"- trainable params: {r['trainable_params']:,} of {r['total_params']:,} ({r['trainable_percent']:.3f}%)",
         f"- adapter size on disk: {r['adapter_bytes'] / 1e6:.2f} MB",
         f"- steps: {r['steps']} ({r['train_rows']} training rows, {r['tokens']:,} tokens)",
+        f"- batch: {r['batch_size']} rows per process x {r['global_batch'] // (r['batch_size'] * r['processes'])}"
+        f" accumulated x {r['processes']} process(es) ({r['distributed']}) = {r['global_batch']} rows per step"
+        if "processes" in r
+        else "",
         f"- wall time: {r['wall_seconds']:.0f} s (training {r['train_seconds']:.0f} s)",
         f"- throughput: {r['tokens_per_second']:.0f} training tokens/s on {r['threads']} thread(s)",
         f"- CPU time: {r['cpu_seconds']:.0f} s (load average at the end: {_fmt_load(r['load_average'])})",
