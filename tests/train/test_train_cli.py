@@ -136,9 +136,8 @@ def test_overwrite_replaces_an_existing_run(train_args, tmp_path):
     assert cli.main(train_args()) == 0
     assert cli.main([*train_args(), "--overwrite", "--max-steps", "2"]) == 0
     assert json.loads((tmp_path / "out/report.json").read_text())["steps"] == 2
-    assert not (
-        tmp_path / "out/checkpoints"
-    ).exists()  # the old run's checkpoints are gone; step 2 is the last
+    # the old run's checkpoints are gone; the new run's final checkpoint is step 2
+    assert sorted(p.name for p in (tmp_path / "out/checkpoints").iterdir()) == ["step-2"]
 
 
 @pytest.mark.parametrize("flag", ["--help"])
