@@ -117,13 +117,13 @@ def test_sigkilled_runs_resume_to_the_bit_identical_adapter(train_args, tmp_path
     reference = Run([*train_args(full), *RUN])
     started = reference.training_started()
     assert reference.wait() == 0, reference.stderr
-    busy = reference.lines[-1][0] - started  # training + saves + evaluation + report
+    busy = time.monotonic() - started  # training + saves + evaluation + report
     rng = random.Random(KILL_SEED)
     log, resume = [], []
     for i in range(KILL_POINTS):
         done = done_steps(cut)
         if i % 2 == 0:  # a pure random moment after the "training ..." line
-            delay = rng.uniform(0, busy)
+            delay = rng.uniform(0, busy) * max(STEPS - done, 1) / STEPS  # within what is left to do
             run = Run([*train_args(cut), *RUN, *resume])
             t0 = run.training_started()
             if t0 is not None:

@@ -18,6 +18,7 @@ import time
 from importlib import resources
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from peftkit.train import checkpoint as ckpt
@@ -54,6 +55,7 @@ def _train(o: TrainOptions, progress: bool, say) -> dict:
     output = Path(o.output).expanduser()
     prepare_output(o, output)
     random.seed(o.seed)
+    np.random.seed(o.seed % 2**32)  # not drawn from by peftkit; seeded so a resumed run restores it exactly
     torch.manual_seed(o.seed)
 
     # ---- model and data
@@ -131,6 +133,7 @@ def _train(o: TrainOptions, progress: bool, say) -> dict:
                 with deferred_interrupts():
                     stop_if_not_finite(step_loss, params, o.max_grad_norm, step + 1, total_steps, output)
                     optimizer.step()
+                    stop_if_weights_not_finite(params, step + 1, total_steps, output)
                     hook(step, "optimizer_step")
                     kill_point("optimizer_step")
                     scheduler.step()
@@ -389,6 +392,19 @@ def stop_if_not_finite(loss: float, params, max_norm: float, step: int, total: i
         f"the weights were not updated with it. The last good checkpoint is "
         f"{last if last else '(none: no checkpoint was written yet)'}. Lower --lr, or clip with "
         f"--max-grad-norm (now {max_norm}), and start again with --overwrite"
+    )
+
+
+def stop_if_weights_not_finite(params, step: int, total: int, output: Path) -> None:
+    """Stop when the update of ``step`` overflowed a weight to inf/NaN (finite loss and gradients, absurd lr):
+    nothing of this step is saved, the last checkpoint stays the last good one."""
+    if all(bool(torch.isfinite(p).all()) for p in params):
+        return
+    last = ckpt.latest_checkpoint(output)
+    raise PeftkitError(
+        f"training stopped at step {step}/{total}: its update made adapter weights inf/NaN; nothing of it was "
+        f"saved. The last good checkpoint is {last if last else '(none: no checkpoint was written yet)'}. "
+        "Lower --lr and start again with --overwrite"
     )
 
 
