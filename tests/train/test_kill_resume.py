@@ -119,7 +119,7 @@ def test_sigkilled_runs_resume_to_the_bit_identical_adapter(train_args, tmp_path
     assert reference.wait() == 0, reference.stderr
     busy = time.monotonic() - started  # training + saves + evaluation + report
     rng = random.Random(KILL_SEED)
-    log, resume = [], []
+    log, resume, killed = [], [], False
     for i in range(KILL_POINTS):
         done = done_steps(cut)
         if i % 2 == 0:  # a pure random moment after the "training ..." line
@@ -137,8 +137,10 @@ def test_sigkilled_runs_resume_to_the_bit_identical_adapter(train_args, tmp_path
         code = run.wait()
         assert code in (0, -signal.SIGKILL), f"kill {i} ({what}): exit {code}\n{run.stderr}"
         assert "Traceback" not in run.stderr, run.stderr
-        if resume:  # each restart says where it continues from
+        if resume:  # each restart says where it continues from, and takes over the killed run's lock
             assert "--resume: continuing from" in run.stderr or "starting from step 0" in run.stderr
+            assert not killed or "taking over" in run.stderr, run.stderr
+        killed = code != 0
         log.append(f"{what} after step {done}: {'killed' if code else 'finished first'}")
         assert_saved_state_loads(cut)
         resume = ["--resume"]
