@@ -4,6 +4,7 @@ The lock is an ``flock`` on that file, which the kernel drops when its process e
 included), so a dead run never blocks the next one. The file holds the owner's pid, host and start time, to
 name the run that holds it; a file left by a killed run is taken over, with a message naming the dead pid.
 Where ``fcntl`` does not exist (Windows) the pid alone decides: a lock whose process is gone is stale.
+Under a launcher (torchrun, accelerate launch: ``$RANK`` set) only rank 0 takes it, for all the job's ranks.
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ class OutputLock:
         self.fd: int | None = None
 
     def __enter__(self) -> OutputLock:
+        if os.environ.get("RANK", "0") != "0":  # torchrun / accelerate: rank 0 holds it for the whole job
+            return self
         if self.path.parent.exists() and not self.path.parent.is_dir():
             raise PeftkitError(f"--output {self.path.parent} is a file; expected a folder")
         self.path.parent.mkdir(parents=True, exist_ok=True)
