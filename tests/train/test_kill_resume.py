@@ -9,7 +9,8 @@ during the evaluation). After every kill the newest complete checkpoint and the 
 load, and the next `--resume` must say where it continues from.
 
 `PEFTKIT_KILL_POINTS` (default 4) sets the number of kills for a longer local run, `PEFTKIT_KILL_SEED`
-(default 0) the RNG seed: `PEFTKIT_KILL_POINTS=25 pytest tests/train/test_kill_resume.py`.
+(default 0) the RNG seed, `PEFTKIT_KILL_METHOD` (default lora) the method:
+`PEFTKIT_KILL_POINTS=25 pytest -s tests/train/test_kill_resume.py` (`-s` prints what each kill hit).
 """
 
 from __future__ import annotations
@@ -32,12 +33,14 @@ from tests.train.test_resume import assert_bit_equal, final_adapter
 
 KILL_POINTS = int(os.environ.get("PEFTKIT_KILL_POINTS", "4"))
 KILL_SEED = int(os.environ.get("PEFTKIT_KILL_SEED", "0"))
+METHOD = os.environ.get("PEFTKIT_KILL_METHOD", "lora")  # e.g. adalora: its allocator state must survive too
 STEPS, ACCUM, SAVE_EVERY = 6, 2, 2
 # dropout (RNG), 2 micro-batches per step across epoch boundaries (data position), a checkpoint every 2
 # steps and a metrics row every 2 (a kill lands between them), a short evaluation after training
 RUN = [
     *("--dropout", "0.1", "--grad-accum", str(ACCUM), "--max-steps", str(STEPS)),
     *("--save-every", str(SAVE_EVERY), "--log-every", "2", "--skip-eval-before", "--eval-limit", "2"),
+    *("--method", METHOD),
 ]
 
 
