@@ -115,16 +115,53 @@ def assert_saved_state_loads(out) -> None:
         load_file(str(out / "adapter" / "adapter_model.safetensors"))
 
 
+def assert_same_run(cut, full, log) -> None:
+    """The adapter, the metrics (losses included) and the final RNG states equal the uninterrupted run's."""
+    assert_bit_equal(final_adapter(cut), final_adapter(full))
+    rows = [json.loads(x) for x in (cut / "metrics.jsonl").read_text().splitlines()]
+    expected = [json.loads(x) for x in (full / "metrics.jsonl").read_text().splitlines()]
+    pick = [(r["step"], r.get("loss"), r.get("eval_loss")) for r in rows]
+    assert pick == [(r["step"], r.get("loss"), r.get("eval_loss")) for r in expected], log
+    state = [ckpt.read_trainer_state(out / "checkpoints" / f"step-{STEPS}") for out in (cut, full)]
+    for key in ("torch", "python", "numpy"):
+        assert repr(state[0]["rng"][key]) == repr(state[1]["rng"][key]), key
+    assert torch.equal(state[0]["rng"]["torch"], state[1]["rng"]["torch"])
+
+
+def cleanup_notes(stderr: str) -> str:
+    """What a resumed run found of the kill before it (a cut save removed, a checkpoint skipped)."""
+    notes = [
+        x.split(":")[0] for x in stderr.splitlines() if x.startswith(("removed ", "skipping ", "restored "))
+    ]
+    return f" [next run: {'; '.join(notes)}]" if notes else ""
+
+
 def test_sigkilled_runs_resume_to_the_bit_identical_adapter(train_args, tmp_path):
-    full, cut = tmp_path / "full", tmp_path / "cut"
+    """Kills are spread over episodes: once a run got past training (all steps checkpointed), it is finished
+    with --resume and compared, and the next kill starts a new run, so kills keep landing in training too."""
+    full = tmp_path / "full"
     reference = Run([*train_args(full), *RUN])
     started = reference.training_started()
     assert reference.wait() == 0, reference.stderr
     busy = time.monotonic() - started  # training + saves + evaluation + report
     rng = random.Random(KILL_SEED)
-    log, resume, killed = [], [], False
+    log, episodes = [], 0
+
+    def finish(cut, resume) -> None:
+        finished = Run([*train_args(cut), *RUN, *resume])
+        assert finished.wait() == 0, finished.stderr
+        if log:
+            log[-1] += cleanup_notes(finished.stderr)
+        assert_same_run(cut, full, log)
+        log.append(f"-- {cut.name}: resumed to the bit-identical adapter")
+
+    cut, resume, killed = tmp_path / "cut-0", [], False
     for i in range(KILL_POINTS):
         done = done_steps(cut)
+        if done == STEPS:  # trained and checkpointed: finish this run, start another
+            finish(cut, resume)
+            episodes += 1
+            cut, resume, killed, done = tmp_path / f"cut-{episodes}", [], False, 0
         if i % 2 == 0:  # a pure random moment after the "training ..." line
             delay = rng.uniform(0, busy) * max(STEPS - done, 1) / STEPS  # within what is left to do
             run = Run([*train_args(cut), *RUN, *resume])
@@ -143,19 +180,10 @@ def test_sigkilled_runs_resume_to_the_bit_identical_adapter(train_args, tmp_path
         if resume:  # each restart says where it continues from, and takes over the killed run's lock
             assert "--resume: continuing from" in run.stderr or "starting from step 0" in run.stderr
             assert not killed or "taking over" in run.stderr, run.stderr
+            log[-1] += cleanup_notes(run.stderr)
         killed = code != 0
-        log.append(f"{what} after step {done}: {'killed' if code else 'finished first'}")
+        log.append(f"kill {i}: {what} in a run from step {done}: {'killed' if killed else 'finished first'}")
         assert_saved_state_loads(cut)
         resume = ["--resume"]
-    finished = Run([*train_args(cut), *RUN, *resume])
-    assert finished.wait() == 0, finished.stderr
+    finish(cut, resume)
     print("\n".join(log))  # shown with -s: what each kill hit
-    assert_bit_equal(final_adapter(cut), final_adapter(full))
-    rows = [json.loads(x) for x in (cut / "metrics.jsonl").read_text().splitlines()]
-    expected = [json.loads(x) for x in (full / "metrics.jsonl").read_text().splitlines()]
-    pick = [(r["step"], r.get("loss"), r.get("eval_loss")) for r in rows]
-    assert pick == [(r["step"], r.get("loss"), r.get("eval_loss")) for r in expected], log
-    state = [ckpt.read_trainer_state(out / "checkpoints" / f"step-{STEPS}") for out in (cut, full)]
-    for key in ("torch", "python", "numpy"):  # the final RNG states too
-        assert repr(state[0]["rng"][key]) == repr(state[1]["rng"][key]), key
-    assert torch.equal(state[0]["rng"]["torch"], state[1]["rng"]["torch"])
