@@ -158,8 +158,11 @@ def clean_leftovers(output: Path, say) -> None:
         if not parent.is_dir():
             continue
         for p in sorted(parent.iterdir()):
-            if p.name.startswith(".") and p.name.endswith(".old") and recover_dir(parent / p.name[1:-4]):
-                say(f"restored {parent / p.name[1:-4]} (a save was killed while swapping it)")
+            if p.name.startswith(".") and p.name.endswith(".old") and p.is_dir():
+                if recover_dir(parent / p.name[1:-4]):
+                    say(f"restored {parent / p.name[1:-4]} (a save was killed while swapping it)")
+                else:  # the swap was done, only the old copy's deletion was cut short
+                    shutil.rmtree(p, ignore_errors=True)
             elif p.name.startswith(".") and TMP_MARK in p.name and p.is_dir():
                 shutil.rmtree(p, ignore_errors=True)
                 say(f"removed {p}: an incomplete save (the run was killed while writing it)")
