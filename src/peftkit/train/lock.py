@@ -9,6 +9,7 @@ Under a launcher (torchrun, accelerate launch: ``$RANK`` set) only rank 0 takes 
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import socket
@@ -82,6 +83,9 @@ class OutputLock:
                 return True
             except BlockingIOError:
                 return False
+            except OSError as e:  # a file system without flock (some network mounts): as without fcntl
+                if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                    raise
         owner = _read_owner(fd)  # no flock: the owner's pid decides
         return not (owner.get("pid") and owner["pid"] != os.getpid() and pid_alive(owner["pid"]))
 
