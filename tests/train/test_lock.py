@@ -82,3 +82,21 @@ def test_output_that_is_a_file_is_a_clear_error(train_args, tmp_path, capsys):
     (tmp_path / "file").write_text("x")
     assert cli.main(train_args(tmp_path / "file")) == 1
     assert f"--output {tmp_path / 'file'} is a file; expected a folder" in capsys.readouterr().err
+
+
+def test_without_flock_the_owners_pid_decides(tmp_path, monkeypatch):
+    """Windows, or a mount without flock: a lock naming a live process is held, a dead one's is stale."""
+    from peftkit.train import lock
+
+    monkeypatch.setattr(lock, "fcntl", None)
+    (tmp_path / LOCK_NAME).write_text(json.dumps({"pid": os.getppid()}))  # alive: the process that ran us
+    with pytest.raises(PeftkitError, match=f"pid {os.getppid()}"):
+        with OutputLock(tmp_path):
+            pass
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / LOCK_NAME).write_text(json.dumps({"pid": dead.pid}))
+    said = []
+    with OutputLock(tmp_path, say=said.append):
+        assert lock_owner(tmp_path) == os.getpid()
+    assert said and f"pid {dead.pid}" in said[0]
