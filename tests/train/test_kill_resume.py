@@ -8,7 +8,7 @@ kills itself at (`PEFTKIT_TEST_KILL_AT`, to be sure the rare ones are hit: mid-c
 during the evaluation). After every kill the newest complete checkpoint and the adapter (once written) must
 load, and the next `--resume` must say where it continues from.
 
-`PEFTKIT_KILL_POINTS` (default 4) sets the number of kills for a longer local run, `PEFTKIT_KILL_SEED`
+`PEFTKIT_KILL_POINTS` (default 3: two random moments, one named point; ~55 s of CPU) sets the number of kills for a longer local run, `PEFTKIT_KILL_SEED`
 (default 0) the RNG seed, `PEFTKIT_KILL_METHOD` (default lora) the method:
 `PEFTKIT_KILL_POINTS=25 pytest -s tests/train/test_kill_resume.py` (`-s` prints what each kill hit).
 """
@@ -31,7 +31,7 @@ from peftkit.train import checkpoint as ckpt
 from peftkit.train.interrupts import ENV_HOOK, KILL_HOOK
 from tests.train.test_resume import assert_bit_equal, final_adapter
 
-KILL_POINTS = int(os.environ.get("PEFTKIT_KILL_POINTS", "4"))
+KILL_POINTS = int(os.environ.get("PEFTKIT_KILL_POINTS", "3"))
 KILL_SEED = int(os.environ.get("PEFTKIT_KILL_SEED", "0"))
 METHOD = os.environ.get("PEFTKIT_KILL_METHOD", "lora")  # e.g. adalora: its allocator state must survive too
 STEPS, ACCUM, SAVE_EVERY = 6, 2, 2
