@@ -154,11 +154,11 @@ def _train(o: TrainOptions, progress: bool, say) -> dict:
                 hook(step - 1, "step_done")
                 if o.save_every and step % o.save_every == 0 and step < total_steps:
                     ckpt.save_checkpoint(model, optimizer, scheduler, step, output, rng, window)
-        # Finished work is saved before anything else runs: a final checkpoint (unless resumed from it),
-        # then the adapter. An interrupted evaluation loses no training.
-        if not ckpt.is_complete(output / "checkpoints" / f"step-{step}"):
-            ckpt.save_checkpoint(model, optimizer, scheduler, step, output, rng, window)
-        ckpt.save_adapter_atomic(model, output / "adapter", output=output)
+            # Finished work is saved before anything else runs: a final checkpoint (unless resumed from it),
+            # then the adapter. An interrupted evaluation loses no training.
+            if not ckpt.is_complete(output / "checkpoints" / f"step-{step}"):
+                ckpt.save_checkpoint(model, optimizer, scheduler, step, output, rng, window)
+            ckpt.save_adapter_atomic(model, output / "adapter", output=output)
     except KeyboardInterrupt:
         bar.close()
         # the parameters, optimizer and scheduler are as step `step` left them; `rng` was taken then too
