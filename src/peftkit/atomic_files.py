@@ -1,4 +1,5 @@
-"""Crash-safe writes: one file (`atomic_write_bytes`) or several files that must change together.
+"""Crash-safe writes: one file (`atomic_write_bytes`), several files that must change together
+(`write_files_together`), or a whole folder (`replace_dir`).
 
 An adapter is a pair, `adapter_config.json` + `adapter_model.safetensors`, and a reader must never see new
 weights beside an old config. Renaming two files is two steps, so a pair is written as a small redo log:
@@ -15,8 +16,12 @@ user's README) is never touched.
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import os
+import shutil
+import sys
 import tempfile
 
 PENDING_NAME = ".peftkit-pending.json"
@@ -106,3 +111,76 @@ def finish_pending_writes(directory: str | os.PathLike) -> None:
             os.replace(tmp_path, os.path.join(directory, name))
     _fsync_dir(directory)
     os.unlink(log_path)
+
+
+# ---------------------------------------------------------------- whole folders
+
+_RENAME_EXCHANGE = 2  # linux/fs.h: swap two paths atomically
+
+
+def _exchange(a: str, b: str) -> bool:
+    """Swap the folders `a` and `b` in one atomic step (Linux `renameat2(RENAME_EXCHANGE)`); False where the
+    system or file system cannot, so the caller falls back to two renames."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd = -100
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), b)
+
+
+def fsync_tree(folder: str | os.PathLike) -> None:
+    """Flush the folder's files and its own entries to disk (files written without fsync, e.g. by torch)."""
+    folder = os.fspath(folder)
+    for name in os.listdir(folder):
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            with open(path, "rb") as fh:
+                os.fsync(fh.fileno())
+    _fsync_dir(folder)
+
+
+def replace_dir(new: str | os.PathLike, folder: str | os.PathLike) -> None:
+    """Put the complete folder `new` (a sibling of `folder`) in place of `folder`, so that `folder` holds the
+    old contents or the new ones at every moment, even if the process is killed (SIGKILL) half-way.
+
+    Linux swaps the two in one `renameat2(RENAME_EXCHANGE)`; elsewhere the old folder is renamed to
+    `.<name>.old` first, and `recover_dir` puts it back if the process died between the two renames.
+    The old contents are deleted last.
+    """
+    new, folder = os.fspath(new), os.fspath(folder)
+    parent = os.path.dirname(folder) or "."
+    fsync_tree(new)
+    if not os.path.exists(folder):
+        os.rename(new, folder)
+        _fsync_dir(parent)
+        return
+    if _exchange(new, folder):
+        _fsync_dir(parent)
+        shutil.rmtree(new, ignore_errors=True)  # now the old contents
+        return
+    old = os.path.join(parent, f".{os.path.basename(folder)}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    os.rename(folder, old)
+    os.rename(new, folder)
+    _fsync_dir(parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_dir(folder: str | os.PathLike) -> bool:
+    """Undo a `replace_dir` that died between its two renames (systems without an atomic swap): put the old
+    folder back. True when it did."""
+    folder = os.fspath(folder)
+    old = os.path.join(os.path.dirname(folder) or ".", f".{os.path.basename(folder)}.old")
+    if os.path.exists(folder) or not os.path.isdir(old):
+        return False
+    os.rename(old, folder)
+    return True

@@ -13,6 +13,7 @@ import dataclasses
 import itertools
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -199,6 +200,8 @@ def test_adalora_checkpoint_without_allocator_state_is_a_clear_error(train_args,
     assert {"adapter", "rank_pattern", "tensors", "allocator"} <= set(state["tuner"])
     del state["tuner"]  # as an older peftkit wrote it
     torch.save(state, state_file)
+    ckpt.mark_complete(state_file.parent, 2)
+    shutil.rmtree(out / "checkpoints" / "step-3")  # the final checkpoint: resume from step 2
     capsys.readouterr()
     assert cli.main([*args, "--resume"]) == 1
     error = capsys.readouterr().err.splitlines()[-1]  # (after the "model ..." progress line)

@@ -136,7 +136,7 @@ def test_overwrite_replaces_an_existing_run(train_args, tmp_path):
     assert cli.main(train_args()) == 0
     assert cli.main([*train_args(), "--overwrite", "--max-steps", "2"]) == 0
     assert json.loads((tmp_path / "out/report.json").read_text())["steps"] == 2
-    # the old run's checkpoints (step-2, step-4) are gone; step-2 is the new run's last
+    # the old run's checkpoints are gone; the new run's final checkpoint is step 2
     assert sorted(p.name for p in (tmp_path / "out/checkpoints").iterdir()) == ["step-2"]
 
 

@@ -6,6 +6,9 @@
 - ``interrupt_hook``: a test hook. ``PEFTKIT_INTERRUPT_AT="<step>:<phase>"`` sends this process a real
   SIGINT when the loop reaches ``phase`` of the step that starts after ``step`` completed steps, so tests
   can interrupt at a chosen point deterministically. Phases: see ``PHASES``.
+- ``kill_point``: a test hook for crashes. ``PEFTKIT_TEST_KILL_AT="<point>:<n>"`` makes the process SIGKILL
+  itself (nothing runs after: no handler, no ``finally``) the ``n``-th time it reaches ``point``, so tests can
+  crash it mid-checkpoint-write, mid-final-save or during the evaluation. Points: see ``KILL_POINTS``.
 """
 
 from __future__ import annotations
@@ -17,6 +20,12 @@ ENV_HOOK = "PEFTKIT_INTERRUPT_AT"
 # forward: after the first micro-batch's forward; optimizer_step: after optimizer.step(), before the step
 # counter moves; step_done: after the step is committed, before logging and checkpointing.
 PHASES = ("forward", "optimizer_step", "step_done")
+
+KILL_HOOK = "PEFTKIT_TEST_KILL_AT"
+# forward / optimizer_step: as above; checkpoint-write / adapter-write: the adapter files are in the temp
+# folder, the rest not yet (a checkpoint's trainer state and marker); eval: the held-out evaluation after training.
+KILL_POINTS = ("forward", "optimizer_step", "checkpoint-write", "adapter-write", "eval")
+_reached: dict[str, int] = {}
 
 
 def _raise_interrupt(signum, frame):
@@ -86,3 +95,18 @@ class deferred_interrupts:
             first = self.pending[0]
             self.old[first](first, None)  # e.g. raises KeyboardInterrupt, now that the block is complete
         return False
+
+
+def kill_point(point: str) -> None:
+    """SIGKILL this process if ``$PEFTKIT_TEST_KILL_AT`` names this visit of ``point`` (else a no-op)."""
+    at = os.environ.get(KILL_HOOK)
+    if not at:
+        return
+    name, _, count = at.rpartition(":")
+    if name not in KILL_POINTS or not count.isdigit():
+        raise ValueError(
+            f"{KILL_HOOK}={at!r}: expected <point>:<n> with point one of {', '.join(KILL_POINTS)}"
+        )
+    _reached[point] = _reached.get(point, 0) + 1
+    if name == point and _reached[point] == int(count):
+        os.kill(os.getpid(), signal.SIGKILL)

@@ -18,6 +18,7 @@ import time
 from importlib import resources
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from peftkit.train import checkpoint as ckpt
@@ -25,7 +26,8 @@ from peftkit.train import distributed
 from peftkit.train.data import collate, length_grouped_batches, load_examples, split_examples, tokenize_all
 from peftkit.train.errors import Interrupted, PeftkitError
 from peftkit.train.evaluate import count_targets, default_max_new_tokens, eval_loss, exact_match
-from peftkit.train.interrupts import deferred_interrupts, interrupt_hook, sigterm_as_interrupt
+from peftkit.train.interrupts import deferred_interrupts, interrupt_hook, kill_point, sigterm_as_interrupt
+from peftkit.train.lock import LOCK_NAME, OutputLock
 from peftkit.train.methods import build_peft_config
 from peftkit.train.modeling import load_model_and_tokenizer, set_threads
 from peftkit.train.options import RUN_DEFINING, TrainOptions
@@ -40,7 +42,15 @@ def bundled(name: str) -> str:
 
 
 def train(o: TrainOptions, progress: bool = True, say=print) -> dict:
-    """Run one fine-tuning job as described by ``o``; returns the report dict (also written to disk)."""
+    """Run one fine-tuning job as described by ``o``; returns the report dict (also written to disk).
+
+    One run per output folder at a time (``lock.OutputLock``); a second one is refused, naming the first.
+    """
+    with OutputLock(Path(o.output).expanduser(), say):
+        return _train(o, progress, say)
+
+
+def _train(o: TrainOptions, progress: bool, say) -> dict:
     t_start = time.time()
     threads = set_threads(o.threads)
     output = Path(o.output).expanduser()
@@ -48,6 +58,7 @@ def train(o: TrainOptions, progress: bool = True, say=print) -> dict:
     say, progress = (say, progress) if dist.main else (lambda *_: None, False)
     dist.on_main(prepare_output, o, output, dist)
     random.seed(o.seed)
+    np.random.seed(o.seed % 2**32)  # not drawn from by peftkit; seeded so a resumed run restores it exactly
     torch.manual_seed(o.seed)
 
     # ---- model and data
@@ -70,7 +81,10 @@ def train(o: TrainOptions, progress: bool = True, say=print) -> dict:
     )
 
     # ---- the adapter: fresh, or the last checkpoint when resuming
-    resume_from = ckpt.latest_checkpoint(output) if o.resume else None
+    resume_from = None
+    if o.resume:  # rank 0 removes what a killed save left; then every rank picks the same checkpoint
+        dist.on_main(ckpt.clean_leftovers, output, say)
+        resume_from = ckpt.resume_point(output, say)
     dist.check_same("the checkpoint to resume from", str(resume_from))
     saved = ckpt.read_trainer_state(resume_from) if resume_from else None
     batches_per_epoch = math.ceil(len(train_items) / (o.batch_size * dist.world))
@@ -124,6 +138,7 @@ def train(o: TrainOptions, progress: bool = True, say=print) -> dict:
                     with dist.accumulating(last=k == o.grad_accum - 1):
                         loss = runner(**batch, num_items_in_batch=n_targets).loss
                         hook(step, "forward")
+                        kill_point("forward")
                         (loss * dist.backward_scale(weight)).backward()
                     step_loss += loss.detach().item() * n_targets * weight
                     step_tokens += int(batch["attention_mask"].sum()) * weight
@@ -133,10 +148,11 @@ def train(o: TrainOptions, progress: bool = True, say=print) -> dict:
                 # The step commits as a whole: Ctrl-C from here on is raised once the counter, the RNG
                 # snapshot and the metrics row have moved too, so a checkpoint never holds half a step.
                 with deferred_interrupts():
-                    if o.max_grad_norm:
-                        torch.nn.utils.clip_grad_norm_(params, o.max_grad_norm)
+                    stop_if_not_finite(step_loss, params, o.max_grad_norm, step + 1, total_steps, output)
                     optimizer.step()
+                    stop_if_weights_not_finite(params, step + 1, total_steps, output)
                     hook(step, "optimizer_step")
+                    kill_point("optimizer_step")
                     scheduler.step()
                     if allocate is not None:
                         allocate(step)
@@ -153,11 +169,18 @@ def train(o: TrainOptions, progress: bool = True, say=print) -> dict:
                         tokens_seen, last_loss = tokens_seen + row["tokens"], row["loss"]
                         bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
                 hook(step - 1, "step_done")
-                # the last step too, so a finished run can be continued with a larger --max-steps
-                if o.save_every and (step % o.save_every == 0 or step == total_steps):
+                if o.save_every and step % o.save_every == 0 and step < total_steps:
                     if dist.main:
                         ckpt.save_checkpoint(model, optimizer, scheduler, step, output, rng, window)
                     dist.barrier()
+            # Finished work is saved before anything else runs: a final checkpoint (unless resumed from it:
+            # it also lets a finished run continue with a larger --max-steps), then the adapter. An
+            # interrupted evaluation loses no training. Rank 0 writes; the others wait.
+            if dist.main:
+                if not ckpt.is_complete(output / "checkpoints" / f"step-{step}"):
+                    ckpt.save_checkpoint(model, optimizer, scheduler, step, output, rng, window)
+                ckpt.save_adapter_atomic(model, output / "adapter", output=output)
+            dist.barrier()
     except KeyboardInterrupt:
         bar.close()
         # the parameters, optimizer and scheduler are as step `step` left them; `rng` was taken then too
@@ -171,14 +194,20 @@ def train(o: TrainOptions, progress: bool = True, say=print) -> dict:
     bar.close()
     train_seconds = time.time() - t_train
 
-    # ---- held-out metrics after, final artifacts
-    after = held_out_metrics(model, tokenizer, eval_rows, eval_items, max_new, progress, "after")
+    # ---- held-out metrics after, final artifacts (the adapter is already saved)
+    try:
+        kill_point("eval")
+        after = held_out_metrics(model, tokenizer, eval_rows, eval_items, max_new, progress, "after")
+    except KeyboardInterrupt:
+        raise Interrupted(
+            f"interrupted during the held-out evaluation; the trained adapter ({step}/{total_steps} steps) is "
+            f"saved in {output / 'adapter'}; --resume --output {o.output} runs only the evaluation and report"
+        ) from None
     if after:
         metrics.write({"step": step, "eval_loss": after["loss"]["loss"]})
-    if not dist.main:  # rank 0 writes the adapter and the report
+    if not dist.main:  # rank 0 writes the report
         dist.barrier()
         return {"markdown": ""}
-    ckpt.save_adapter_atomic(model, output / "adapter")
     plot_note = plot_loss_curve(output / "metrics.jsonl", output / "loss_curve.png")
     report = {
         "model": model_name,
@@ -222,8 +251,9 @@ def prepare_output(o: TrainOptions, output: Path, dist=None) -> None:
     """Refuse to mix runs: a non-empty folder needs --overwrite (or --resume with the same settings)."""
     if o.resume:
         saved = output / "run_config.json"
-        if not saved.is_file():
-            raise PeftkitError(f"--resume: no run to continue in {output} (run_config.json not found)")
+        if not saved.is_file():  # killed before it was written: nothing to continue, start (say so later)
+            output.mkdir(parents=True, exist_ok=True)
+            return
         if dist is not None:
             dist.check_resume(json.loads(saved.read_text()))
         old, new = run_settings(json.loads(saved.read_text())), run_settings(o.to_dict())
@@ -237,12 +267,10 @@ def prepare_output(o: TrainOptions, output: Path, dist=None) -> None:
                 f"--resume: {output} holds a run with different settings: {', '.join(changed)}; "
                 "resume with the saved values, or start a new run with --overwrite or another --output"
             )
-        if ckpt.latest_checkpoint(output) is None:
-            raise PeftkitError(f"--resume: {output} has no checkpoint yet; run again with --overwrite")
         return
     if output.exists() and not output.is_dir():
         raise PeftkitError(f"--output {output} is a file; expected a folder")
-    if output.is_dir() and any(output.iterdir()):
+    if output.is_dir() and any(p.name != LOCK_NAME for p in output.iterdir()):
         if not o.overwrite:
             raise PeftkitError(
                 f"output folder {output} already holds files (another run?); pass --overwrite to "
@@ -364,8 +392,9 @@ class MetricsLog:
         self.path = path
         if path is None:
             return
-        rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
-        kept = [r for r in rows if r["step"] <= keep_until] if keep_until else []
+        rows = [r for x in path.read_text().splitlines() if (r := _json_row(x))] if path.exists() else []
+        # the held-out row at the resumed step is measured again after training
+        kept = [r for r in rows if r["step"] < keep_until or (r["step"] == keep_until and "loss" in r)]
         ckpt.write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def write(self, row: dict) -> None:
@@ -387,6 +416,47 @@ class MetricsLog:
         self.write(row)
         window.update(loss=0.0, tokens=0, targets=0, t=now)
         return row
+
+
+def _json_row(line: str) -> dict | None:
+    """A metrics row, or None for a blank line or the cut-off last line of a killed run."""
+    try:
+        return json.loads(line) if line.strip() else None
+    except ValueError:
+        return None
+
+
+def stop_if_not_finite(loss: float, params, max_norm: float, step: int, total: int, output: Path) -> None:
+    """Clip the gradients to ``max_norm`` (0 = no clipping); stop the run, before the weights change, when the
+    loss or the gradient norm of ``step`` is NaN/inf. The last checkpoint, written before, stays as it is."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if max_norm:
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    else:
+        norm = torch.nn.utils.get_total_norm(grads) if grads else torch.tensor(0.0)
+    bad = "loss" if not math.isfinite(loss) else "gradient norm" if not math.isfinite(float(norm)) else None
+    if bad is None:
+        return
+    last = ckpt.latest_checkpoint(output)
+    raise PeftkitError(
+        f"training stopped at step {step}/{total}: the {bad} is {loss if bad == 'loss' else float(norm)}; "
+        f"the weights were not updated with it. The last good checkpoint is "
+        f"{last if last else '(none: no checkpoint was written yet)'}. Lower --lr, or clip with "
+        f"--max-grad-norm (now {max_norm}), and start again with --overwrite"
+    )
+
+
+def stop_if_weights_not_finite(params, step: int, total: int, output: Path) -> None:
+    """Stop when the update of ``step`` overflowed a weight to inf/NaN (finite loss and gradients, absurd lr):
+    nothing of this step is saved, the last checkpoint stays the last good one."""
+    if all(bool(torch.isfinite(p).all()) for p in params):
+        return
+    last = ckpt.latest_checkpoint(output)
+    raise PeftkitError(
+        f"training stopped at step {step}/{total}: its update made adapter weights inf/NaN; nothing of it was "
+        f"saved. The last good checkpoint is {last if last else '(none: no checkpoint was written yet)'}. "
+        "Lower --lr and start again with --overwrite"
+    )
 
 
 def cpu_seconds() -> float:
