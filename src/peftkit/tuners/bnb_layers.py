@@ -42,6 +42,10 @@ class QuantizedMergeMixin:
         return self.__dict__.setdefault("_quantized_before_merge", {})
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        if (
+            quantized_bits(self.base_layer) is None
+        ):  # dequantized since (quantized.dequantize_linears_): exact
+            return super().merge(safe_merge, adapter_names)
         names = self.active_adapters if adapter_names is None else adapter_names
         base = self.base_layer
         for name in names:
@@ -58,6 +62,8 @@ class QuantizedMergeMixin:
             self.merged_adapters.append(name)
 
     def check_merge(self, adapter_names: list[str] | None = None) -> None:
+        if quantized_bits(self.base_layer) is None:
+            return super().check_merge(adapter_names)
         names = self.active_adapters if adapter_names is None else adapter_names
         for name in names:
             if name not in self.merged_adapters and name in self.adapter_names:
@@ -67,6 +73,8 @@ class QuantizedMergeMixin:
     def unmerge(self) -> None:
         """Put back the quantized weight each merge replaced (exact: no second rounding), last first."""
         base, saved = self.base_layer, self._saved_weights()
+        if quantized_bits(base) is None and not saved:
+            return super().unmerge()
         while self.merged_adapters:
             name = self.merged_adapters.pop()
             weight, state = saved.pop(name)
@@ -111,13 +119,15 @@ class LoraLinearQuantized(QuantizedMergeMixin, LoraLinear):
         return torch.float32
 
     def _weight_rows(self) -> torch.Tensor:
+        if quantized_bits(self.base_layer) is None:  # dequantized since: a plain Linear
+            return self.base_layer.weight
         return dequantize_weight(self.base_layer)
 
     def _merged_ok(self, names: list[str], x: torch.Tensor) -> bool:
-        return False
+        return quantized_bits(self.base_layer) is None and super()._merged_ok(names, x)
 
     def _in_place_ok(self, name: str, result: torch.Tensor, x: torch.Tensor) -> bool:
-        return False
+        return quantized_bits(self.base_layer) is None and super()._in_place_ok(name, result, x)
 
 
 class IA3LinearQuantized(QuantizedMergeMixin, IA3Layer):
