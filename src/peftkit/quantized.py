@@ -107,15 +107,20 @@ def _quantized_param(weight: torch.Tensor, bits: int, device: torch.device, **kw
     return bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False).to(device)
 
 
-def set_quantized_weight(module: nn.Module, weight: torch.Tensor) -> None:
-    """Quantize `weight` (out, in) into `module` (a Linear4bit/Linear8bitLt) with the module's own settings."""
+def set_quantized_weight(
+    module: nn.Module, weight: torch.Tensor, device: torch.device | str | None = None
+) -> None:
+    """Quantize `weight` (out, in) into `module` (a Linear4bit/Linear8bitLt) with the module's own settings, on
+    `device` (default: where the module's weight is; CPU for an empty module)."""
     bits, old = quantized_bits(module), module.weight
     if tuple(weight.shape) != (module.out_features, module.in_features):
         raise ValueError(
             f"{type(module).__name__}: weight shape {tuple(weight.shape)}, expected "
             f"{(module.out_features, module.in_features)}"
         )
-    device = old.device if old.device.type != "meta" else torch.device("cpu")
+    if device is None:
+        device = old.device if old.device.type != "meta" else torch.device("cpu")
+    device = torch.device(device)
     if bits == 4:
         kw = dict(
             quant_type=old.quant_type,

@@ -109,6 +109,7 @@ def load_quantized(
     dtype: torch.dtype = torch.float32,
     skip_modules: tuple[str, ...] = ("lm_head",),
     model_cls: type | None = None,
+    device: str | torch.device = "cpu",
 ) -> nn.Module:
     """A transformers model from the safetensors checkpoint in `model_dir`, its Linear layers quantized with
     bitsandbytes (`bits` 4 or 8; None: not quantized) while loading, in eval mode like `from_pretrained`.
@@ -120,6 +121,8 @@ def load_quantized(
             weights handed to the quantizer.
         skip_modules: module-name suffixes kept in `dtype` (the output head by default, as transformers does).
         model_cls: e.g. `AutoModelForCausalLM` (the default) or `AutoModelForSequenceClassification`.
+        device: where every tensor goes as it is read (e.g. "cuda": a bf16 or quantized model built on the GPU
+            one tensor at a time; not exercised on this project's CPU-only CI).
     Peak memory: the quantized model plus one float tensor (the largest single weight), not the float model.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -143,8 +146,13 @@ def load_quantized(
             if name is None:
                 unexpected.append(key)
                 continue
-            _place(model, name, tensor, dtype, f"{file}: {key}")
+            _place(model, name, tensor, dtype, f"{file}: {key}", torch.device(device))
             del tensor
+    if torch.device(device).type != "cpu":  # buffers (rotary tables) were built on the CPU
+        for module in model.modules():
+            for key, buf in module._buffers.items():
+                if buf is not None:
+                    module._buffers[key] = buf.to(device)
     if hasattr(model, "tie_weights"):
         model.tie_weights()
     missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
@@ -171,7 +179,9 @@ def _swap_in_quantized(model: nn.Module, spec: QuantSpec) -> None:
             _replace(model, name, q)
 
 
-def _place(model: nn.Module, name: str, tensor: torch.Tensor, dtype: torch.dtype, where: str) -> None:
+def _place(
+    model: nn.Module, name: str, tensor: torch.Tensor, dtype: torch.dtype, where: str, device: torch.device
+) -> None:
     """Store checkpoint `tensor` as parameter `name`: quantized if its module is a bitsandbytes layer's weight."""
     from .quantized import is_quantized_linear
 
@@ -186,8 +196,8 @@ def _place(model: nn.Module, name: str, tensor: torch.Tensor, dtype: torch.dtype
         expected = (module.out_features, module.in_features)
         if tuple(tensor.shape) != expected:
             raise ValueError(f"{where}: shape {tuple(tensor.shape)}, but the model's {name} is {expected}")
-        set_quantized_weight(module, tensor.to(dtype) if tensor.is_floating_point() else tensor)
+        set_quantized_weight(module, tensor.to(dtype) if tensor.is_floating_point() else tensor, device)
         return
-    value = tensor.to(dtype) if tensor.is_floating_point() else tensor
+    value = tensor.to(device, dtype) if tensor.is_floating_point() else tensor.to(device)
     requires_grad = current.requires_grad and not is_quantized_linear(module)
     setattr(module, attr, nn.Parameter(value, requires_grad=requires_grad and value.is_floating_point()))
