@@ -175,12 +175,16 @@ def main() -> None:
         f"LoRA r=16 all-linear, batch 1x{a.seq}, {a.steps} steps, {a.threads} thread(s), "
         f"gradient checkpointing {'on' if a.checkpointing else 'off'}"
     )
-    results = {side: run_child(a, side) for side in a.only.split(",")}
-    print(f"{'side':10} {'peak RSS GiB':>12} {'after load':>10} {'load s':>7} {'step s':>7}  losses")
-    for side, r in results.items():
+    print(
+        f"{'side':10} {'peak RSS GiB':>12} {'after load':>10} {'load s':>7} {'step s':>7}  losses", flush=True
+    )
+    results = {}
+    for side in a.only.split(","):
+        r = results[side] = run_child(a, side)
         print(
             f"{side:10} {r['peak_rss'] / GIB:12.2f} {r['rss_after_load'] / GIB:10.2f} {r['load_s']:7.1f} "
-            f"{r['step_s']:7.2f}  {[round(x, 3) for x in r['losses']]}"
+            f"{r['step_s']:7.2f}  {[round(x, 3) for x in r['losses']]}",
+            flush=True,
         )
     if "peftkit" in results:
         ours = results["peftkit"]["peak_rss"]

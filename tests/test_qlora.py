@@ -240,3 +240,14 @@ def test_pissa_init_on_quantized_base_is_refused(checkpoint):
         peftkit.get_peft_model(
             _ours(checkpoint, "nf4"), peftkit.LoraConfig(target_modules=["q_proj"], init_lora_weights="pissa")
         )
+
+
+def test_peftkit_on_transformers_quantized_model(checkpoint):
+    """A model transformers quantized itself (BitsAndBytesConfig) takes peftkit adapters like our own."""
+    x = token_inputs()
+    config = peftkit.LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False, use_dora=True)
+    outs = []
+    for load in (lambda: _reference(checkpoint, "nf4"), lambda: _ours(checkpoint, "nf4")):
+        torch.manual_seed(4)
+        outs.append(_logits(peftkit.get_peft_model(load(), config), x))
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=1e-6)
