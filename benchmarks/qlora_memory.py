@@ -2,7 +2,7 @@
 
     python benchmarks/qlora_memory.py                 # TinyLlama shape (1.1B), ~8 GB free RAM, several minutes
     python benchmarks/qlora_memory.py --shape small   # the same run on a 4-layer, 512-wide Llama (seconds)
-    options: --seq 256 --steps 2 --threads N --checkpointing --only fp32,reference,peftkit --model-dir DIR
+    options: --seq 256 --steps 1 --threads N --checkpointing --only fp32,reference,peftkit --model-dir DIR
 
 The random checkpoint (TinyLlama-1.1B's shape: hidden 2048, intermediate 5632, 22 layers, 32 heads, 4 KV
 heads, vocab 32000; fp32 safetensors written by `save_pretrained`) is made once in a child process and reused
@@ -16,7 +16,7 @@ labels on every token:
   peftkit    `peftkit.stream_load.load_quantized(bits=4, NF4, double quant)` + peftkit LoRA
 
 Peak RSS is each child's own `ru_maxrss` (loading included); step time is the median of the steps after the
-first. Gradient checkpointing is off on every side unless --checkpointing (then on for all three).
+first (the one step when --steps 1, the default: the brief's "one train step"). Gradient checkpointing is off on every side unless --checkpointing (then on for all three).
 """
 
 from __future__ import annotations
@@ -145,7 +145,7 @@ def main() -> None:
     p.add_argument("--shape", choices=sorted(SHAPES), default="full")
     p.add_argument("--model-dir", default=None, help="where the random checkpoint is (made if missing)")
     p.add_argument("--seq", type=int, default=256)
-    p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--steps", type=int, default=1)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--checkpointing", action="store_true")
     p.add_argument("--only", default=",".join(SIDES))

@@ -166,7 +166,19 @@ def load_quantized(
         warnings.warn(f"{folder}: checkpoint tensors the model does not use: {unexpected[:5]}", stacklevel=2)
     if spec is not None:
         mark_quantized(model, spec.bits)
+    _release_freed_memory()
     return model.eval()
+
+
+def _release_freed_memory() -> None:
+    """Hand the heap space freed by the per-tensor float copies back to the OS (glibc's `malloc_trim`), so
+    training starts from the quantized model's size rather than from the loader's high-water mark."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
 
 
 def _swap_in_quantized(model: nn.Module, spec: QuantSpec) -> None:
