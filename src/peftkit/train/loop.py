@@ -63,7 +63,7 @@ def _train(o: TrainOptions, progress: bool, say) -> dict:
 
     # ---- model and data
     train_rows, eval_rows = load_data(o)  # before the model: a bad row fails in a second, not a minute
-    base, tokenizer, model_name = load_model_and_tokenizer(o.model, progress)
+    base, tokenizer, model_name = load_model_and_tokenizer(o.model, progress, o.quantize)
     train_items = tokenize_all(tokenizer, train_rows, o.max_length, "training")
     eval_rows = eval_rows[: o.eval_limit] if o.eval_limit else eval_rows
     eval_items = tokenize_all(tokenizer, eval_rows, o.max_length, "held-out") if eval_rows else []

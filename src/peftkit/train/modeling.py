@@ -24,8 +24,11 @@ def resolve_model(model: str | None, progress: bool = True) -> str:
     return str(default_model_path(progress=progress))
 
 
-def load_model_and_tokenizer(model: str | None, progress: bool = True):
-    """Return ``(model, tokenizer, name)`` for a local HF folder, a Hub id, or None (the default model)."""
+def load_model_and_tokenizer(model: str | None, progress: bool = True, quantize: str | None = None):
+    """Return ``(model, tokenizer, name)`` for a local HF folder, a Hub id, or None (the default model).
+
+    ``quantize`` "4bit" (NF4, double quantization) or "8bit" loads the linear layers quantized with
+    bitsandbytes, tensor by tensor from the folder's safetensors (``peftkit.stream_load.load_quantized``)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if not progress:
@@ -44,13 +47,35 @@ def load_model_and_tokenizer(model: str | None, progress: bool = True):
         raise PeftkitError(f"model not found: {name} (expected a folder with config.json, or a Hub id)")
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)
-        base = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32)
+        if quantize:
+            base = _load_quantized(name, quantize)
+        else:
+            base = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32)
     except OSError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise PeftkitError(f"cannot load model {name!r}: {first}") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return base, tokenizer, name
+
+
+QUANTIZE_CHOICES = ("4bit", "8bit")
+
+
+def _load_quantized(name: str, quantize: str):
+    """The base with bitsandbytes-quantized linear layers (fp32 elsewhere), never holding the fp32 model."""
+    if quantize not in QUANTIZE_CHOICES:
+        raise PeftkitError(f"--quantize must be 4bit or 8bit, got {quantize!r}")
+    if not (Path(name) / "config.json").is_file():
+        raise PeftkitError(
+            f"--quantize {quantize} needs a local model folder with safetensors weights, not {name!r}"
+        )
+    from peftkit.stream_load import load_quantized
+
+    try:
+        return load_quantized(name, bits=int(quantize[0]), quant_type="nf4", double_quant=True)
+    except (FileNotFoundError, ImportError) as e:
+        raise PeftkitError(f"--quantize {quantize}: {e}") from None
 
 
 def set_threads(threads: int | None) -> int:

@@ -109,6 +109,11 @@ class TrainOptions:
         None,
         "torch CPU threads (default: the number of cores not already busy, by the 1-minute load average)",
     )
+    quantize: str | None = _opt(
+        None,
+        "load the base model's linear layers quantized with bitsandbytes (QLoRA): 4bit (NF4, double "
+        "quantization) or 8bit; methods lora, dora, rslora, ia3. The adapter file is the same as on a full base",
+    )
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -137,6 +142,7 @@ RUN_DEFINING = (
     "weight_decay",
     "max_grad_norm",
     "eval_split",  # with --data and no --eval-data it decides which rows train (see loop.run_settings)
+    "quantize",
 )
 
 
@@ -217,3 +223,10 @@ def validate(o: TrainOptions) -> None:
         raise PeftkitError(f"--lr must be positive, got {o.lr}")
     if not o.max_steps and o.epochs <= 0:
         raise PeftkitError("set --max-steps or a positive --epochs")
+    if o.quantize is not None:
+        if o.quantize not in ("4bit", "8bit"):
+            raise PeftkitError(f"--quantize must be 4bit or 8bit, got {o.quantize!r}")
+        if o.method not in ("lora", "dora", "rslora", "ia3"):
+            raise PeftkitError(
+                f"--quantize {o.quantize} works with --method lora, dora, rslora or ia3, not {o.method!r}"
+            )

@@ -170,7 +170,10 @@ class IA3Model(BaseTuner):
                 f"Target module {key!r} is a {type(target).__name__}; (IA)^3 supports Linear, Conv1D and Conv2d. "
                 "Narrow target_modules (e.g. add exclude_modules) so it matches only those."
             )
-        layer = IA3Layer(target, key, is_feedforward=config.is_feedforward(key))
+        from .bnb_layers import quantized_layer_cls
+
+        cls = quantized_layer_cls(target, "ia3") or IA3Layer  # bitsandbytes 4/8-bit bases
+        layer = cls(target, key, is_feedforward=config.is_feedforward(key))
         layer.update_layer(adapter_name, config, init_weights)
         layer.set_adapter(
             self.active_adapters if adapter_name not in self.active_adapters else [adapter_name]

@@ -47,8 +47,13 @@ class LoraModel(BaseTuner):
     def create_layer(
         self, target: nn.Module, config: LoraConfig, adapter_name: str, key: str, init_weights: bool = True
     ) -> LoraLayer:
-        if isinstance(target, nn.Embedding):
-            layer: LoraLayer = LoraEmbedding(target, key)
+        from .bnb_layers import quantized_layer_cls
+
+        quantized = quantized_layer_cls(target, "lora")  # bitsandbytes 4/8-bit bases (QLoRA)
+        if quantized is not None:
+            layer: LoraLayer = quantized(target, key)
+        elif isinstance(target, nn.Embedding):
+            layer = LoraEmbedding(target, key)
         elif isinstance(target, nn.Conv2d):
             layer = LoraConv2d(target, key)
         elif isinstance(target, LINEAR_TYPES):
