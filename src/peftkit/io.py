@@ -9,12 +9,13 @@ is its file key with the adapter-name component added after the container it liv
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load as st_load_bytes
+from safetensors.torch import load_file as st_load_file
 from safetensors.torch import save as st_save_bytes
 from torch import nn
 
@@ -120,14 +121,12 @@ def find_weights_file(model_id: str | os.PathLike, subfolder: str | None = None,
 def load_weights_file(path: str, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     """Read adapter tensors. safetensors always; a legacy `.bin` only with `weights_only=True` (no pickle code)."""
     if path.endswith(".safetensors"):
-        with open(path, "rb") as fh:
-            data = fh.read()
+        size = check_safetensors_header(path)
         try:
-            tensors = st_load_bytes(data)
-        except (SafetensorError, ValueError, RuntimeError) as err:
+            tensors = st_load_file(path)
+        except (SafetensorError, ValueError, RuntimeError, OSError) as err:
             raise ValueError(
-                f"{path}: not a readable safetensors file ({err}); it may be truncated or corrupt "
-                f"({len(data)} bytes)"
+                f"{path}: not a readable safetensors file ({err}); it may be truncated or corrupt ({size} bytes)"
             ) from None
     else:
         try:
@@ -137,6 +136,85 @@ def load_weights_file(path: str, device: str | torch.device = "cpu") -> dict[str
         if not isinstance(tensors, dict):
             raise ValueError(f"{path}: expected a dict of tensors, found {type(tensors).__name__}")
     return {k: v.to(device) for k, v in tensors.items()}
+
+
+# bytes per element of each safetensors dtype torch can hold
+_ST_ITEMSIZE = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "U16": 2,
+    "U32": 4,
+    "U64": 8,
+    "C64": 8,
+}
+_MAX_HEADER = 100_000_000  # the safetensors format's own limit on the JSON header
+
+
+def check_safetensors_header(path: str) -> int:
+    """Validate a safetensors file's header against the file's size before any tensor is read; return the size.
+
+    The header is `<u64 length><JSON>`: every entry needs a known dtype, a shape of non-negative ints and
+    `data_offsets` inside the file whose span is exactly `prod(shape) * itemsize`. A header that claims more
+    data than the file holds (a truncated file, or one lying about terabytes) is refused here, so nothing is
+    allocated from its numbers.
+    """
+    size = os.path.getsize(path)
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            raise ValueError(
+                f"{path}: not a safetensors file ({size} bytes; the 8-byte header length is missing)"
+            )
+        length = int.from_bytes(head, "little")
+        if length > min(size - 8, _MAX_HEADER):
+            raise ValueError(
+                f"{path}: corrupt or truncated safetensors file: its header claims {length} bytes but the file has "
+                f"{size - 8} after the length field"
+            )
+        raw = fh.read(length)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+        raise ValueError(f"{path}: corrupt safetensors header (not UTF-8 JSON: {err})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: corrupt safetensors header (expected a JSON object)")
+    data_size = size - 8 - length
+    for key, entry in header.items():
+        if key == "__metadata__":
+            continue
+        problem = _header_entry_problem(entry, data_size)
+        if problem:
+            raise ValueError(f"{path}: corrupt safetensors header: tensor {key!r} {problem}")
+    return size
+
+
+def _header_entry_problem(entry: Any, data_size: int) -> str | None:
+    """What is wrong with one tensor's header entry, or None."""
+    if not isinstance(entry, dict):
+        return "has no {dtype, shape, data_offsets} entry"
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if dtype not in _ST_ITEMSIZE:
+        return f"has dtype {dtype!r}; expected one of {', '.join(_ST_ITEMSIZE)}"
+    if not isinstance(shape, list) or not all(
+        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+    ):
+        return f"has shape {shape!r}; expected a list of non-negative integers"
+    ok = isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
+    if not ok or not 0 <= offsets[0] <= offsets[1] <= data_size:
+        return f"has data_offsets {offsets!r} outside the file's {data_size} data bytes"
+    if offsets[1] - offsets[0] != math.prod(shape) * _ST_ITEMSIZE[dtype]:
+        return f"declares shape {shape} ({dtype}) but spans {offsets[1] - offsets[0]} bytes"
+    return None
 
 
 def tensors_to_bytes(tensors: dict[str, torch.Tensor], safe_serialization: bool = True) -> bytes:

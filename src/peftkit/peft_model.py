@@ -23,7 +23,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from . import integrations, io, merge, mixed_batch
-from .config import PeftConfig
+from .config import CONFIG_NAME, PeftConfig
 from .fast_attention import fast_attention
 from .fused_loss import try_fused_forward
 from .modules_to_save import ModulesToSaveWrapper
@@ -591,12 +591,17 @@ class PeftModel(PreTrainedModel):
         `autocast_adapter_dtype`: float16/bfloat16 adapter tensors become float32 (else they take the base
         layer's dtype); `low_cpu_mem_usage`: the adapter is created empty on the meta device and materialised
         by the file's tensors (see `tuners/placement.py`)."""
+        from .adapter_loading import check_rank_fits_file, errors_name
+
         config = PeftConfig.from_pretrained(model_id, subfolder=kwargs.get("subfolder"))
         config = dataclasses.replace(config, inference_mode=not is_trainable)
         weights_path = io.find_weights_file(model_id, kwargs.get("subfolder"))
         tensors = io.load_weights_file(weights_path)
+        config_path = os.path.join(os.path.dirname(weights_path), CONFIG_NAME)
+        check_rank_fits_file(config, tensors, config_path)
         if adapter_name not in self.peft_config:
-            self.add_adapter(adapter_name, config, low_cpu_mem_usage, False, autocast_adapter_dtype)
+            with errors_name(config_path):
+                self.add_adapter(adapter_name, config, low_cpu_mem_usage, False, autocast_adapter_dtype)
         result = self._load_adapter_tensors(tensors, adapter_name, weights_path, autocast_adapter_dtype)
         self.set_adapter(self.active_adapter)
         return result
@@ -630,20 +635,26 @@ class PeftModel(PreTrainedModel):
     ) -> PeftModel:
         """Wrap `model` with the adapter saved in `model_id` (a folder or Hub id); the two flags as in
         `load_adapter`."""
+        from .adapter_loading import check_rank_fits_file, errors_name
+
         if config is None:
             config = PeftConfig.from_pretrained(model_id, subfolder=kwargs.get("subfolder"))
         config = dataclasses.replace(config, inference_mode=not is_trainable)
         model_cls = TASK_MODELS.get(config.task_type, PeftModel) if cls is PeftModel else cls
-        peft_model = model_cls(
-            model,
-            config,
-            adapter_name,
-            init_weights=False,
-            autocast_adapter_dtype=autocast_adapter_dtype,
-            low_cpu_mem_usage=low_cpu_mem_usage,
-        )
+        # the file first: its shapes bound what the config may ask to allocate (check_rank_fits_file)
         weights_path = io.find_weights_file(model_id, kwargs.get("subfolder"))
         tensors = io.load_weights_file(weights_path)
+        config_path = os.path.join(os.path.dirname(weights_path), CONFIG_NAME)
+        check_rank_fits_file(config, tensors, config_path)
+        with errors_name(config_path):
+            peft_model = model_cls(
+                model,
+                config,
+                adapter_name,
+                init_weights=False,
+                autocast_adapter_dtype=autocast_adapter_dtype,
+                low_cpu_mem_usage=low_cpu_mem_usage,
+            )
         peft_model._load_adapter_tensors(tensors, adapter_name, weights_path, autocast_adapter_dtype)
         if not is_trainable:
             peft_model.eval()
