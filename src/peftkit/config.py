@@ -98,14 +98,14 @@ def read_json_file(path: str) -> Any:
         raise ValueError(f"{path}: JSON nested too deeply") from None
 
 
-def _fits(value: Any, hint: Any) -> bool:
+def value_fits(value: Any, hint: Any) -> bool:
     """Whether a value read from JSON fits a field's annotation (ints are floats; bools are neither; a float
     must be finite). Annotations this does not model (classes, Any) accept anything."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if dataclasses.is_dataclass(value):  # a sub-config object passed in code (e.g. a LoftQConfig)
         return True
     if origin in (typing.Union, types.UnionType):
-        return any(_fits(value, a) for a in args)
+        return any(value_fits(value, a) for a in args)
     if hint is type(None):
         return value is None
     if hint is bool:
@@ -117,26 +117,28 @@ def _fits(value: Any, hint: Any) -> bool:
     if hint is str:
         return isinstance(value, str)
     if hint is list or origin is list:
-        return isinstance(value, (list, tuple, set)) and (not args or all(_fits(v, args[0]) for v in value))
+        return isinstance(value, (list, tuple, set)) and (
+            not args or all(value_fits(v, args[0]) for v in value)
+        )
     if hint is dict or origin is dict:
         if not isinstance(value, dict):
             return False
-        return not args or all(_fits(k, args[0]) and _fits(v, args[1]) for k, v in value.items())
+        return not args or all(value_fits(k, args[0]) and value_fits(v, args[1]) for k, v in value.items())
     return True
 
 
-def _describe(hint: Any) -> str:
+def describe_type(hint: Any) -> str:
     """`list[str] | str | None` -> "a list of str, a str or null" (the words of the JSON the file holds)."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
-        parts = [_describe(a) for a in args]
+        parts = [describe_type(a) for a in args]
         return ", ".join(parts[:-1]) + " or " + parts[-1]
     if hint is type(None):
         return "null"
     if origin is list:
-        return f"a list of {_describe(args[0]).removeprefix('a ').removeprefix('an ')}"
+        return f"a list of {describe_type(args[0]).removeprefix('a ').removeprefix('an ')}"
     if origin is dict:
-        return f"an object of {_describe(args[1]).removeprefix('a ').removeprefix('an ')} values"
+        return f"an object of {describe_type(args[1]).removeprefix('a ').removeprefix('an ')} values"
     name = {
         bool: "true/false",
         int: "an integer",
@@ -246,9 +248,9 @@ class PeftConfig:
             warnings.warn(f"{source}: ignoring unknown config keys {sorted(unknown)}", stacklevel=3)
         hints = typing.get_type_hints(target)
         for key, value in kwargs.items():
-            if not _fits(value, hints.get(key, Any)):
+            if not value_fits(value, hints.get(key, Any)):
                 raise ValueError(
-                    f"{source}: key {key!r} must be {_describe(hints[key])}, found {_short_repr(value)}"
+                    f"{source}: key {key!r} must be {describe_type(hints[key])}, found {_short_repr(value)}"
                 )
         try:
             return target(**kwargs)
