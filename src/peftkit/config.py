@@ -18,6 +18,8 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
+from .hub_files import resolve_adapter_file
+
 CONFIG_NAME = "adapter_config.json"
 
 
@@ -270,7 +272,5 @@ class PeftConfig:
         cls, pretrained_model_name_or_path: str | os.PathLike, subfolder: str | None = None, **kwargs: Any
     ) -> PeftConfig:
         """Load the config from an adapter folder (local path, or a Hub id when the hub is reachable)."""
-        from .io import resolve_adapter_file
-
         path = resolve_adapter_file(pretrained_model_name_or_path, CONFIG_NAME, subfolder, **kwargs)
         return cls.from_json_file(path)

@@ -19,13 +19,15 @@ from safetensors.torch import load_file as st_load_file
 from safetensors.torch import save as st_save_bytes
 from torch import nn
 
-from .atomic_files import atomic_write_bytes, finish_pending_writes, write_files_together
+from .atomic_files import atomic_write_bytes, write_files_together
+from .config import CONFIG_NAME
+from .hub_files import resolve_adapter_file
 from .modules_to_save import ModulesToSaveWrapper
 from .tuners.base import AdapterLayer, BaseTuner
+from .tuners.prompt_base import PROMPT_EMBEDDINGS_KEY
 
 WEIGHTS_NAME = "adapter_model.bin"
 SAFETENSORS_WEIGHTS_NAME = "adapter_model.safetensors"
-PROMPT_EMBEDDINGS_KEY = "prompt_embeddings"  # the one tensor of a prompt-learning adapter file
 
 
 def adapter_key_map(root: nn.Module, adapter_name: str) -> dict[str, str]:
@@ -73,31 +75,6 @@ def _adapter_containers(module: nn.Module) -> tuple[str, ...]:
     if isinstance(module, AdapterLayer):
         return module.adapter_attrs
     return getattr(module, "shared_adapter_attrs", ())
-
-
-def resolve_adapter_file(
-    model_id: str | os.PathLike, filename: str, subfolder: str | None = None, **hub_kwargs: Any
-) -> str:
-    """Path of `filename` in a local adapter folder, or downloaded from the Hub for a repo id."""
-    model_id = os.fspath(model_id)
-    local_dir = os.path.join(model_id, subfolder) if subfolder else model_id
-    if os.path.isdir(local_dir):
-        finish_pending_writes(local_dir)  # a save interrupted after its commit point: see the new pair
-        return os.path.join(local_dir, filename)
-    if os.path.exists(model_id) or model_id.startswith((".", "/")) or model_id.count("/") > 1:
-        raise FileNotFoundError(f"Adapter folder {local_dir} does not exist")
-    try:
-        from huggingface_hub import hf_hub_download
-
-        keep = {
-            k: v for k, v in hub_kwargs.items() if k in ("revision", "cache_dir", "token", "force_download")
-        }
-        return hf_hub_download(model_id, filename, subfolder=subfolder, **keep)
-    except Exception as err:  # offline, missing repo, missing file: one clear message
-        raise FileNotFoundError(
-            f"{model_id!r} is not a local folder and could not be fetched from the Hub ({type(err).__name__}: "
-            f"{str(err).splitlines()[0] if str(err) else ''})"
-        ) from None
 
 
 def find_weights_file(model_id: str | os.PathLike, subfolder: str | None = None, **hub_kwargs: Any) -> str:
@@ -239,8 +216,6 @@ def save_tensors(path: str, tensors: dict[str, torch.Tensor], safe_serialization
 def save_adapter_files(folder: str, config_json: bytes, tensors: bytes, weights_name: str) -> None:
     """Write an adapter's config and weights as one unit: a reader sees the old pair or the new pair, never
     a mix (`atomic_files.write_files_together`); other files in `folder` are left alone."""
-    from .config import CONFIG_NAME
-
     write_files_together(folder, {weights_name: tensors, CONFIG_NAME: config_json})
 
 
