@@ -74,17 +74,25 @@ def copy_adapter_tensors(
     return LoadResult(missing, unexpected)
 
 
+# methods whose file holds `r` as a tensor dimension (LoRA's lora_A [r, in], LoHa's hada_w1_a [out, r], VeRA's
+# vera_lambda_d [r]); LoKr may store full matrices smaller than r, and OFT's r counts blocks
+_RANK_IN_FILE = ("LORA", "LOHA", "VERA")
+
+
 def check_rank_fits_file(config: Any, tensors: dict[str, torch.Tensor], source: str) -> None:
-    """Refuse a LoRA config whose rank no tensor of its weights file has, before any adapter is built.
+    """Refuse a LoRA/LoHa/VeRA config whose rank no tensor of its weights file has, before any adapter is built.
 
     A LoRA file holds every rank as a dimension (`lora_A` is `[r, in]`), so an `r` (or a `rank_pattern` value)
     larger than every dimension in the file is a config that lies about its file: building it first would
     allocate `r x in` per layer (gigabytes for a corrupted `r`) only to fail the shape check afterwards.
     """
-    if getattr(config, "peft_type", None) != "LORA" or not tensors:
+    if getattr(config, "peft_type", None) not in _RANK_IN_FILE or not tensors:
         return
     largest = max((max(t.shape, default=1) for t in tensors.values()), default=1)
-    ranks = {"r": config.r, **{f"rank_pattern[{k!r}]": v for k, v in (config.rank_pattern or {}).items()}}
+    ranks = {
+        "r": config.r,
+        **{f"rank_pattern[{k!r}]": v for k, v in (getattr(config, "rank_pattern", None) or {}).items()},
+    }
     for name, rank in ranks.items():
         if isinstance(rank, int) and rank > largest:
             raise ValueError(

@@ -130,3 +130,19 @@ def test_peft_model_from_pretrained_with_fuzzed_config(tmp_path_factory, saved_a
             assert_clear(err, str(folder))
             return
     assert isinstance(model, peftkit.PeftModel)
+
+
+def test_a_lying_rank_is_refused_before_allocating(tmp_path, saved_adapter):
+    """r=100 000 000 next to an r=4 file would allocate 12.8 GB per LoRA matrix; it is refused first."""
+    from tests.fuzz.common import max_rss_mb
+
+    (tmp_path / "adapter_model.safetensors").write_bytes(
+        (saved_adapter / "adapter_model.safetensors").read_bytes()
+    )
+    data = json.loads((saved_adapter / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**data, "r": 100_000_000}))
+    before = max_rss_mb()
+    with pytest.raises(ValueError, match="r=100000000") as info:
+        peftkit.PeftModel.from_pretrained(tiny_llama(), str(tmp_path))
+    assert_clear(info.value, str(tmp_path / "adapter_config.json"))
+    assert max_rss_mb() - before < 200
