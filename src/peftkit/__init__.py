@@ -9,6 +9,7 @@ from . import (
     utils,  # noqa: F401  (peft.utils.*: integrations import from there)
 )
 from ._import_paths import install as _install_import_paths
+from ._version import __version__ as __version__
 from .auto import (
     AutoPeftModel,
     AutoPeftModelForCausalLM,
@@ -37,20 +38,19 @@ from .mapping import (
     PEFT_TYPE_TO_TUNER_MAPPING,
     get_peft_config,
 )
-from .peft_model import (
-    PeftModel,
+from .peft_model import PeftModel, get_peft_model
+from .refused import PeftMixedModel
+from .registry import register_peft_method
+from .shared_prefix import set_shared_prefix
+from .status import get_layer_status, get_model_status
+from .task_models import (
     PeftModelForCausalLM,
     PeftModelForFeatureExtraction,
     PeftModelForQuestionAnswering,
     PeftModelForSeq2SeqLM,
     PeftModelForSequenceClassification,
     PeftModelForTokenClassification,
-    get_peft_model,
 )
-from .refused import PeftMixedModel
-from .registry import register_peft_method
-from .shared_prefix import set_shared_prefix
-from .status import get_layer_status, get_model_status
 from .training_prep import prepare_model_for_kbit_training, shift_tokens_right
 from .tuners.adalora import AdaLoraConfig, AdaLoraModel
 from .tuners.boft import BOFTConfig, BOFTModel
@@ -68,8 +68,6 @@ from .tuners.prompt_base import PromptLearningConfig
 from .tuners.prompt_tuning import PromptTuningConfig, PromptTuningInit
 from .tuners.trainable_tokens import TrainableTokensConfig, TrainableTokensModel
 from .tuners.vera import VeraConfig, VeraModel
-
-__version__ = "0.1.0"
 
 _install_import_paths()  # peftkit.tuners.lora.layer & co., see _import_paths.py
 

@@ -25,9 +25,9 @@ from transformers import (
 
 from . import io
 from .config import PeftConfig
-from .peft_model import (
+from .peft_model import PeftModel
+from .task_models import (  # TASK_MODELS from here: filled once the wrappers exist
     TASK_MODELS,
-    PeftModel,
     PeftModelForCausalLM,
     PeftModelForFeatureExtraction,
     PeftModelForQuestionAnswering,

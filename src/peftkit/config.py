@@ -10,10 +10,15 @@ from __future__ import annotations
 import dataclasses
 import enum
 import json
+import math
 import os
+import types
+import typing
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
+
+from .hub_files import resolve_adapter_file
 
 CONFIG_NAME = "adapter_config.json"
 
@@ -75,6 +80,81 @@ _IGNORED_FIELDS = {
     "velora_config",
     "runtime_config",
 }
+
+
+def read_json_file(path: str) -> Any:
+    """The JSON value in `path` (a UTF-8 BOM is allowed); errors name the file and the line or byte at fault."""
+    with open(path, "rb") as fh:
+        raw = fh.read()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not UTF-8 text (byte {err.start}: {err.reason})") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(
+            f"{path}: not valid JSON (line {err.lineno}, column {err.colno}: {err.msg})"
+        ) from None
+    except RecursionError:
+        raise ValueError(f"{path}: JSON nested too deeply") from None
+
+
+def value_fits(value: Any, hint: Any) -> bool:
+    """Whether a value read from JSON fits a field's annotation (ints are floats; bools are neither; a float
+    must be finite). Annotations this does not model (classes, Any) accept anything."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if dataclasses.is_dataclass(value):  # a sub-config object passed in code (e.g. a LoftQConfig)
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(value_fits(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if hint is str:
+        return isinstance(value, str)
+    if hint is list or origin is list:
+        return isinstance(value, (list, tuple, set)) and (
+            not args or all(value_fits(v, args[0]) for v in value)
+        )
+    if hint is dict or origin is dict:
+        if not isinstance(value, dict):
+            return False
+        return not args or all(value_fits(k, args[0]) and value_fits(v, args[1]) for k, v in value.items())
+    return True
+
+
+def describe_type(hint: Any) -> str:
+    """`list[str] | str | None` -> "a list of str, a str or null" (the words of the JSON the file holds)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        parts = [describe_type(a) for a in args]
+        return ", ".join(parts[:-1]) + " or " + parts[-1]
+    if hint is type(None):
+        return "null"
+    if origin is list:
+        return f"a list of {describe_type(args[0]).removeprefix('a ').removeprefix('an ')}"
+    if origin is dict:
+        return f"an object of {describe_type(args[1]).removeprefix('a ').removeprefix('an ')} values"
+    name = {
+        bool: "true/false",
+        int: "an integer",
+        float: "a finite number",
+        str: "a string",
+        dict: "an object",
+        list: "a list",
+    }.get(hint, getattr(hint, "__name__", str(hint)))
+    return name
+
+
+def _short_repr(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _enum_value(value: Any) -> Any:
@@ -168,6 +248,12 @@ class PeftConfig:
                 unknown.append(key)
         if unknown:
             warnings.warn(f"{source}: ignoring unknown config keys {sorted(unknown)}", stacklevel=3)
+        hints = typing.get_type_hints(target)
+        for key, value in kwargs.items():
+            if not value_fits(value, hints.get(key, Any)):
+                raise ValueError(
+                    f"{source}: key {key!r} must be {describe_type(hints[key])}, found {_short_repr(value)}"
+                )
         try:
             return target(**kwargs)
         except (TypeError, ValueError) as err:
@@ -179,22 +265,12 @@ class PeftConfig:
         path = os.fspath(path)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"No adapter config at {path} (expected the file {CONFIG_NAME})")
-        with open(path, encoding="utf-8") as fh:
-            text = fh.read()
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise ValueError(
-                f"{path}: not valid JSON (line {err.lineno}, column {err.colno}: {err.msg})"
-            ) from None
-        return cls.from_dict(data, source=path)
+        return cls.from_dict(read_json_file(path), source=path)
 
     @classmethod
     def from_pretrained(
         cls, pretrained_model_name_or_path: str | os.PathLike, subfolder: str | None = None, **kwargs: Any
     ) -> PeftConfig:
         """Load the config from an adapter folder (local path, or a Hub id when the hub is reachable)."""
-        from .io import resolve_adapter_file
-
         path = resolve_adapter_file(pretrained_model_name_or_path, CONFIG_NAME, subfolder, **kwargs)
         return cls.from_json_file(path)

@@ -9,22 +9,25 @@ is its file key with the adapter-name component added after the container it liv
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load as st_load_bytes
+from safetensors.torch import load_file as st_load_file
 from safetensors.torch import save as st_save_bytes
 from torch import nn
 
-from .atomic_files import atomic_write_bytes, finish_pending_writes, write_files_together
+from .atomic_files import atomic_write_bytes, write_files_together
+from .config import CONFIG_NAME
+from .hub_files import resolve_adapter_file
 from .modules_to_save import ModulesToSaveWrapper
 from .tuners.base import AdapterLayer, BaseTuner
+from .tuners.prompt_base import PROMPT_EMBEDDINGS_KEY
 
 WEIGHTS_NAME = "adapter_model.bin"
 SAFETENSORS_WEIGHTS_NAME = "adapter_model.safetensors"
-PROMPT_EMBEDDINGS_KEY = "prompt_embeddings"  # the one tensor of a prompt-learning adapter file
 
 
 def adapter_key_map(root: nn.Module, adapter_name: str) -> dict[str, str]:
@@ -74,31 +77,6 @@ def _adapter_containers(module: nn.Module) -> tuple[str, ...]:
     return getattr(module, "shared_adapter_attrs", ())
 
 
-def resolve_adapter_file(
-    model_id: str | os.PathLike, filename: str, subfolder: str | None = None, **hub_kwargs: Any
-) -> str:
-    """Path of `filename` in a local adapter folder, or downloaded from the Hub for a repo id."""
-    model_id = os.fspath(model_id)
-    local_dir = os.path.join(model_id, subfolder) if subfolder else model_id
-    if os.path.isdir(local_dir):
-        finish_pending_writes(local_dir)  # a save interrupted after its commit point: see the new pair
-        return os.path.join(local_dir, filename)
-    if os.path.exists(model_id) or model_id.startswith((".", "/")) or model_id.count("/") > 1:
-        raise FileNotFoundError(f"Adapter folder {local_dir} does not exist")
-    try:
-        from huggingface_hub import hf_hub_download
-
-        keep = {
-            k: v for k, v in hub_kwargs.items() if k in ("revision", "cache_dir", "token", "force_download")
-        }
-        return hf_hub_download(model_id, filename, subfolder=subfolder, **keep)
-    except Exception as err:  # offline, missing repo, missing file: one clear message
-        raise FileNotFoundError(
-            f"{model_id!r} is not a local folder and could not be fetched from the Hub ({type(err).__name__}: "
-            f"{str(err).splitlines()[0] if str(err) else ''})"
-        ) from None
-
-
 def find_weights_file(model_id: str | os.PathLike, subfolder: str | None = None, **hub_kwargs: Any) -> str:
     """`adapter_model.safetensors`, or a legacy `adapter_model.bin`, in an adapter folder."""
     errors = []
@@ -120,14 +98,12 @@ def find_weights_file(model_id: str | os.PathLike, subfolder: str | None = None,
 def load_weights_file(path: str, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     """Read adapter tensors. safetensors always; a legacy `.bin` only with `weights_only=True` (no pickle code)."""
     if path.endswith(".safetensors"):
-        with open(path, "rb") as fh:
-            data = fh.read()
+        size = check_safetensors_header(path)
         try:
-            tensors = st_load_bytes(data)
-        except (SafetensorError, ValueError, RuntimeError) as err:
+            tensors = st_load_file(path)
+        except (SafetensorError, ValueError, RuntimeError, OSError) as err:
             raise ValueError(
-                f"{path}: not a readable safetensors file ({err}); it may be truncated or corrupt "
-                f"({len(data)} bytes)"
+                f"{path}: not a readable safetensors file ({err}); it may be truncated or corrupt ({size} bytes)"
             ) from None
     else:
         try:
@@ -137,6 +113,85 @@ def load_weights_file(path: str, device: str | torch.device = "cpu") -> dict[str
         if not isinstance(tensors, dict):
             raise ValueError(f"{path}: expected a dict of tensors, found {type(tensors).__name__}")
     return {k: v.to(device) for k, v in tensors.items()}
+
+
+# bytes per element of each safetensors dtype torch can hold
+_ST_ITEMSIZE = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "U16": 2,
+    "U32": 4,
+    "U64": 8,
+    "C64": 8,
+}
+_MAX_HEADER = 100_000_000  # the safetensors format's own limit on the JSON header
+
+
+def check_safetensors_header(path: str) -> int:
+    """Validate a safetensors file's header against the file's size before any tensor is read; return the size.
+
+    The header is `<u64 length><JSON>`: every entry needs a known dtype, a shape of non-negative ints and
+    `data_offsets` inside the file whose span is exactly `prod(shape) * itemsize`. A header that claims more
+    data than the file holds (a truncated file, or one lying about terabytes) is refused here, so nothing is
+    allocated from its numbers.
+    """
+    size = os.path.getsize(path)
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            raise ValueError(
+                f"{path}: not a safetensors file ({size} bytes; the 8-byte header length is missing)"
+            )
+        length = int.from_bytes(head, "little")
+        if length > min(size - 8, _MAX_HEADER):
+            raise ValueError(
+                f"{path}: corrupt or truncated safetensors file: its header claims {length} bytes but the file has "
+                f"{size - 8} after the length field"
+            )
+        raw = fh.read(length)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+        raise ValueError(f"{path}: corrupt safetensors header (not UTF-8 JSON: {err})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: corrupt safetensors header (expected a JSON object)")
+    data_size = size - 8 - length
+    for key, entry in header.items():
+        if key == "__metadata__":
+            continue
+        problem = _header_entry_problem(entry, data_size)
+        if problem:
+            raise ValueError(f"{path}: corrupt safetensors header: tensor {key!r} {problem}")
+    return size
+
+
+def _header_entry_problem(entry: Any, data_size: int) -> str | None:
+    """What is wrong with one tensor's header entry, or None."""
+    if not isinstance(entry, dict):
+        return "has no {dtype, shape, data_offsets} entry"
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if dtype not in _ST_ITEMSIZE:
+        return f"has dtype {dtype!r}; expected one of {', '.join(_ST_ITEMSIZE)}"
+    if not isinstance(shape, list) or not all(
+        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+    ):
+        return f"has shape {shape!r}; expected a list of non-negative integers"
+    ok = isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
+    if not ok or not 0 <= offsets[0] <= offsets[1] <= data_size:
+        return f"has data_offsets {offsets!r} outside the file's {data_size} data bytes"
+    if offsets[1] - offsets[0] != math.prod(shape) * _ST_ITEMSIZE[dtype]:
+        return f"declares shape {shape} ({dtype}) but spans {offsets[1] - offsets[0]} bytes"
+    return None
 
 
 def tensors_to_bytes(tensors: dict[str, torch.Tensor], safe_serialization: bool = True) -> bytes:
@@ -161,8 +216,6 @@ def save_tensors(path: str, tensors: dict[str, torch.Tensor], safe_serialization
 def save_adapter_files(folder: str, config_json: bytes, tensors: bytes, weights_name: str) -> None:
     """Write an adapter's config and weights as one unit: a reader sees the old pair or the new pair, never
     a mix (`atomic_files.write_files_together`); other files in `folder` are left alone."""
-    from .config import CONFIG_NAME
-
     write_files_together(folder, {weights_name: tensors, CONFIG_NAME: config_json})
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from . import tuners  # noqa: F401  (every method file registers itself: the tables below need them all)
 from .config import PeftConfig, PeftType
 from .inject import (
     ADALORA_DEFAULT_TARGETS,
@@ -17,8 +18,9 @@ from .inject import (
     IA3_DEFAULT_TARGETS,
     LN_TUNING_DEFAULT_TARGETS,
 )
-from .peft_model import TASK_MODELS, PeftModel
+from .peft_model import PeftModel
 from .registry import all_methods
+from .task_models import TASK_MODELS  # (filled by that module: the task wrappers)
 from .tuners.loha import LoHaModel
 from .tuners.lokr import LoKrModel
 from .tuners.vera import VERA_DEFAULT_TARGETS

@@ -1,4 +1,4 @@
-"""`PeftModel`: a base model plus named adapters, and its task wrappers (causal LM, classification, ...).
+"""`PeftModel`: a base model plus named adapters (the task wrappers are in `task_models.py`).
 
 `PeftModel` subclasses transformers' `PreTrainedModel` only so that a plain `transformers.Trainer`
 recognises it and calls our `save_pretrained` for checkpoints (an unrecognised class gets its whole
@@ -23,9 +23,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from . import integrations, io, merge, mixed_batch
-from .config import PeftConfig
-from .fast_attention import fast_attention
-from .fused_loss import try_fused_forward
+from .config import CONFIG_NAME, PeftConfig
 from .modules_to_save import ModulesToSaveWrapper
 from .registry import get_method
 from .status import TunerLayerStatus, TunerModelStatus, get_layer_status, get_model_status
@@ -511,7 +509,7 @@ class PeftModel(PreTrainedModel):
             self._write_resume_index(save_directory)
 
     def _write_model_card(self, save_directory: str, names: list[str]) -> None:
-        from . import __version__
+        from ._version import __version__
         from .model_card import write_model_card
 
         config = self.peft_config[names[0] if names else self.active_adapter]
@@ -520,7 +518,7 @@ class PeftModel(PreTrainedModel):
         tags += sorted({str(self.peft_config[n].peft_type).lower() for n in names})
         if isinstance(self.get_base_model(), PreTrainedModel):
             tags.append("transformers")
-        pipeline = "text-generation" if isinstance(self, PeftModelForCausalLM) else None
+        pipeline = "text-generation" if isinstance(self, TASK_MODELS.get("CAUSAL_LM", ())) else None
         methods = sorted({str(self.peft_config[n].peft_type) for n in names})
         write_model_card(save_directory, base, methods, tags, pipeline, __version__)
 
@@ -590,12 +588,17 @@ class PeftModel(PreTrainedModel):
         `autocast_adapter_dtype`: float16/bfloat16 adapter tensors become float32 (else they take the base
         layer's dtype); `low_cpu_mem_usage`: the adapter is created empty on the meta device and materialised
         by the file's tensors (see `tuners/placement.py`)."""
+        from .adapter_loading import check_rank_fits_file, errors_name
+
         config = PeftConfig.from_pretrained(model_id, subfolder=kwargs.get("subfolder"))
         config = dataclasses.replace(config, inference_mode=not is_trainable)
         weights_path = io.find_weights_file(model_id, kwargs.get("subfolder"))
         tensors = io.load_weights_file(weights_path)
+        config_path = os.path.join(os.path.dirname(weights_path), CONFIG_NAME)
+        check_rank_fits_file(config, tensors, config_path)
         if adapter_name not in self.peft_config:
-            self.add_adapter(adapter_name, config, low_cpu_mem_usage, False, autocast_adapter_dtype)
+            with errors_name(config_path):
+                self.add_adapter(adapter_name, config, low_cpu_mem_usage, False, autocast_adapter_dtype)
         result = self._load_adapter_tensors(tensors, adapter_name, weights_path, autocast_adapter_dtype)
         self.set_adapter(self.active_adapter)
         return result
@@ -629,20 +632,26 @@ class PeftModel(PreTrainedModel):
     ) -> PeftModel:
         """Wrap `model` with the adapter saved in `model_id` (a folder or Hub id); the two flags as in
         `load_adapter`."""
+        from .adapter_loading import check_rank_fits_file, errors_name
+
         if config is None:
             config = PeftConfig.from_pretrained(model_id, subfolder=kwargs.get("subfolder"))
         config = dataclasses.replace(config, inference_mode=not is_trainable)
         model_cls = TASK_MODELS.get(config.task_type, PeftModel) if cls is PeftModel else cls
-        peft_model = model_cls(
-            model,
-            config,
-            adapter_name,
-            init_weights=False,
-            autocast_adapter_dtype=autocast_adapter_dtype,
-            low_cpu_mem_usage=low_cpu_mem_usage,
-        )
+        # the file first: its shapes bound what the config may ask to allocate (check_rank_fits_file)
         weights_path = io.find_weights_file(model_id, kwargs.get("subfolder"))
         tensors = io.load_weights_file(weights_path)
+        config_path = os.path.join(os.path.dirname(weights_path), CONFIG_NAME)
+        check_rank_fits_file(config, tensors, config_path)
+        with errors_name(config_path):
+            peft_model = model_cls(
+                model,
+                config,
+                adapter_name,
+                init_weights=False,
+                autocast_adapter_dtype=autocast_adapter_dtype,
+                low_cpu_mem_usage=low_cpu_mem_usage,
+            )
         peft_model._load_adapter_tensors(tensors, adapter_name, weights_path, autocast_adapter_dtype)
         if not is_trainable:
             peft_model.eval()
@@ -680,184 +689,33 @@ class PeftModel(PreTrainedModel):
         set_requires_grad(self.base_model, adapter_names, requires_grad)
 
 
-class PeftModelForCausalLM(PeftModel):
-    """Causal LM: `forward(input_ids, attention_mask, labels, ...)` and `generate`."""
-
-    def forward(
-        self,
-        input_ids: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
-        task_ids: torch.Tensor | None = None,
-        **kwargs: Any,
-    ) -> Any:
-        """input_ids: (batch, seq); labels: (batch, seq) with -100 where no loss is taken.
-
-        Training with labels (train mode, grad enabled) on a standard transformers causal LM takes the loss
-        without materialising the (batch, seq, vocab) logits and returns `logits=None`; the loss and its
-        gradients equal the plain path's. See `peftkit.fused_loss` (and `set_fused_causal_lm_loss`).
-        Training forwards also run transformers' "sdpa" attention as a blocked causal kernel on CPU; see
-        `peftkit.fast_attention` (and `set_fast_attention`).
-        """
-        integrations.check_wrapper_kwargs(self, task_ids, kwargs)
-        extra = {
-            "output_attentions": output_attentions,
-            "output_hidden_states": output_hidden_states,
-            **kwargs,
-        }
-        body_kwargs = {
-            "input_ids": input_ids,
-            "attention_mask": attention_mask,
-            "inputs_embeds": inputs_embeds,
-        }
-        with fast_attention(self, self.get_base_model()):
-            # TRL's fused LM head (patched onto the base model's forward) computes its own loss
-            fused = None
-            if "fused_lm_head" not in kwargs:
-                fused = try_fused_forward(
-                    self, self.get_base_model(), labels, return_dict, {**body_kwargs, **extra}
-                )
-            if fused is not None:
-                return fused
-            return self.base_model(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                inputs_embeds=inputs_embeds,
-                labels=labels,
-                output_attentions=output_attentions,
-                output_hidden_states=output_hidden_states,
-                return_dict=return_dict,
-                **kwargs,
-            )
-
-    def prepare_inputs_for_generation(self, *args: Any, **kwargs: Any) -> Any:
-        return self.get_base_model().prepare_inputs_for_generation(*args, **kwargs)
-
-
-class PeftModelForSeq2SeqLM(PeftModelForCausalLM):
-    """Encoder-decoder LM (T5, BART): forward passes decoder inputs through; `generate` works."""
-
-    def forward(
-        self,
-        input_ids: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        decoder_input_ids: torch.Tensor | None = None,
-        decoder_attention_mask: torch.Tensor | None = None,
-        decoder_inputs_embeds: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
-        task_ids: torch.Tensor | None = None,
-        **kwargs: Any,
-    ) -> Any:
-        integrations.check_wrapper_kwargs(self, task_ids, kwargs)
-        return self.base_model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            inputs_embeds=inputs_embeds,
-            decoder_input_ids=decoder_input_ids,
-            decoder_attention_mask=decoder_attention_mask,
-            decoder_inputs_embeds=decoder_inputs_embeds,
-            labels=labels,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
-            return_dict=return_dict,
-            **kwargs,
-        )
-
-
-class _EncoderTaskModel(PeftModel):
-    def forward(
-        self,
-        input_ids: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
-        task_ids: torch.Tensor | None = None,
-        **kwargs: Any,
-    ) -> Any:
-        integrations.check_wrapper_kwargs(self, task_ids, kwargs)
-        if labels is not None:
-            kwargs["labels"] = labels
-        return self.base_model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            inputs_embeds=inputs_embeds,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
-            return_dict=return_dict,
-            **kwargs,
-        )
-
-
-class PeftModelForSequenceClassification(_EncoderTaskModel):
-    """Sequence classification: the head (`classifier` / `score`) is trained and saved with the adapter."""
-
-    classifier_module_names = ("classifier", "score")
-
-
-class PeftModelForTokenClassification(_EncoderTaskModel):
-    """Token classification: the head is trained and saved with the adapter."""
-
-    classifier_module_names = ("classifier", "score")
-
-
-class PeftModelForQuestionAnswering(PeftModel):
-    """Extractive QA: the span head `qa_outputs` is trained and saved with the adapter."""
-
-    classifier_module_names = ("qa_outputs",)
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        integrations.check_wrapper_kwargs(self, kwargs.pop("task_ids", None), kwargs)
-        return self.base_model(*args, **kwargs)
-
-
-class PeftModelForFeatureExtraction(PeftModel):
-    """Embeddings / hidden states (no head)."""
-
-    def forward(
-        self,
-        input_ids: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
-        task_ids: torch.Tensor | None = None,
-        **kwargs: Any,
-    ) -> Any:
-        integrations.check_wrapper_kwargs(self, task_ids, kwargs)
-        return self.base_model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            inputs_embeds=inputs_embeds,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
-            return_dict=return_dict,
-            **kwargs,
-        )
-
-
 integrations.delegate_model_description(PeftModel)
 
 
-TASK_MODELS: dict[str | None, type[PeftModel]] = {
-    "CAUSAL_LM": PeftModelForCausalLM,
-    "SEQ_2_SEQ_LM": PeftModelForSeq2SeqLM,
-    "SEQ_CLS": PeftModelForSequenceClassification,
-    "TOKEN_CLS": PeftModelForTokenClassification,
-    "QUESTION_ANS": PeftModelForQuestionAnswering,
-    "FEATURE_EXTRACTION": PeftModelForFeatureExtraction,
-}
+# task_type -> wrapper class; filled by `task_models.py` when it is imported (the package imports it), so this
+# module does not import the wrappers that subclass PeftModel
+TASK_MODELS: dict[str | None, type[PeftModel]] = {}
+
+_TASK_CLASS_NAMES = (
+    "PeftModelForCausalLM",
+    "PeftModelForSeq2SeqLM",
+    "PeftModelForSequenceClassification",
+    "PeftModelForTokenClassification",
+    "PeftModelForQuestionAnswering",
+    "PeftModelForFeatureExtraction",
+    "_EncoderTaskModel",
+)
+
+
+def __getattr__(name: str) -> Any:
+    """`peftkit.peft_model.PeftModelForCausalLM` (the old path, and pickles that name it) still resolves.
+
+    The import is here, not at the top, because `task_models` imports this module for `PeftModel`."""
+    if name in _TASK_CLASS_NAMES:
+        from . import task_models
+
+        return getattr(task_models, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def get_peft_model(

@@ -2,6 +2,8 @@
 
 A method file in `tuners/` ends with one `register_peft_method(...)` call; everything else (config loading by
 `peft_type`, `get_peft_model`, the adapter-file key mapping, the conformance tests) looks methods up here.
+This module imports nothing from peftkit (the method files import it); `peftkit/__init__.py` imports every
+method file, so the table is complete once `peftkit` is imported.
 """
 
 from __future__ import annotations
@@ -45,7 +47,6 @@ def register_peft_method(
 
 def get_method(peft_type: str) -> PeftMethod:
     """Look a method up by its `peft_type` (case-insensitive); the error lists the known ones."""
-    _ensure_loaded()
     key = str(getattr(peft_type, "value", peft_type)).upper()
     if key not in _METHODS:
         raise ValueError(f"Unknown peft_type {peft_type!r}; peftkit knows: {', '.join(sorted(_METHODS))}")
@@ -54,10 +55,4 @@ def get_method(peft_type: str) -> PeftMethod:
 
 def all_methods() -> dict[str, PeftMethod]:
     """Every registered method, by peft_type."""
-    _ensure_loaded()
     return dict(_METHODS)
-
-
-def _ensure_loaded() -> None:
-    # Importing the tuners package runs each method file's register call.
-    from . import tuners  # noqa: F401

@@ -195,7 +195,7 @@ def test_adalora_checkpoint_without_allocator_state_is_a_clear_error(train_args,
         out, "--method", "adalora", "--max-steps", "3", "--save-every", "1", "--skip-eval-before"
     )
     assert cli.main(args) == 0
-    state_file = ckpt.latest_checkpoint(out) / ckpt.STATE_NAME  # step-3: the last step is saved too
+    state_file = out / "checkpoints" / "step-2" / ckpt.STATE_NAME
     state = torch.load(state_file, weights_only=False)
     assert {"adapter", "rank_pattern", "tensors", "allocator"} <= set(state["tuner"])
     del state["tuner"]  # as an older peftkit wrote it

@@ -20,9 +20,25 @@ from peftkit.train.modeling import choose_base, load_model_and_tokenizer, set_th
 
 
 def _check_adapter_dir(path: str) -> Path:
+    """The adapter folder, once its adapter_config.json is known to be valid (errors name the file and key)."""
+    import warnings
+
+    from peftkit.config import PeftConfig
+
     folder = Path(path).expanduser()
     if not (folder / "adapter_config.json").is_file():
         raise PeftkitError(f"not an adapter folder: {path} (adapter_config.json not found)")
+    try:
+        with warnings.catch_warnings():  # unknown keys (a newer HF peft) are not this command's concern
+            warnings.simplefilter("ignore")
+            PeftConfig.from_json_file(folder / "adapter_config.json")
+        weights = folder / "adapter_model.safetensors"
+        if weights.is_file():  # a corrupt file is named as such, not as an adapter that "does not fit"
+            from peftkit.io import check_safetensors_header
+
+            check_safetensors_header(str(weights))
+    except ValueError as e:
+        raise PeftkitError(str(e)) from None
     return folder
 
 
@@ -213,15 +229,22 @@ def _default_gguf_if_base(base: str) -> str | None:
 
 def info(args) -> int:
     """Describe an adapter folder without loading its base model."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
+
+    from peftkit.config import read_json_file
+    from peftkit.io import check_safetensors_header
 
     folder = _check_adapter_dir(args.adapter)
-    config = json.loads((folder / "adapter_config.json").read_text())
+    config = read_json_file(str(folder / "adapter_config.json"))
     weights = folder / "adapter_model.safetensors"
     params = 0
     if weights.is_file():
-        with safe_open(str(weights), framework="pt") as f:
-            params = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+        try:
+            check_safetensors_header(str(weights))
+            with safe_open(str(weights), framework="pt") as f:
+                params = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+        except (ValueError, SafetensorError) as e:
+            raise PeftkitError(str(e) if str(weights) in str(e) else f"{weights}: {e}") from None
     targets = config.get("target_modules")
     summary = {
         "method": config.get("peft_type") + (" (DoRA)" if config.get("use_dora") else ""),

@@ -13,6 +13,7 @@ labels are -100 on prompt tokens so the loss only covers the response.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import random
 from dataclasses import dataclass
@@ -78,8 +79,7 @@ def _read_rows(source: str) -> list[tuple[str, dict]]:
     if suffix == ".json":
         return _read_json(path)
     if suffix == ".csv":
-        with path.open(newline="", encoding="utf-8") as f:
-            return [(f"{path}:{i + 2}", dict(row)) for i, row in enumerate(csv.DictReader(f))]
+        return _read_csv(path)
     if suffix == ".parquet":
         return _read_parquet(path)
     raise PeftkitError(
@@ -87,27 +87,42 @@ def _read_rows(source: str) -> list[tuple[str, dict]]:
     )
 
 
+def _read_text(path: Path) -> str:
+    """The file as text: UTF-8, with or without a BOM; anything else is an error naming the line."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise PeftkitError(
+            f"{path}:{line}: not UTF-8 text (byte {e.start}: {e.reason}); save the file as UTF-8"
+        ) from None
+
+
+def _parse_json(text: str, where: str, whole_file: bool) -> object:
+    """``json.loads`` with errors naming ``where`` (the file, or the file and line) and the column; for a
+    ``whole_file`` the line of the error is added."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        what = "JSON" if whole_file else "JSON line"
+        line = f":{e.lineno}" if whole_file else ""
+        raise PeftkitError(f"{where}{line}: malformed {what} ({e.msg} at column {e.colno})") from None
+    except RecursionError:
+        raise PeftkitError(f"{where}: JSON nested too deeply") from None
+
+
 def _read_jsonl(path: Path) -> list[tuple[str, dict]]:
     rows = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise PeftkitError(
-                    f"{path}:{lineno}: malformed JSON line ({e.msg} at column {e.colno})"
-                ) from None
-            rows.append((f"{path}:{lineno}", row))
+    # split on "\n" only (not str.splitlines, which also splits on U+2028 and friends inside strings)
+    for lineno, line in enumerate(_read_text(path).split("\n"), start=1):
+        if line.strip():
+            rows.append((f"{path}:{lineno}", _parse_json(line, f"{path}:{lineno}", False)))
     return rows
 
 
 def _read_json(path: Path) -> list[tuple[str, dict]]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise PeftkitError(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+    data = _parse_json(_read_text(path), str(path), True)
     if isinstance(data, dict) and isinstance(data.get("data"), list):
         data = data["data"]
     if not isinstance(data, list):
@@ -117,12 +132,30 @@ def _read_json(path: Path) -> list[tuple[str, dict]]:
     return [(f"{path} row {i}", row) for i, row in enumerate(data)]
 
 
+def _read_csv(path: Path) -> list[tuple[str, dict]]:
+    """Rows keyed by the header, each located by the line its record ends on."""
+    # long cells (documents, transcripts) are data, not an error: lift csv's 128 KiB default per field
+    csv.field_size_limit(max(csv.field_size_limit(), 1 << 30))
+    reader = csv.DictReader(io.StringIO(_read_text(path), newline=""))
+    rows = []
+    try:
+        for row in reader:
+            rows.append((f"{path}:{reader.line_num}", dict(row)))
+    except csv.Error as e:
+        raise PeftkitError(f"{path}:{reader.line_num}: malformed CSV ({e})") from None
+    return rows
+
+
 def _read_parquet(path: Path) -> list[tuple[str, dict]]:
     try:
         import pyarrow.parquet as pq
     except ImportError:
         raise PeftkitError("reading .parquet needs pyarrow: pip install pyarrow") from None
-    return [(f"{path} row {i}", row) for i, row in enumerate(pq.read_table(path).to_pylist())]
+    try:
+        table = pq.read_table(path)
+    except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
+        raise PeftkitError(f"{path}: not a readable parquet file ({e})") from None
+    return [(f"{path} row {i}", row) for i, row in enumerate(table.to_pylist())]
 
 
 def _read_hub(name: str) -> list[tuple[str, dict]]:
@@ -144,6 +177,9 @@ def to_example(row: object, where: str) -> Example:
         )
     if "messages" in row:
         return _chat_example(row["messages"], where)
+    for key in ("instruction", "input", "output"):
+        if isinstance(row.get(key), (list, dict, bool)):
+            raise PeftkitError(f"{where}: field {key!r} must be text, got {type(row[key]).__name__}")
     fields = {k: _text(row.get(k)) for k in ("instruction", "input", "output")}
     missing = [k for k in ALPACA_FIELDS if not fields[k]]
     if missing:
@@ -171,11 +207,22 @@ def _chat_example(messages: object, where: str) -> Example:
     )
     if not ok:
         raise PeftkitError(f"{where}: messages must be a list of {{role, content}} objects")
+    for i, m in enumerate(messages):
+        if not isinstance(m["role"], str) or not isinstance(m["content"], str):
+            raise PeftkitError(
+                f"{where}: message {i} needs a string role and string content, got "
+                f"{type(m['role']).__name__} and {type(m['content']).__name__}"
+            )
     last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
     if last is None or last == 0:
         raise PeftkitError(f"{where}: messages need a prompt turn followed by an assistant turn")
+    response = messages[last]["content"].strip()
+    if not response:
+        raise PeftkitError(
+            f"{where}: the last assistant turn (message {last}) is empty; it is what the model learns"
+        )
     prompt = tuple({"role": m["role"], "content": m["content"]} for m in messages[:last])
-    return Example(prompt, str(messages[last]["content"]).strip())
+    return Example(prompt, response)
 
 
 def split_examples(

@@ -151,7 +151,10 @@ def load_config_file(path: str) -> dict:
     file = Path(path).expanduser()
     if not file.is_file():
         raise PeftkitError(f"config file not found: {path}")
-    text = file.read_text(encoding="utf-8")
+    try:
+        text = file.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise PeftkitError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
     try:
         if file.suffix.lower() == ".json":
             values = json.loads(text)
@@ -172,7 +175,21 @@ def load_config_file(path: str) -> dict:
     for key in ("data", "eval_data", "targets"):
         if isinstance(values.get(key), str):
             values[key] = [values[key]]
+    _check_types(values, path)
     return values
+
+
+def _check_types(values: dict, path: str) -> None:
+    """Each value has its option's type (an int where an int is expected, ...); the error names file and key."""
+    from typing import get_type_hints
+
+    from peftkit.config import describe_type, value_fits
+
+    hints = get_type_hints(TrainOptions)
+    for key, value in values.items():
+        if not value_fits(value, hints[key]):
+            shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+            raise PeftkitError(f"{path}: key {key!r} must be {describe_type(hints[key])}, found {shown}")
 
 
 def given_values(file_values: dict, flag_values: dict) -> dict:
@@ -230,3 +247,31 @@ def validate(o: TrainOptions) -> None:
             raise PeftkitError(
                 f"--quantize {o.quantize} works with --method lora, dora, rslora or ia3, not {o.method!r}"
             )
+    _check_ranges(o)
+
+
+def _check_ranges(o: TrainOptions) -> None:
+    """Numbers that have no meaning below zero (or outside a range), named by their flag."""
+    import math
+
+    for name in (
+        "max_steps",
+        "warmup",
+        "save_every",
+        "log_every",
+        "eval_limit",
+        "threads",
+        "max_new_tokens",
+        "weight_decay",
+        "max_grad_norm",
+        "epochs",
+    ):
+        value = getattr(o, name)
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            raise PeftkitError(f"--{name.replace('_', '-')} must be a non-negative number, got {value!r}")
+    if not (math.isfinite(o.alpha) and math.isfinite(o.lr)):
+        raise PeftkitError(f"--alpha and --lr must be finite numbers, got {o.alpha!r} and {o.lr!r}")
+    if not 0.0 <= o.dropout < 1.0:
+        raise PeftkitError(f"--dropout must be in [0, 1), got {o.dropout!r}")
+    if o.eval_split is not None and not 0.0 < o.eval_split < 1.0:
+        raise PeftkitError(f"--eval-split must be between 0 and 1 (exclusive), got {o.eval_split!r}")

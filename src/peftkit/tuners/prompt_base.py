@@ -27,6 +27,8 @@ from torch import nn
 from ..config import PeftConfig
 from .base import BaseTuner
 
+PROMPT_EMBEDDINGS_KEY = "prompt_embeddings"  # the one tensor of a prompt-learning adapter file
+
 NO_MERGE = "prompt-learning methods have no weights to merge"
 
 
@@ -214,8 +216,6 @@ class PromptLearningTuner(BaseTuner):
     ) -> dict[str, torch.Tensor]:
         """The file stores the encoder's computed rows as `prompt_embeddings` (for a head-less encoder, its
         embedding weight itself): (num_rows, row_width)."""
-        from ..io import PROMPT_EMBEDDINGS_KEY
-
         with torch.no_grad():
             rows = self.prompt_encoder[adapter_name]().detach()
         return {**tensors, PROMPT_EMBEDDINGS_KEY: rows}
