@@ -37,6 +37,7 @@ from .mapping import (
     PEFT_TYPE_TO_TUNER_MAPPING,
     get_peft_config,
 )
+from .mixed_model import PeftMixedModel
 from .peft_model import (
     PeftModel,
     PeftModelForCausalLM,
@@ -47,7 +48,6 @@ from .peft_model import (
     PeftModelForTokenClassification,
     get_peft_model,
 )
-from .refused import PeftMixedModel
 from .registry import register_peft_method
 from .shared_prefix import set_shared_prefix
 from .status import get_layer_status, get_model_status

@@ -870,9 +870,12 @@ def get_peft_model(
     revision: str | None = None,
     low_cpu_mem_usage: bool = False,
 ) -> PeftModel:
-    """Wrap `model` with a new adapter described by `peft_config` (the task wrapper follows `task_type`)."""
+    """Wrap `model` with a new adapter described by `peft_config` (the task wrapper follows `task_type`;
+    `mixed=True`: a `PeftMixedModel`, which also takes adapters of other methods)."""
     if mixed:
-        raise NotImplementedError("mixed-method models (PeftMixedModel) are not supported by peftkit yet")
+        from .mixed_model import PeftMixedModel
+
+        return PeftMixedModel(model, peft_config, adapter_name)
     if isinstance(model, PeftModel):
         raise ValueError(
             "get_peft_model: the model already has adapters; use model.add_adapter(name, config)"

@@ -178,8 +178,11 @@ class AdapterLayer(nn.Module):
 
     # ----- HF peft's BaseTunerLayer names that integrations call on a layer --------------------------------
     def get_base_layer(self) -> nn.Module:
-        """The wrapped original module."""
-        return self.base_layer
+        """The wrapped original module (through nested adapter layers of a mixed model, the innermost one)."""
+        base = self.base_layer
+        while isinstance(base, AdapterLayer):
+            base = base.base_layer
+        return base
 
     def enable_adapters(self, enabled: bool) -> None:
         """Turn this layer's adapters on or off (off: unmerged first, so the output is the base layer's; the

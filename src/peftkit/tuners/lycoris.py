@@ -115,7 +115,7 @@ class LycorisLayer(AdapterLayer):
         raise NotImplementedError
 
     def _conv_effective(self, config: LycorisConfig) -> bool:
-        base = self.base_layer
+        base = self.get_base_layer()
         return config.use_effective_conv2d and isinstance(base, nn.Conv2d) and base.kernel_size != (1, 1)
 
     def update_layer(self, adapter_name: str, config: LycorisConfig, init_weights: bool = True) -> None:
@@ -155,7 +155,7 @@ class LycorisLayer(AdapterLayer):
             delta = self.delta_weight(name)
             if self.training and self.rank_dropout[name]:
                 delta = FY.rank_dropout(delta, self.rank_dropout[name], self.rank_dropout_scale[name])
-            result = result + FY.apply_delta(x.to(delta.dtype), delta, self.base_layer).to(result.dtype)
+            result = result + FY.apply_delta(x.to(delta.dtype), delta, self.get_base_layer()).to(result.dtype)
         return result
 
 
