@@ -72,6 +72,13 @@ CASES: list[Case] = [
     ),
     Case("dora-llama", "LORA", M.tiny_llama, {"r": 4, "use_dora": True, **_RANDOM}),
     Case(
+        "dora-llama-embedding",
+        "LORA",
+        M.tiny_llama,
+        {"r": 4, "target_modules": ["embed_tokens", "q_proj"], "use_dora": True, **_RANDOM},
+        lr=0.1,  # random (N(0, 1)) embedding factors: the normalised update moves slowly at the default 3e-2
+    ),
+    Case(
         "lora-gpt2-conv1d", "LORA", M.tiny_gpt2, {"r": 4, "target_modules": ["c_attn", "c_proj"], **_RANDOM}
     ),
     Case(
