@@ -248,7 +248,7 @@ CASES += [
     ),
 ]
 
-# ----- LoHa (nn.Linear and nn.Conv2d only, as in HF peft) -----
+# ----- LoHa (nn.Linear, nn.Conv2d; nn.Conv1d below, as in HF peft) -----
 CASES += [
     Case("loha-llama", "LOHA", M.tiny_llama, {"r": 4, "init_weights": False}),
     Case("loha-bert-seqcls", "LOHA", M.tiny_bert_cls, {"r": 4, "init_weights": False}, task_type="SEQ_CLS"),
@@ -267,7 +267,41 @@ CASES += [
     ),
 ]
 
-# ----- LoKr (nn.Linear and nn.Conv2d only, as in HF peft) -----
+# ----- LoHa and LoKr on nn.Conv1d (kernel 3 and 1): flattened kernels, and Tucker cores (r, r, k, 1) -----
+_SEQ = {"inputs": M.sequence_inputs, "task_type": None}
+_C1 = ["conv1", "conv2", "head"]
+CASES += [
+    Case(
+        "loha-conv1d",
+        "LOHA",
+        M.tiny_conv1d_net,
+        {"r": 2, "target_modules": _C1, "init_weights": False},
+        **_SEQ,
+    ),
+    Case(
+        "loha-conv1d-effective",
+        "LOHA",
+        M.tiny_conv1d_net,
+        {"r": 2, "target_modules": _C1, "use_effective_conv2d": True, "init_weights": False},
+        **_SEQ,
+    ),
+    Case(
+        "lokr-conv1d-full-w2",
+        "LOKR",
+        M.tiny_conv1d_net,
+        {"r": 8, "target_modules": _C1, "init_weights": False},
+        **_SEQ,
+    ),
+    Case(
+        "lokr-conv1d-effective",
+        "LOKR",
+        M.tiny_conv1d_net,
+        {"r": 2, "target_modules": _C1, "use_effective_conv2d": True, "init_weights": False},
+        **_SEQ,
+    ),
+]
+
+# ----- LoKr (nn.Linear and nn.Conv2d; nn.Conv1d above) -----
 CASES += [
     Case(
         "lokr-llama-decompose-both",

@@ -115,8 +115,15 @@ class LycorisLayer(AdapterLayer):
         raise NotImplementedError
 
     def _conv_effective(self, config: LycorisConfig) -> bool:
+        """Tucker-factor the kernel: asked for, and a Conv2d/Conv1d whose kernel is not all ones (a 1x1 or
+        size-1 kernel is a Linear over channels and stays flattened, as in HF peft)."""
         base = self.get_base_layer()
-        return config.use_effective_conv2d and isinstance(base, nn.Conv2d) and base.kernel_size != (1, 1)
+        conv = isinstance(base, (nn.Conv2d, nn.Conv1d))
+        return config.use_effective_conv2d and conv and any(k != 1 for k in base.kernel_size)
+
+    def _tucker_kernel(self) -> tuple[int, int]:
+        """The Tucker core's kernel dims: (kh, kw) for a Conv2d, (k, 1) for a Conv1d (HF peft's layout)."""
+        return (*self.base_layer.weight.shape[2:], 1)[:2]
 
     def update_layer(self, adapter_name: str, config: LycorisConfig, init_weights: bool = True) -> None:
         r = config.rank_for(self.module_name)
@@ -160,7 +167,7 @@ class LycorisLayer(AdapterLayer):
 
 
 class LycorisTuner(BaseTuner):
-    """Injects a LyCORIS method's layers into Linear and Conv2d targets."""
+    """Injects a LyCORIS method's layers into Linear, Conv2d and Conv1d targets."""
 
     layer_cls: type[LycorisLayer]
     default_targets: dict[str, list[str]]
@@ -172,10 +179,11 @@ class LycorisTuner(BaseTuner):
     def create_layer(
         self, target: nn.Module, config: LycorisConfig, adapter_name: str, key: str, init_weights: bool = True
     ) -> LycorisLayer:
-        if not isinstance(target, (nn.Linear, nn.Conv2d)):
+        if not isinstance(target, (nn.Linear, nn.Conv2d, nn.Conv1d)):
             raise ValueError(
-                f"Target module {key!r} is a {type(target).__name__}; {self.method_name} supports nn.Linear and "
-                "nn.Conv2d (not GPT-2's Conv1D, as in HF peft). Narrow target_modules so it matches only those."
+                f"Target module {key!r} is a {type(target).__name__}; {self.method_name} supports nn.Linear, "
+                "nn.Conv2d and nn.Conv1d (not GPT-2's Conv1D, as in HF peft). Narrow target_modules so it matches "
+                "only those."
             )
         layer = self.layer_cls(target, key)
         layer.update_layer(adapter_name, config, init_weights)
