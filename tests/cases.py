@@ -246,6 +246,17 @@ CASES += [
         task_type="SEQ_CLS",
         lr=0.1,
     ),
+    # bias modes as in HF peft: "all" trains and saves every bias, "vera_only" those of the adapted layers
+    *(
+        Case(
+            f"vera-gpt2-bias-{bias.replace('_', '-')}",
+            "VERA",
+            M.tiny_gpt2,
+            {"r": 32, "target_modules": ["c_attn", "c_proj", "c_fc"], "bias": bias, "init_weights": False},
+            lr=0.1,
+        )
+        for bias in ("all", "vera_only")
+    ),
 ]
 
 # ----- LoHa (nn.Linear, nn.Conv2d; nn.Conv1d below, as in HF peft) -----

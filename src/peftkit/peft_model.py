@@ -440,7 +440,7 @@ class PeftModel(PreTrainedModel):
                 for k in source
                 if k.endswith("bias") and ".modules_to_save." not in k and ".original_module." not in k
             ]
-        elif bias == "lora_only":
+        elif bias.endswith("_only"):  # lora_only, vera_only, oft_only, ...: the adapted layers' biases
             extra += [
                 f"{path}.base_layer.bias"
                 for path, layer in self._adapter_layer_items()

@@ -105,11 +105,6 @@ class MixedModel(BaseTuner):
         self.peft_config[adapter_name] = config
         self.set_adapter(self.active_adapter)
 
-    def mark_extra_trainable(self, config: PeftConfig) -> None:
-        """Biases for `bias="all"` / `"<method>_only"`, as each method's own tuner does."""
-        peft_type = str(getattr(config.peft_type, "value", config.peft_type))
-        _MethodView.view(get_method(peft_type).tuner_cls, self).mark_extra_trainable(config)
-
     # ----- merging and unloading: innermost layer first ------------------------------------------------------
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
         """Merge every layer, the innermost of a nest first (so an outer OFT rotates the merged inner update,

@@ -263,16 +263,5 @@ class OFTModel(BaseTuner):
 
     layer_cls = OFTLayer
 
-    def mark_extra_trainable(self, config: PeftConfig) -> None:
-        """Biases train for bias="all" (every bias) or "<prefix>only" (biases of adapted layers)."""
-        if config.bias == "none" or config.inference_mode:
-            return
-        for module in self.model.modules():
-            bias = getattr(module, "bias", None)
-            if isinstance(bias, nn.Parameter) and (
-                config.bias == "all" or isinstance(module, self.layer_cls)
-            ):
-                bias.requires_grad_(True)
-
 
 register_peft_method(peft_type="OFT", config_cls=OFTConfig, tuner_cls=OFTModel, prefix="oft_")

@@ -39,7 +39,8 @@ class VeraConfig(PeftConfig):
         vera_dropout: dropout probability on the VeRA branch input, in [0, 1).
         d_initial: initial value of every `vera_lambda_d` entry.
         fan_in_fan_out: kept for file compatibility; the layout is read from the layer type.
-        bias: only "none" is implemented ("all" / "vera_only" raise).
+        bias: "none"; "all" (every bias of the model trains and is saved) or "vera_only" (the biases of the
+            adapted layers), as in HF peft.
         modules_to_save: extra modules trained in full and saved with the adapter.
         init_weights: True: lambda_b = 0 (the model starts unchanged), lambda_d = d_initial. False: lambda_b = 1,
             lambda_d ~ N(0, 1).
@@ -70,10 +71,6 @@ class VeraConfig(PeftConfig):
             raise ValueError(f"VeraConfig: vera_dropout must be in [0, 1), got {self.vera_dropout!r}")
         if self.bias not in ("none", "all", "vera_only"):
             raise ValueError(f"VeraConfig: bias must be 'none', 'all' or 'vera_only', got {self.bias!r}")
-        if self.bias != "none":
-            raise NotImplementedError(
-                f"VeraConfig: bias={self.bias!r} is not supported by peftkit yet; use 'none'"
-            )
         if self.layers_pattern and self.layers_to_transform is None:
             raise ValueError("VeraConfig: layers_pattern only applies together with layers_to_transform")
         if not self.save_projection:
@@ -181,6 +178,7 @@ class VeraModel(BaseTuner):
     """Injects VeRA layers into a model (HF peft's `VeraModel`); owns the shared projections."""
 
     prefix = "vera_lambda_"
+    layer_cls = VeraLayer  # bias="vera_only": these layers' biases train
 
     @property
     def shared_adapter_attrs(self) -> tuple[str, ...]:
