@@ -48,3 +48,15 @@ def test_lokr_conv1d_tucker_core_at_rank_one() -> None:
     with torch.no_grad():
         want = conv[0].base_layer(x) + torch.nn.functional.conv1d(x, expected.reshape(8, 4, 3), padding=1)
         torch.testing.assert_close(model(x), want)
+
+
+def test_version_flag_prints_the_package_version() -> None:
+    import subprocess
+    import sys
+    from importlib.metadata import version
+
+    done = subprocess.run(
+        [sys.executable, "-m", "peftkit.cli", "--version"], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == f"peftkit {version('peftkit')}"
