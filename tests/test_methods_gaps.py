@@ -60,3 +60,64 @@ def test_version_flag_prints_the_package_version() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == f"peftkit {version('peftkit')}"
+
+
+# ----- Trainer resume of prompt learning with an encoder (P-tuning MLP/LSTM, prefix projection) ----------------
+ENCODER_CONFIGS = {
+    "p-tuning-mlp": ("PromptEncoderConfig", {"num_virtual_tokens": 4, "encoder_hidden_size": 16}),
+    "p-tuning-lstm": (
+        "PromptEncoderConfig",
+        {"num_virtual_tokens": 4, "encoder_hidden_size": 16, "encoder_reparameterization_type": "LSTM"},
+    ),
+    "prefix-projection": (
+        "PrefixTuningConfig",
+        {"num_virtual_tokens": 4, "prefix_projection": True, "encoder_hidden_size": 16},
+    ),
+}
+
+
+def _encoder_model(kind: str):
+    from .test_trainer import tiny_gpt2
+
+    cls, kwargs = ENCODER_CONFIGS[kind]
+    torch.manual_seed(0)
+    return pk.get_peft_model(tiny_gpt2(), getattr(pk, cls)(task_type="CAUSAL_LM", **kwargs))
+
+
+def _encoder_state(model) -> dict[str, torch.Tensor]:
+    """Every trainable tensor of the prompt encoder (embedding and the MLP/LSTM/projection weights)."""
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("kind", list(ENCODER_CONFIGS))
+def test_trainer_resume_restores_the_whole_prompt_encoder(kind, tmp_path) -> None:
+    """An interrupted Trainer run resumed from its checkpoint ends exactly where the uninterrupted run ends: the
+    checkpoint holds the encoder's own weights, not only the rows it computes (`prompt_embeddings`)."""
+    from transformers import Trainer, TrainerCallback
+
+    from .test_trainer_paths import checkpoint_args, lm_trainer
+
+    full = _encoder_model(kind)
+    assert any("embedding" not in n for n in _encoder_state(full))  # there is an encoder beyond the table
+    lm_trainer(full, checkpoint_args(tmp_path / "full", eval_steps=4)).train()
+
+    class Stop(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            control.should_training_stop = state.global_step == 2
+
+    interrupted = _encoder_model(kind)
+    first: Trainer = lm_trainer(interrupted, checkpoint_args(tmp_path / "cut", eval_steps=4))
+    first.add_callback(Stop())
+    first.train()
+    resumed = _encoder_model(kind)
+    trainer = lm_trainer(resumed, checkpoint_args(tmp_path / "cut", eval_steps=4))
+    trainer.train(resume_from_checkpoint=str(tmp_path / "cut" / "checkpoint-2"))
+    assert trainer.state.global_step == 4
+    expected, got = _encoder_state(full), _encoder_state(resumed)
+    assert got.keys() == expected.keys()
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=1e-6, msg=name)
+    # the adapter files themselves stay HF peft's: one `prompt_embeddings` tensor
+    assert list(load_file(tmp_path / "cut" / "checkpoint-4" / "adapter_model.safetensors")) == [
+        "prompt_embeddings"
+    ]
