@@ -121,3 +121,25 @@ def test_trainer_resume_restores_the_whole_prompt_encoder(kind, tmp_path) -> Non
     assert list(load_file(tmp_path / "cut" / "checkpoint-4" / "adapter_model.safetensors")) == [
         "prompt_embeddings"
     ]
+
+
+def test_prefix_tuning_on_an_encoder_only_model_is_refused_naming_it() -> None:
+    """BERT's forward takes no KV cache: HF peft raises at the first forward; peftkit refuses up front, naming
+    the model, instead of running BERT with the prefix silently dropped."""
+    inputs = {k: v for k, v in M.token_inputs().items() if k in ("input_ids", "attention_mask")}
+    hf = peft.get_peft_model(
+        M.tiny_bert_cls(), peft.PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=4)
+    )
+    with pytest.raises(ValueError, match="past key values"):
+        hf(**inputs)
+    config = pk.PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=4)
+    with pytest.raises(
+        ValueError, match=r"BertForSequenceClassification \(model_type 'bert'\).*encoder-only"
+    ):
+        pk.get_peft_model(M.tiny_bert_cls(), config)
+    # the methods it points to work on the same model
+    for other in (
+        pk.PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=4),
+        pk.LoraConfig(task_type="SEQ_CLS"),
+    ):
+        assert pk.get_peft_model(M.tiny_bert_cls(), other)(**inputs).logits.shape == (2, 3)
