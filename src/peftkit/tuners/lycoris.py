@@ -6,7 +6,6 @@ Linear/Conv2d on the same input. No method is registered here; `loha.py` and `lo
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +16,7 @@ from ..config import PeftConfig
 from ..functional import lycoris as FY
 from ..inject import resolve_target_modules
 from .base import AdapterLayer, BaseTuner
+from .config_checks import check_fields, pattern_value
 
 
 @dataclass
@@ -54,29 +54,13 @@ class LycorisConfig(PeftConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        cls = type(self).__name__
-        for name in ("target_modules", "exclude_modules"):
-            if isinstance(getattr(self, name), (set, tuple)):
-                setattr(self, name, sorted(getattr(self, name)))
-        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
-            raise ValueError(f"{cls}: r must be a positive integer, got {self.r!r}")
-        for name in ("rank_dropout", "module_dropout"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ValueError(f"{cls}: {name} must be in [0, 1), got {getattr(self, name)!r}")
-        if self.layers_pattern and self.layers_to_transform is None:
-            raise ValueError(f"{cls}: layers_pattern only applies together with layers_to_transform")
-
-    def _pattern_value(self, patterns: dict[str, Any], module_name: str, default: Any) -> Any:
-        for key, value in patterns.items():
-            if re.match(rf"(.*\.)?({key})$", module_name):
-                return value
-        return default
+        check_fields(self, positive_ints=("r",), probabilities=("rank_dropout", "module_dropout"))
 
     def rank_for(self, module_name: str) -> int:
-        return int(self._pattern_value(self.rank_pattern, module_name, self.r))
+        return int(pattern_value(self.rank_pattern, module_name, self.r))
 
     def alpha_for(self, module_name: str) -> float:
-        return self._pattern_value(self.alpha_pattern, module_name, self.alpha)
+        return pattern_value(self.alpha_pattern, module_name, self.alpha)
 
 
 def kaiming_(t: torch.Tensor) -> None:
