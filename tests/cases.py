@@ -72,6 +72,13 @@ CASES: list[Case] = [
     ),
     Case("dora-llama", "LORA", M.tiny_llama, {"r": 4, "use_dora": True, **_RANDOM}),
     Case(
+        "dora-llama-embedding",
+        "LORA",
+        M.tiny_llama,
+        {"r": 4, "target_modules": ["embed_tokens", "q_proj"], "use_dora": True, **_RANDOM},
+        lr=0.1,  # random (N(0, 1)) embedding factors: the normalised update moves slowly at the default 3e-2
+    ),
+    Case(
         "lora-gpt2-conv1d", "LORA", M.tiny_gpt2, {"r": 4, "target_modules": ["c_attn", "c_proj"], **_RANDOM}
     ),
     Case(
@@ -239,9 +246,20 @@ CASES += [
         task_type="SEQ_CLS",
         lr=0.1,
     ),
+    # bias modes as in HF peft: "all" trains and saves every bias, "vera_only" those of the adapted layers
+    *(
+        Case(
+            f"vera-gpt2-bias-{bias.replace('_', '-')}",
+            "VERA",
+            M.tiny_gpt2,
+            {"r": 32, "target_modules": ["c_attn", "c_proj", "c_fc"], "bias": bias, "init_weights": False},
+            lr=0.1,
+        )
+        for bias in ("all", "vera_only")
+    ),
 ]
 
-# ----- LoHa (nn.Linear and nn.Conv2d only, as in HF peft) -----
+# ----- LoHa (nn.Linear, nn.Conv2d; nn.Conv1d below, as in HF peft) -----
 CASES += [
     Case("loha-llama", "LOHA", M.tiny_llama, {"r": 4, "init_weights": False}),
     Case("loha-bert-seqcls", "LOHA", M.tiny_bert_cls, {"r": 4, "init_weights": False}, task_type="SEQ_CLS"),
@@ -260,7 +278,41 @@ CASES += [
     ),
 ]
 
-# ----- LoKr (nn.Linear and nn.Conv2d only, as in HF peft) -----
+# ----- LoHa and LoKr on nn.Conv1d (kernel 3 and 1): flattened kernels, and Tucker cores (r, r, k, 1) -----
+_SEQ = {"inputs": M.sequence_inputs, "task_type": None}
+_C1 = ["conv1", "conv2", "head"]
+CASES += [
+    Case(
+        "loha-conv1d",
+        "LOHA",
+        M.tiny_conv1d_net,
+        {"r": 2, "target_modules": _C1, "init_weights": False},
+        **_SEQ,
+    ),
+    Case(
+        "loha-conv1d-effective",
+        "LOHA",
+        M.tiny_conv1d_net,
+        {"r": 2, "target_modules": _C1, "use_effective_conv2d": True, "init_weights": False},
+        **_SEQ,
+    ),
+    Case(
+        "lokr-conv1d-full-w2",
+        "LOKR",
+        M.tiny_conv1d_net,
+        {"r": 8, "target_modules": _C1, "init_weights": False},
+        **_SEQ,
+    ),
+    Case(
+        "lokr-conv1d-effective",
+        "LOKR",
+        M.tiny_conv1d_net,
+        {"r": 2, "target_modules": _C1, "use_effective_conv2d": True, "init_weights": False},
+        **_SEQ,
+    ),
+]
+
+# ----- LoKr (nn.Linear and nn.Conv2d; nn.Conv1d above) -----
 CASES += [
     Case(
         "lokr-llama-decompose-both",

@@ -96,7 +96,8 @@ ABSENT: dict[str, tuple[str, str]] = {
     ),
     "PEFT_TYPE_TO_MIXED_MODEL_MAPPING": (
         NOT_PLANNED,
-        "mixed-method models are refused (see `PeftMixedModel`)",
+        "`PeftMixedModel` takes LoRA, LoHa, LoKr, AdaLoRA and OFT adapters (`tuners/mixed.py`); this table of "
+        "HF's tuner classes is not exported",
     ),
     **dict.fromkeys(
         [

@@ -128,6 +128,31 @@ class ConvNet(nn.Module):
         return self.head(F.relu(self.conv2(F.relu(self.conv1(x)))).flatten(1))
 
 
+class Conv1dNet(nn.Module):
+    """A custom model with nn.Conv1d layers (kernel 3 and 1) and a Linear head (audio/sequence style)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv1d(8, 32, 3, padding=1)
+        self.conv2 = nn.Conv1d(32, 16, 1)
+        self.head = nn.Linear(16 * 6, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (N, 8, 6) -> (N, 5)."""
+        return self.head(F.relu(self.conv2(F.relu(self.conv1(x)))).flatten(1))
+
+
+def tiny_conv1d_net(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return Conv1dNet().eval()
+
+
+def sequence_inputs(seed: int = 1) -> dict:
+    """Inputs of `tiny_conv1d_net`: (2, 8, 6)."""
+    g = torch.Generator().manual_seed(seed)
+    return {"x": torch.randn(2, 8, 6, generator=g)}
+
+
 def tiny_convnet(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     return ConvNet().eval()

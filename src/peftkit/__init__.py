@@ -38,8 +38,8 @@ from .mapping import (
     PEFT_TYPE_TO_TUNER_MAPPING,
     get_peft_config,
 )
+from .mixed_model import PeftMixedModel
 from .peft_model import PeftModel, get_peft_model
-from .refused import PeftMixedModel
 from .registry import register_peft_method
 from .shared_prefix import set_shared_prefix
 from .status import get_layer_status, get_model_status

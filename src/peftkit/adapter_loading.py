@@ -27,15 +27,20 @@ def _module_of(memory_key: str, adapter_name: str) -> str:
 
 
 def copy_adapter_tensors(
-    model: nn.Module, tensors: dict[str, torch.Tensor], adapter_name: str, source: str
+    model: nn.Module,
+    tensors: dict[str, torch.Tensor],
+    adapter_name: str,
+    source: str,
+    key_map: dict[str, str] | None = None,
 ) -> LoadResult:
-    """Load file tensors (HF peft keys) into `adapter_name` of `model`.
+    """Load file tensors (HF peft keys) into `adapter_name` of `model`; `key_map` ({in-memory key: file key})
+    defaults to `io.adapter_key_map` (a mixed model passes its own, see `tuners/mixed.py`).
 
     Raises:
         ValueError: a tensor's shape differs from the module's; the message names the file, the module,
             and both shapes (e.g. an adapter trained for another model size).
     """
-    key_map = io.adapter_key_map(model, adapter_name)
+    key_map = io.adapter_key_map(model, adapter_name) if key_map is None else key_map
     inverse = {disk: mem for mem, disk in key_map.items()}
     own = model.state_dict(keep_vars=True)
     loaded, unexpected = set(), []

@@ -70,10 +70,23 @@ def _one_adapter(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
     args.adapter = given[0]
 
 
+def _version() -> str:
+    """The installed distribution's version (package metadata); the source tree's when not installed."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("peftkit")
+    except PackageNotFoundError:
+        from peftkit import __version__
+
+        return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="peftkit", description="Parameter-efficient fine-tuning from the command line.", epilog=EPILOG
     )
+    parser.add_argument("--version", action="version", version=f"peftkit {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("train", help="fine-tune a causal LM with an adapter (LoRA, DoRA)", epilog=EPILOG)

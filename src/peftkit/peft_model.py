@@ -437,7 +437,7 @@ class PeftModel(PreTrainedModel):
                 for k in source
                 if k.endswith("bias") and ".modules_to_save." not in k and ".original_module." not in k
             ]
-        elif bias == "lora_only":
+        elif bias.endswith("_only"):  # lora_only, vera_only, oft_only, ...: the adapted layers' biases
             extra += [
                 f"{path}.base_layer.bias"
                 for path, layer in self._adapter_layer_items()
@@ -550,6 +550,12 @@ class PeftModel(PreTrainedModel):
         target = os.path.join(save_directory, TRAINER_MODEL_FILE)
         if os.path.lexists(target):
             os.remove(target)
+        encoder = self._prompt_encoder_state()
+        if encoder is not None:  # the file holds only the encoder's output rows: resume needs its weights
+            tensors = self.get_adapter_state_dict(name)
+            tensors.pop(io.PROMPT_EMBEDDINGS_KEY, None)
+            io.save_tensors(target, {**tensors, **{k: v.contiguous() for k, v in encoder.items()}})
+            return
         try:
             os.link(source, target)
         except OSError:
@@ -558,10 +564,24 @@ class PeftModel(PreTrainedModel):
         if os.path.isfile(stale):
             os.remove(stale)
 
+    def _prompt_encoder_state(self) -> dict[str, torch.Tensor] | None:
+        """The active prompt encoder's own tensors under their in-memory keys when it has more than its table
+        (P-tuning's MLP/LSTM, prefix tuning's projection), else None: the adapter file stores only the rows the
+        encoder computes, so a Trainer checkpoint's `model.safetensors` carries these instead (resume)."""
+        encoders, name = self._modules.get("prompt_encoder"), self.active_adapter
+        if encoders is None or name not in encoders:
+            return None
+        state = encoders[name].state_dict()
+        return (
+            None
+            if list(state) == ["embedding.weight"]
+            else {f"prompt_encoder.{name}.{k}": v for k, v in state.items()}
+        )
+
     @property
     def _keys_to_ignore_on_save(self) -> list[str]:
         """Everything but the active adapter: what a resumed Trainer checkpoint may (and should) lack."""
-        adapter = set(io.adapter_key_map(self, self.active_adapter))
+        adapter = set(io.adapter_key_map(self, self.active_adapter)) | set(self._prompt_encoder_state() or ())
         return [k for k in self.state_dict() if k not in adapter]
 
     def load_state_dict(
@@ -727,9 +747,12 @@ def get_peft_model(
     revision: str | None = None,
     low_cpu_mem_usage: bool = False,
 ) -> PeftModel:
-    """Wrap `model` with a new adapter described by `peft_config` (the task wrapper follows `task_type`)."""
+    """Wrap `model` with a new adapter described by `peft_config` (the task wrapper follows `task_type`;
+    `mixed=True`: a `PeftMixedModel`, which also takes adapters of other methods)."""
     if mixed:
-        raise NotImplementedError("mixed-method models (PeftMixedModel) are not supported by peftkit yet")
+        from .mixed_model import PeftMixedModel
+
+        return PeftMixedModel(model, peft_config, adapter_name)
     if isinstance(model, PeftModel):
         raise ValueError(
             "get_peft_model: the model already has adapters; use model.add_adapter(name, config)"

@@ -43,10 +43,14 @@ def kron_delta(w1: torch.Tensor, w2: torch.Tensor, scale: float) -> torch.Tensor
     """scale * kron(w1, w2).
 
     Args:
-        w1: (out_l, in_m). w2: (out_k, in_n) or, for a conv kernel, (out_k, in_n, kh, kw).
+        w1: (out_l, in_m). w2: (out_k, in_n) or, for a conv kernel, (out_k, in_n, kh, kw); a Conv1d's full w2
+            is (out_k, in_n, k), and `torch.kron` then treats w1 as (1, out_l, in_m) (HF peft's layout: the
+            caller reshapes the (out_k, out_l * in_n, in_m * k) result to the base weight's shape).
     Returns:
-        (out_l * out_k, in_m * in_n[, kh, kw]).
+        (out_l * out_k, in_m * in_n[, kh, kw]), or the 3-d result above.
     """
     if w2.dim() == 4:
         w1 = w1[:, :, None, None]
-    return torch.kron(w1, w2.contiguous()) * scale
+    # a fresh dense copy: an einsum result can be "contiguous" with an odd stride on a size-1 dim (a Conv1d's
+    # Tucker core at r=1), which torch.kron cannot view (HF peft 0.21 raises there)
+    return torch.kron(w1, w2.clone(memory_format=torch.contiguous_format)) * scale

@@ -1,5 +1,5 @@
 """Pieces shared by the LyCORIS methods (LoHa, LoKr): both build a dense update `dW` shaped like the base
-weight, run it as a second Linear/Conv2d on the same input, and share rank dropout."""
+weight, run it as a second Linear/Conv2d/Conv1d on the same input, and share rank dropout."""
 
 from __future__ import annotations
 
@@ -12,13 +12,15 @@ def apply_delta(x: torch.Tensor, delta: torch.Tensor, base: nn.Module) -> torch.
     """The update's contribution to the output: the base layer's operation with weight `delta`, no bias.
 
     Args:
-        x: (..., in) for a Linear, (N, in, H, W) for a Conv2d.
-        delta: like the base weight, (out, in) or (out, in / groups, kh, kw).
+        x: (..., in) for a Linear, (N, in, H, W) for a Conv2d, (N, in, L) for a Conv1d.
+        delta: like the base weight, (out, in), (out, in / groups, kh, kw) or (out, in / groups, k).
     Returns:
-        (..., out) or (N, out, H', W').
+        (..., out), (N, out, H', W') or (N, out, L').
     """
     if isinstance(base, nn.Conv2d):
         return F.conv2d(x, delta, None, base.stride, base.padding, base.dilation, base.groups)
+    if isinstance(base, nn.Conv1d):
+        return F.conv1d(x, delta, None, base.stride, base.padding, base.dilation, base.groups)
     return F.linear(x, delta)
 
 

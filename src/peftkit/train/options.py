@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from peftkit.train.errors import PeftkitError
+from peftkit.train.methods import METHODS, default_lr_text
 
 # The bundled run's length when the user sets neither --epochs nor --max-steps (see `resolve_length`).
 DEFAULT_MAX_STEPS = 50
@@ -80,7 +81,11 @@ class TrainOptions:
         "batch-size x grad-accum x N rows",
     )
     grad_accum: int = _opt(1, "micro-batches per optimizer step")
-    lr: float = _opt(2e-3, "peak learning rate (AdamW)")
+    lr: float | None = _opt(
+        None,
+        "peak learning rate (AdamW); default: the method's own, one that trains on the bundled data: "
+        + default_lr_text(),
+    )
     weight_decay: float = _opt(0.0, "AdamW weight decay")
     scheduler: str = _opt("cosine", "learning-rate schedule after warmup: linear, cosine or constant")
     warmup: int = _opt(5, "linear warmup steps")
@@ -114,6 +119,10 @@ class TrainOptions:
         "load the base model's linear layers quantized with bitsandbytes (QLoRA): 4bit (NF4, double "
         "quantization) or 8bit; methods lora, dora, rslora, ia3. The adapter file is the same as on a full base",
     )
+
+    def __post_init__(self) -> None:
+        if self.lr is None and self.method in METHODS:  # not given: the method's default (train/methods.py)
+            self.lr = METHODS[self.method].lr
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -230,13 +239,12 @@ def validate(o: TrainOptions) -> None:
     for name, value in positive.items():
         if not isinstance(value, int) or value <= 0:
             raise PeftkitError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
-    from peftkit.train.methods import METHODS
 
     if o.method not in METHODS:
         raise PeftkitError(f"unknown --method {o.method!r}; choose one of: {', '.join(METHODS)}")
     if o.scheduler not in ("linear", "cosine", "constant"):
         raise PeftkitError(f"--scheduler must be linear, cosine or constant, got {o.scheduler!r}")
-    if o.lr <= 0:
+    if o.lr is None or o.lr <= 0:
         raise PeftkitError(f"--lr must be positive, got {o.lr}")
     if not o.max_steps and o.epochs <= 0:
         raise PeftkitError("set --max-steps or a positive --epochs")

@@ -258,6 +258,7 @@ def kept_index(keep: list[bool] | torch.Tensor, like: torch.Tensor) -> torch.Ten
 class AdaLoraModel(LoraModel):
     """Injects AdaLoRA layers; owns the rank allocator of the (single) trainable adapter."""
 
+    layer_cls = AdaLoraLayer  # bias="lora_only" trains these layers' biases (as HF peft)
     prefix = "lora_"
 
     def __init__(

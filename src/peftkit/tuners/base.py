@@ -178,8 +178,11 @@ class AdapterLayer(nn.Module):
 
     # ----- HF peft's BaseTunerLayer names that integrations call on a layer --------------------------------
     def get_base_layer(self) -> nn.Module:
-        """The wrapped original module."""
-        return self.base_layer
+        """The wrapped original module (through nested adapter layers of a mixed model, the innermost one)."""
+        base = self.base_layer
+        while isinstance(base, AdapterLayer):
+            base = base.base_layer
+        return base
 
     def enable_adapters(self, enabled: bool) -> None:
         """Turn this layer's adapters on or off (off: unmerged first, so the output is the base layer's; the
@@ -292,7 +295,17 @@ class BaseTuner(nn.Module):
         """Hook: reshape an injected adapter to the saved one before its tensors are copied in."""
 
     def mark_extra_trainable(self, config: PeftConfig) -> None:
-        """Hook: make non-adapter parameters trainable as the config asks (e.g. LoRA's `bias`)."""
+        """Make biases trainable as the config's `bias` asks (HF peft's rule for every method that has the field):
+        "all": every bias of the model; "<method>_only" (`lora_only`, `vera_only`, ...): the biases of the layers
+        this method adapted (`layer_cls`, any adapter layer when unset); "none" or inference mode: nothing."""
+        bias = getattr(config, "bias", "none")
+        if bias == "none" or config.inference_mode:
+            return
+        adapted = getattr(self, "layer_cls", AdapterLayer)
+        for module in self.model.modules():
+            param = getattr(module, "bias", None)
+            if isinstance(param, nn.Parameter) and (bias == "all" or isinstance(module, adapted)):
+                param.requires_grad_(True)
 
     # ----- adapter switching ---------------------------------------------------------------------------------
     @property

@@ -28,7 +28,8 @@ from ..config import PeftConfig
 from ..functional import oft as FO
 from ..registry import register_peft_method
 from .base import AdapterLayer
-from .oft import OFTModel, _as_list
+from .config_checks import check_fields
+from .oft import OFTModel
 
 
 @dataclass
@@ -63,10 +64,7 @@ class BOFTConfig(PeftConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = "BOFT"
-        self.target_modules = _as_list(self.target_modules)
-        self.exclude_modules = _as_list(self.exclude_modules)
-        if self.layers_pattern and self.layers_to_transform is None:
-            raise ValueError("BOFTConfig: layers_pattern only applies together with layers_to_transform")
+        check_fields(self, probabilities=("boft_dropout",), bias_modes=("none", "all", "boft_only"))
         if (self.boft_block_size != 0) == (self.boft_block_num != 0):
             raise ValueError(
                 f"BOFTConfig: set exactly one of boft_block_size ({self.boft_block_size}) and boft_block_num "
@@ -76,10 +74,6 @@ class BOFTConfig(PeftConfig):
             raise ValueError(
                 f"BOFTConfig: boft_n_butterfly_factor must be >= 1, got {self.boft_n_butterfly_factor}"
             )
-        if self.bias not in ("none", "all", "boft_only"):
-            raise ValueError(f"BOFTConfig: bias must be 'none', 'all' or 'boft_only', got {self.bias!r}")
-        if not 0.0 <= self.boft_dropout < 1.0:
-            raise ValueError(f"BOFTConfig: boft_dropout must be in [0, 1), got {self.boft_dropout!r}")
 
 
 def butterfly_shape(n: int, config: BOFTConfig, where: str) -> tuple[int, int]:

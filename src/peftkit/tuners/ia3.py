@@ -28,10 +28,7 @@ from ..inject import (
 )
 from ..registry import register_peft_method
 from .base import AdapterLayer, BaseTuner
-
-
-def _as_list(value: Any) -> Any:
-    return sorted(value) if isinstance(value, (set, tuple)) else value
+from .config_checks import check_fields
 
 
 @dataclass
@@ -60,9 +57,7 @@ class IA3Config(PeftConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = "IA3"
-        self.target_modules = _as_list(self.target_modules)
-        self.exclude_modules = _as_list(self.exclude_modules)
-        self.feedforward_modules = _as_list(self.feedforward_modules)
+        check_fields(self, name_lists=("target_modules", "exclude_modules", "feedforward_modules"))
         ff, targets = self.feedforward_modules, self.target_modules
         if isinstance(ff, list) and isinstance(targets, list):
             # HF peft demands a literal subset, yet writes "all-linear" resolved to full module names; a

@@ -1,7 +1,7 @@
-"""LoHa (low-rank Hadamard product) on nn.Linear and nn.Conv2d; the math is in `functional/loha.py`.
+"""LoHa (low-rank Hadamard product) on nn.Linear, nn.Conv2d and nn.Conv1d; the math is in `functional/loha.py`.
 
 Tensors per adapter (HF peft's names): `hada_w1_a`, `hada_w1_b`, `hada_w2_a`, `hada_w2_b`, plus the Tucker
-cores `hada_t1`, `hada_t2` for a Conv2d with `use_effective_conv2d`.
+cores `hada_t1`, `hada_t2` for a Conv2d or Conv1d with `use_effective_conv2d` (a Conv1d's core is (r, r, k, 1)).
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ class LoHaConfig(LycorisConfig):
 
 
 class LoHaLayer(LycorisLayer):
-    """LoHa around an nn.Linear (factors (out, r) and (r, in)) or nn.Conv2d (kernel flattened into `in`, or
-    Tucker cores with use_effective_conv2d)."""
+    """LoHa around an nn.Linear (factors (out, r) and (r, in)) or nn.Conv2d / nn.Conv1d (kernel flattened into
+    `in`, or Tucker cores with use_effective_conv2d)."""
 
     adapter_attrs = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
 
@@ -41,7 +41,7 @@ class LoHaLayer(LycorisLayer):
         w = self.base_layer.weight
         out, rest = w.shape[0], w.shape[1:]
         if self._conv_effective(config):
-            kh, kw = rest[1], rest[2]
+            kh, kw = self._tucker_kernel()
             for i in ("1", "2"):
                 getattr(self, f"hada_t{i}")[adapter_name] = nn.Parameter(torch.empty(r, r, kh, kw))
                 getattr(self, f"hada_w{i}_a")[adapter_name] = nn.Parameter(torch.empty(r, out))

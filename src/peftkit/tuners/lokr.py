@@ -1,4 +1,4 @@
-"""LoKr (low-rank Kronecker product) on nn.Linear and nn.Conv2d; the math is in `functional/lokr.py`.
+"""LoKr (low-rank Kronecker product) on nn.Linear, nn.Conv2d and nn.Conv1d; the math is in `functional/lokr.py`.
 
 Tensors per adapter (HF peft's names): the small factor `lokr_w1` or its low-rank pair `lokr_w1_a`/`lokr_w1_b`
 (only with `decompose_both` and a small r), the large factor `lokr_w2` or `lokr_w2_a`/`lokr_w2_b` (when r is
@@ -43,14 +43,14 @@ class LoKrConfig(LycorisConfig):
 
 
 class LoKrLayer(LycorisLayer):
-    """LoKr around an nn.Linear or nn.Conv2d: out = out_l * out_k and in = in_m * in_n (`factorization`)."""
+    """LoKr around an nn.Linear, nn.Conv2d or nn.Conv1d: out = out_l * out_k and in = in_m * in_n (`factorization`)."""
 
     adapter_attrs = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
     rank_dropout_scale_default = False
 
     def _create(self, adapter_name: str, r: int, config: LoKrConfig) -> None:
         w = self.base_layer.weight
-        kernel = tuple(w.shape[2:])  # () for Linear, (kh, kw) for Conv2d
+        kernel = tuple(w.shape[2:])  # () for Linear, (kh, kw) for Conv2d, (k,) for Conv1d
         out_l, out_k = FK.factorization(w.shape[0], config.decompose_factor)
         in_m, in_n = FK.factorization(w.shape[1], config.decompose_factor)
         P = nn.Parameter
@@ -64,7 +64,7 @@ class LoKrLayer(LycorisLayer):
         if r >= max(out_k, in_n) / 2:
             self.lokr_w2[adapter_name] = P(torch.empty(out_k, in_n, *kernel))
         elif self._conv_effective(config):
-            self.lokr_t2[adapter_name] = P(torch.empty(r, r, *kernel))
+            self.lokr_t2[adapter_name] = P(torch.empty(r, r, *self._tucker_kernel()))
             self.lokr_w2_a[adapter_name], self.lokr_w2_b[adapter_name] = (
                 P(torch.empty(r, out_k)),
                 P(torch.empty(r, in_n)),

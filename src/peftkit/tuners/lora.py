@@ -35,6 +35,9 @@ class LoraModel(BaseTuner):
     """Injects LoRA layers into a model (HF peft's `LoraModel`)."""
 
     prefix = "lora_"
+    layer_cls = (
+        LoraLayer  # bias="lora_only": the biases of these layers train (BaseTuner.mark_extra_trainable)
+    )
 
     def resolve_config(self, config: LoraConfig) -> LoraConfig:
         skip = config.modules_to_save or []
@@ -120,17 +123,6 @@ class LoraModel(BaseTuner):
         strip_parameter_wrappers(model)  # nested wrappers (two parameters of one module) leave an inner one
         unwrap_token_adapters(model)
         return model
-
-    def mark_extra_trainable(self, config: LoraConfig) -> None:
-        """Make biases trainable for `bias="all"` (every bias) or `"lora_only"` (biases of adapted layers)."""
-        if config.bias == "none" or config.inference_mode:
-            return
-        for _name, module in self.model.named_modules():
-            bias = getattr(module, "bias", None)
-            if not isinstance(bias, nn.Parameter):
-                continue
-            if config.bias == "all" or isinstance(module, LoraLayer):
-                bias.requires_grad_(True)
 
 
 register_peft_method(peft_type="LORA", config_cls=LoraConfig, tuner_cls=LoraModel, prefix="lora_")

@@ -5,9 +5,9 @@ from __future__ import annotations
 import dataclasses
 import re
 from dataclasses import dataclass, field
-from typing import Any
 
 from ..config import PeftConfig
+from .config_checks import check_fields, pattern_value
 
 _INITS = (True, False, "gaussian", "pissa", "olora", "loftq")
 _BIAS_MODES = ("none", "all", "lora_only")
@@ -93,14 +93,11 @@ class LoraConfig(PeftConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = "LORA"
-        if isinstance(self.target_modules, (set, tuple)):
-            self.target_modules = sorted(self.target_modules)
-        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
-            raise ValueError(f"LoraConfig: r must be a positive integer, got {self.r!r}")
+        check_fields(
+            self, positive_ints=("r",), probabilities=("lora_dropout",), name_lists=("target_modules",)
+        )
         if self.lora_alpha <= 0:
             raise ValueError(f"LoraConfig: lora_alpha must be > 0, got {self.lora_alpha!r}")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ValueError(f"LoraConfig: lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
         if self.bias not in _BIAS_MODES:
             raise ValueError(f"LoraConfig: bias must be one of {_BIAS_MODES}, got {self.bias!r}")
         init = self.init_lora_weights
@@ -108,8 +105,6 @@ class LoraConfig(PeftConfig):
             raise ValueError(
                 f"LoraConfig: init_lora_weights must be one of {_INITS} or 'pissa_niter_N', got {init!r}"
             )
-        if self.layers_pattern is not None and self.layers_to_transform is None:
-            raise ValueError("LoraConfig: layers_pattern only applies together with layers_to_transform")
         if self.lora_bias and (self.use_dora or init not in (True, False)):
             raise ValueError(
                 "LoraConfig: lora_bias=True works with init_lora_weights True or False and without DoRA; got "
@@ -177,16 +172,10 @@ class LoraConfig(PeftConfig):
             if value <= 0:
                 raise ValueError(f"LoraConfig: rank/alpha pattern {pattern!r} must be > 0, got {value!r}")
 
-    def _pattern_value(self, patterns: dict[str, Any], module_name: str, default: Any) -> Any:
-        for key, value in patterns.items():
-            if re.match(rf"(.*\.)?({key})$", module_name):
-                return value
-        return default
-
     def rank_for(self, module_name: str) -> int:
         """r for one module, honouring rank_pattern."""
-        return int(self._pattern_value(self.rank_pattern, module_name, self.r))
+        return int(pattern_value(self.rank_pattern, module_name, self.r))
 
     def alpha_for(self, module_name: str) -> float:
         """lora_alpha for one module, honouring alpha_pattern."""
-        return self._pattern_value(self.alpha_pattern, module_name, self.lora_alpha)
+        return pattern_value(self.alpha_pattern, module_name, self.lora_alpha)

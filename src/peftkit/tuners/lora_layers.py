@@ -383,12 +383,14 @@ class LoraEmbedding(LoraLayer):
                 )
 
     def update_layer(self, adapter_name: str, config: LoraConfig, init_weights: bool = True) -> None:
-        if config.use_dora or config.lora_bias:
+        if config.lora_bias:
             raise ValueError(
-                f"LoRA on an Embedding ({self.module_name}) supports neither DoRA (use_dora) nor lora_bias; "
+                f"LoRA on an Embedding ({self.module_name}) does not support lora_bias; "
                 "exclude it from target_modules or switch the option off"
             )
-        super().update_layer(adapter_name, config, init_weights)
+        super().update_layer(
+            adapter_name, config, init_weights
+        )  # DoRA: magnitude (dim,), norms over the vocab
 
     def _weight_rows(self) -> torch.Tensor:
         return self.base_layer.weight.T
@@ -404,12 +406,16 @@ class LoraEmbedding(LoraLayer):
         ).T
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """x: (...) token ids -> (..., dim)."""
+        """x: (...) token ids -> (..., dim). DoRA rescales each of the dim output columns (no dropout here)."""
         result = self.base_layer(x, *args, **kwargs)
         for name in self._active_unmerged():
             A, B = self.lora_embedding_A[name], self.lora_embedding_B[name]
             after_a = FL.embed_with(x, A.T, self.base_layer)  # (..., r)
-            result = result + ((after_a * self.scaling[name]) @ B.T).to(result.dtype)
+            lora = (after_a * self.scaling[name]) @ B.T  # (..., dim)
+            if self.use_dora[name]:
+                result = self._dora_update(result, after_a, lora, name, no_dropout=True)
+            else:
+                result = result + lora.to(result.dtype)
         return result
 
 

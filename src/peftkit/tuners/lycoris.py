@@ -6,7 +6,6 @@ Linear/Conv2d on the same input. No method is registered here; `loha.py` and `lo
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +16,7 @@ from ..config import PeftConfig
 from ..functional import lycoris as FY
 from ..inject import resolve_target_modules
 from .base import AdapterLayer, BaseTuner
+from .config_checks import check_fields, pattern_value
 
 
 @dataclass
@@ -54,29 +54,13 @@ class LycorisConfig(PeftConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        cls = type(self).__name__
-        for name in ("target_modules", "exclude_modules"):
-            if isinstance(getattr(self, name), (set, tuple)):
-                setattr(self, name, sorted(getattr(self, name)))
-        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
-            raise ValueError(f"{cls}: r must be a positive integer, got {self.r!r}")
-        for name in ("rank_dropout", "module_dropout"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ValueError(f"{cls}: {name} must be in [0, 1), got {getattr(self, name)!r}")
-        if self.layers_pattern and self.layers_to_transform is None:
-            raise ValueError(f"{cls}: layers_pattern only applies together with layers_to_transform")
-
-    def _pattern_value(self, patterns: dict[str, Any], module_name: str, default: Any) -> Any:
-        for key, value in patterns.items():
-            if re.match(rf"(.*\.)?({key})$", module_name):
-                return value
-        return default
+        check_fields(self, positive_ints=("r",), probabilities=("rank_dropout", "module_dropout"))
 
     def rank_for(self, module_name: str) -> int:
-        return int(self._pattern_value(self.rank_pattern, module_name, self.r))
+        return int(pattern_value(self.rank_pattern, module_name, self.r))
 
     def alpha_for(self, module_name: str) -> float:
-        return self._pattern_value(self.alpha_pattern, module_name, self.alpha)
+        return pattern_value(self.alpha_pattern, module_name, self.alpha)
 
 
 def kaiming_(t: torch.Tensor) -> None:
@@ -115,8 +99,15 @@ class LycorisLayer(AdapterLayer):
         raise NotImplementedError
 
     def _conv_effective(self, config: LycorisConfig) -> bool:
-        base = self.base_layer
-        return config.use_effective_conv2d and isinstance(base, nn.Conv2d) and base.kernel_size != (1, 1)
+        """Tucker-factor the kernel: asked for, and a Conv2d/Conv1d whose kernel is not all ones (a 1x1 or
+        size-1 kernel is a Linear over channels and stays flattened, as in HF peft)."""
+        base = self.get_base_layer()
+        conv = isinstance(base, (nn.Conv2d, nn.Conv1d))
+        return config.use_effective_conv2d and conv and any(k != 1 for k in base.kernel_size)
+
+    def _tucker_kernel(self) -> tuple[int, int]:
+        """The Tucker core's kernel dims: (kh, kw) for a Conv2d, (k, 1) for a Conv1d (HF peft's layout)."""
+        return (*self.base_layer.weight.shape[2:], 1)[:2]
 
     def update_layer(self, adapter_name: str, config: LycorisConfig, init_weights: bool = True) -> None:
         r = config.rank_for(self.module_name)
@@ -155,12 +146,12 @@ class LycorisLayer(AdapterLayer):
             delta = self.delta_weight(name)
             if self.training and self.rank_dropout[name]:
                 delta = FY.rank_dropout(delta, self.rank_dropout[name], self.rank_dropout_scale[name])
-            result = result + FY.apply_delta(x.to(delta.dtype), delta, self.base_layer).to(result.dtype)
+            result = result + FY.apply_delta(x.to(delta.dtype), delta, self.get_base_layer()).to(result.dtype)
         return result
 
 
 class LycorisTuner(BaseTuner):
-    """Injects a LyCORIS method's layers into Linear and Conv2d targets."""
+    """Injects a LyCORIS method's layers into Linear, Conv2d and Conv1d targets."""
 
     layer_cls: type[LycorisLayer]
     default_targets: dict[str, list[str]]
@@ -172,10 +163,11 @@ class LycorisTuner(BaseTuner):
     def create_layer(
         self, target: nn.Module, config: LycorisConfig, adapter_name: str, key: str, init_weights: bool = True
     ) -> LycorisLayer:
-        if not isinstance(target, (nn.Linear, nn.Conv2d)):
+        if not isinstance(target, (nn.Linear, nn.Conv2d, nn.Conv1d)):
             raise ValueError(
-                f"Target module {key!r} is a {type(target).__name__}; {self.method_name} supports nn.Linear and "
-                "nn.Conv2d (not GPT-2's Conv1D, as in HF peft). Narrow target_modules so it matches only those."
+                f"Target module {key!r} is a {type(target).__name__}; {self.method_name} supports nn.Linear, "
+                "nn.Conv2d and nn.Conv1d (not GPT-2's Conv1D, as in HF peft). Narrow target_modules so it matches "
+                "only those."
             )
         layer = self.layer_cls(target, key)
         layer.update_layer(adapter_name, config, init_weights)

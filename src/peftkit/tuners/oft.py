@@ -32,10 +32,7 @@ from ..functional import oft as FO
 from ..inject import resolve_target_modules
 from ..registry import register_peft_method
 from .base import AdapterLayer, BaseTuner
-
-
-def _as_list(value: Any) -> Any:
-    return sorted(value) if isinstance(value, (set, tuple)) else value
+from .config_checks import check_fields
 
 
 @dataclass
@@ -78,10 +75,7 @@ class OFTConfig(PeftConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = "OFT"
-        self.target_modules = _as_list(self.target_modules)
-        self.exclude_modules = _as_list(self.exclude_modules)
-        if self.layers_pattern and self.layers_to_transform is None:
-            raise ValueError("OFTConfig: layers_pattern only applies together with layers_to_transform")
+        check_fields(self, probabilities=("module_dropout",), bias_modes=("none", "all", "oft_only"))
         if (self.r != 0) == (self.oft_block_size != 0):
             raise ValueError(
                 f"OFTConfig: set exactly one of r ({self.r}) and oft_block_size ({self.oft_block_size}) to a "
@@ -89,10 +83,6 @@ class OFTConfig(PeftConfig):
             )
         if min(self.r, self.oft_block_size) < 0:
             raise ValueError("OFTConfig: r and oft_block_size must be >= 0")
-        if self.bias not in ("none", "all", "oft_only"):
-            raise ValueError(f"OFTConfig: bias must be 'none', 'all' or 'oft_only', got {self.bias!r}")
-        if not 0.0 <= self.module_dropout < 1.0:
-            raise ValueError(f"OFTConfig: module_dropout must be in [0, 1), got {self.module_dropout!r}")
         if self.num_cayley_neumann_terms < 1:
             raise ValueError("OFTConfig: num_cayley_neumann_terms must be >= 1")
 
@@ -262,17 +252,6 @@ class OFTModel(BaseTuner):
         return layer
 
     layer_cls = OFTLayer
-
-    def mark_extra_trainable(self, config: PeftConfig) -> None:
-        """Biases train for bias="all" (every bias) or "<prefix>only" (biases of adapted layers)."""
-        if config.bias == "none" or config.inference_mode:
-            return
-        for module in self.model.modules():
-            bias = getattr(module, "bias", None)
-            if isinstance(bias, nn.Parameter) and (
-                config.bias == "all" or isinstance(module, self.layer_cls)
-            ):
-                bias.requires_grad_(True)
 
 
 register_peft_method(peft_type="OFT", config_cls=OFTConfig, tuner_cls=OFTModel, prefix="oft_")

@@ -10,6 +10,7 @@ are computed from small embeddings by a two-layer MLP while training; files stor
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from dataclasses import dataclass
 from typing import Any
 
@@ -98,6 +99,24 @@ class PrefixEncoder(PromptEncoderBase):
         return self.transform(x) if self.prefix_projection else x
 
 
+def check_takes_kv_cache(model: nn.Module) -> None:
+    """Raise unless `model.forward` takes a KV cache (`past_key_values` / `cache`), which prefix tuning fills.
+
+    Encoder-only models (BERT, RoBERTa, ... in transformers 5) take none: their forward would swallow the prefix
+    into `**kwargs` and silently run without it. HF peft raises at the first forward ("Model does not support
+    past key values"); peftkit refuses when the adapter is created, naming the model."""
+    params = inspect.signature(model.forward).parameters
+    if "past_key_values" in params or "cache" in params:
+        return
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    raise ValueError(
+        f"Prefix tuning feeds the prefix as a KV cache, but {type(model).__name__} (model_type "
+        f"{model_type!r}) takes none (its forward has no past_key_values): encoder-only models such as BERT "
+        "are not supported. Use it with a decoder-only or encoder-decoder model, or adapt this model with "
+        "prompt tuning, P-tuning or LoRA instead."
+    )
+
+
 class PrefixTuningTuner(PromptLearningTuner):
     """Prefix tuning around a base model: the rows become the base model's starting KV cache."""
 
@@ -106,6 +125,7 @@ class PrefixTuningTuner(PromptLearningTuner):
     ) -> PrefixEncoder:
         if any(getattr(m, "gradient_checkpointing", False) for m in self.model.modules()):
             raise ValueError("prefix tuning does not work with gradient checkpointing (it feeds a KV cache)")
+        check_takes_kv_cache(self.model)
         return PrefixEncoder(config, with_head=with_head)
 
     def prefix_cache(self, config: PrefixTuningConfig, rows: torch.Tensor, batch: int) -> Any:

@@ -21,6 +21,7 @@ from ..functional import vera as FV
 from ..inject import DEFAULT_TARGETS, LINEAR_TYPES, Conv1D, find_targets, resolve_target_modules
 from ..registry import register_peft_method
 from .base import AdapterLayer, BaseTuner
+from .config_checks import check_fields
 
 VERA_DEFAULT_TARGETS = {**DEFAULT_TARGETS, "phi": ["q_proj", "v_proj"]}  # HF peft's VeRA table
 
@@ -39,7 +40,8 @@ class VeraConfig(PeftConfig):
         vera_dropout: dropout probability on the VeRA branch input, in [0, 1).
         d_initial: initial value of every `vera_lambda_d` entry.
         fan_in_fan_out: kept for file compatibility; the layout is read from the layer type.
-        bias: only "none" is implemented ("all" / "vera_only" raise).
+        bias: "none"; "all" (every bias of the model trains and is saved) or "vera_only" (the biases of the
+            adapted layers), as in HF peft.
         modules_to_save: extra modules trained in full and saved with the adapter.
         init_weights: True: lambda_b = 0 (the model starts unchanged), lambda_d = d_initial. False: lambda_b = 1,
             lambda_d ~ N(0, 1).
@@ -62,20 +64,13 @@ class VeraConfig(PeftConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = "VERA"
-        if isinstance(self.target_modules, (set, tuple)):
-            self.target_modules = sorted(self.target_modules)
-        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
-            raise ValueError(f"VeraConfig: r must be a positive integer, got {self.r!r}")
-        if not 0.0 <= self.vera_dropout < 1.0:
-            raise ValueError(f"VeraConfig: vera_dropout must be in [0, 1), got {self.vera_dropout!r}")
-        if self.bias not in ("none", "all", "vera_only"):
-            raise ValueError(f"VeraConfig: bias must be 'none', 'all' or 'vera_only', got {self.bias!r}")
-        if self.bias != "none":
-            raise NotImplementedError(
-                f"VeraConfig: bias={self.bias!r} is not supported by peftkit yet; use 'none'"
-            )
-        if self.layers_pattern and self.layers_to_transform is None:
-            raise ValueError("VeraConfig: layers_pattern only applies together with layers_to_transform")
+        check_fields(
+            self,
+            positive_ints=("r",),
+            probabilities=("vera_dropout",),
+            bias_modes=("none", "all", "vera_only"),
+            name_lists=("target_modules",),
+        )
         if not self.save_projection:
             warnings.warn(
                 "VeraConfig(save_projection=False): vera_A/vera_B will be regenerated from projection_prng_key "
@@ -181,6 +176,7 @@ class VeraModel(BaseTuner):
     """Injects VeRA layers into a model (HF peft's `VeraModel`); owns the shared projections."""
 
     prefix = "vera_lambda_"
+    layer_cls = VeraLayer  # bias="vera_only": these layers' biases train
 
     @property
     def shared_adapter_attrs(self) -> tuple[str, ...]:
