@@ -25,6 +25,14 @@ LAZY_CYCLES = {
         "the old import path peftkit.peft_model.PeftModelForCausalLM (and pickles naming it) resolves through "
         "the module's __getattr__; task_models.py subclasses PeftModel, so it cannot be imported at the top"
     ),
+    ("peftkit.peft_model", "peftkit.mixed_model"): (
+        "get_peft_model(..., mixed=True) returns a PeftMixedModel (HF peft's signature), which builds on "
+        "PeftModel's saving and loading; mixed_model.py is loaded only when a mixed model is asked for"
+    ),
+    ("peftkit.tuners.ia3", "peftkit.tuners.bnb_layers"): (
+        "IA3Model.create_layer picks the bitsandbytes layer (a subclass of IA3Layer) only for a quantized "
+        "target, so bitsandbytes-specific code loads only when a quantized base is seen"
+    ),
 }
 
 
