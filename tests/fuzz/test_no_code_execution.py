@@ -68,7 +68,7 @@ def _model_asking_for_remote_code(folder, marker) -> None:
     build_tiny_model(folder, chat_template=True)
     (folder / "evil_modeling.py").write_text(
         f"import pathlib\npathlib.Path({str(marker)!r}).touch()\n"
-        "from transformers import LlamaForCausalLM as EvilForCausalLM\n"
+        "from transformers import LlamaForCausalLM\nclass EvilForCausalLM(LlamaForCausalLM):\n    pass\n"
     )
     config = json.loads((folder / "config.json").read_text())
     config["auto_map"] = {"AutoModelForCausalLM": "evil_modeling.EvilForCausalLM"}
@@ -116,7 +116,7 @@ def test_custom_model_code_is_not_run(tmp_path):
     assert not marker.exists(), "AutoPeftModelForCausalLM ran the base model's custom code"
 
     # the trap is real: asking transformers for remote code runs the file (so the checks above could fail)
-    from transformers import AutoModelForCausalLM
-
-    AutoModelForCausalLM.from_pretrained(str(model_dir), trust_remote_code=True)
+    # (in a child process: transformers registers the remote class for every Llama config of the process)
+    code = "import sys, transformers as t; t.AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True)"
+    subprocess.run([sys.executable, "-c", code, str(model_dir)], check=True, env=env, timeout=300)
     assert marker.exists()
