@@ -123,6 +123,7 @@ CHANGED = {
     "weight_decay": 0.01,
     "max_grad_norm": 0.5,
     "eval_split": 0.2,
+    "quantize": "4bit",
 }
 # Settings that only change what is measured, logged or where it goes: a resume may change them.
 FREE = {
