@@ -123,7 +123,14 @@ class Dist:
             offset += g.numel()
 
     def base_params_here(self, model) -> int:
-        """Frozen parameters this process holds: all of them, or its FSDP2 shards (about 1/N)."""
+        """Frozen parameters this process holds: all of them, or its FSDP2 shards (about 1/N). The root's
+        parameters stay gathered after a forward without backward (the held-out generation): reshard first."""
+        if self.active and self.fsdp:
+            from torch.distributed.fsdp import FSDPModule
+
+            for module in model.modules():
+                if isinstance(module, FSDPModule):
+                    module.reshard()
         return sum(
             (p.to_local() if hasattr(p, "to_local") else p).numel()
             for p in model.parameters()
