@@ -144,7 +144,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--output", required=True, help="the .gguf file, or the merged model's folder")
     p.add_argument(
-        "--dtype", choices=("f32", "f16"), default="f32", help="tensor type in the GGUF (default: f32)"
+        "--merged",
+        action="store_true",
+        help="with --format gguf: the whole merged model (weights, tokenizer, chat template) as one GGUF",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=("f32", "f16", "q8_0"),
+        help="tensor type in the GGUF (adapter: f32 or f16, default f32; --merged: f32, f16 or q8_0, default f16)",
     )
     p.add_argument(
         "--base-gguf",
