@@ -172,6 +172,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_adapter(p, "adapter folder (adapter_config.json + adapter_model.safetensors)")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    p.add_argument(
+        "--analyze",
+        action="store_true",
+        help="load the base and report, per layer and module, |dW|_F, |dW|/|W|, effective and stable rank",
+    )
+    p.add_argument(
+        "--compare", metavar="DIR", help="with --analyze: a second adapter; adds the cosine of the two dW"
+    )
+    p.add_argument(
+        "--png", metavar="FILE", help="with --analyze: a layers x modules heatmap of |dW|/|W| (or the cosine)"
+    )
+    p.add_argument("--model", help="with --analyze: the base model (default: the adapter's recorded base)")
     _add_common(p)
     return parser
 

@@ -259,9 +259,13 @@ def _default_gguf_if_base(base: str) -> str | None:
 
 
 def info(args) -> int:
-    """Describe an adapter folder without loading its base model."""
+    """Describe an adapter folder without loading its base model (`--analyze`: with it, see `analyze`)."""
     from safetensors import safe_open
 
+    if getattr(args, "analyze", False):
+        return analyze(args)
+    if getattr(args, "compare", None) or getattr(args, "png", None):
+        raise PeftkitError("--compare and --png go with --analyze")
     folder = _check_adapter_dir(args.adapter)
     config = json.loads((folder / "adapter_config.json").read_text())
     weights = folder / "adapter_model.safetensors"
@@ -285,4 +289,36 @@ def info(args) -> int:
     else:
         for key, value in summary.items():
             print(f"{key:>15}: {value if value is not None else '-'}")
+    return 0
+
+
+def analyze(args) -> int:
+    """`peftkit info --analyze`: per layer and module, what the adapter's update ΔW looks like (peftkit.analyze);
+    with --compare, the cosine of the two adapters' ΔW; with --png, a heatmap."""
+    from peftkit import analyze as A
+
+    adapters = [args.adapter] + ([args.compare] if args.compare else [])
+    set_threads(None)
+    model, _, names, _ = load_with_adapters(args.model, adapters, not args.no_progress)
+    try:
+        rows = A.analyze(model, names[0], names[1] if args.compare else None)
+    except ValueError as e:
+        raise PeftkitError(f"{args.adapter}: {e}") from e
+    if args.compare and all(r.get("cosine") is None for r in rows):
+        raise PeftkitError(
+            f"{args.compare} adapts none of the modules {args.adapter} adapts; nothing to compare"
+        )
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        print(A.format_table(rows))
+        top = max(rows, key=lambda r: r["relative"])
+        print(f"largest change: {top['name']} (|dW|/|W| = {top['relative']:.4g})")
+    if args.png:
+        value = "cosine" if args.compare else "relative"
+        try:
+            A.heatmap(rows, args.png, value=value, title=f"{value}: {Path(args.adapter).name}")
+        except ValueError as e:
+            raise PeftkitError(f"--png {args.png}: {e}") from e
+        print(f"heatmap written to {args.png}", file=sys.stderr)
     return 0
