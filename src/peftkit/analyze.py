@@ -54,8 +54,10 @@ class ModuleDelta:
 
     def singular_values(self) -> torch.Tensor:
         """σ of ΔW, descending; through r×r matrices for factors."""
-        if self.dense is not None:
-            return torch.linalg.svdvals(self.dense)
+        if self.dense is not None:  # eigenvalues of the smaller Gram matrix (float64): several times faster
+            d = self.dense.double()
+            gram = d @ d.T if d.shape[0] <= d.shape[1] else d.T @ d
+            return torch.linalg.eigvalsh(gram).clamp_min(0).sqrt().flip(0)
         _, r_left = torch.linalg.qr(self.left)  # left = Q_l R_l, (r, r)
         _, r_right = torch.linalg.qr(self.right.T)  # rightᵀ = Q_r R_r
         return torch.linalg.svdvals(r_left @ r_right.T)
