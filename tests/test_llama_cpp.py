@@ -9,11 +9,20 @@
 - The adapter merged into the model and exported as one GGUF (F32 and Q8_0, tokenizer and chat template
   included) decodes greedily to the same tokens in llama.cpp as peftkit's merged model (F32: identical; Q8_0:
   same logits to 1.5).
+- The default run's adapter (`peftkit train` with no arguments; a finished run folder can be given as
+  $PEFTKIT_DEFAULT_RUN, else the test trains it, ~3 min on an idle 2-core CPU): held-out exact match of the
+  exported adapter on the Q4_1 base in llama.cpp within 2 points of peftkit's own (the run's report.json).
 
 Skipped only where llama-cpp-cffi is not installed (or its library cannot be loaded; the reason is shown).
 """
 
 from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -142,3 +151,36 @@ def test_merged_gguf_decodes_like_peftkit(runtime, default, tmp_path, dtype):
             expected = [t for t in generated if t != tokenizer.eos_token_id]
             assert llama.greedy(ids, 12, {tokenizer.eos_token_id}) == expected[: len(expected)]
     llama.close()
+
+
+def test_default_run_exact_match_in_llama_cpp(runtime, tmp_path):
+    from transformers import AutoConfig, AutoTokenizer
+
+    from peftkit.export.gguf_adapter import write_gguf_adapter
+    from peftkit.train.data import encode_prompt, load_examples
+    from peftkit.train.default_model import default_model_path, find_gguf
+    from peftkit.train.evaluate import default_max_new_tokens
+    from peftkit.train.loop import BUNDLED_EVAL, bundled
+
+    run = Path(os.environ.get("PEFTKIT_DEFAULT_RUN") or tmp_path / "run")
+    if not (run / "report.json").is_file():
+        cmd = [sys.executable, "-m", "peftkit.cli", "train", "--output", str(run), "--no-progress"]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
+        assert done.returncode == 0, done.stderr
+    report = json.loads((run / "report.json").read_text())
+    ours = report["eval"]["exact_match_after"]
+    folder = default_model_path(progress=False)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    write_gguf_adapter(run / "adapter", tmp_path / "dates.gguf", AutoConfig.from_pretrained(folder))
+    rows = load_examples([bundled(BUNDLED_EVAL)])[: ours["total"]]
+    max_new = default_max_new_tokens(tokenizer, rows)
+    llama = runtime.LlamaCpp(find_gguf(), threads=2)
+    llama.set_adapter(tmp_path / "dates.gguf")
+    hits = 0
+    for row in rows:
+        new = llama.greedy(encode_prompt(tokenizer, row), max_new, {tokenizer.eos_token_id})
+        hits += tokenizer.decode(new, skip_special_tokens=True).strip() == row.response.strip()
+    llama.close()
+    theirs = hits / len(rows)
+    print(f"held-out exact match: peftkit {ours['exact_match']:.3f}, llama.cpp (Q4_1 + adapter) {theirs:.3f}")
+    assert abs(theirs - ours["exact_match"]) <= 0.02
