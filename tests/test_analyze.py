@@ -55,8 +55,9 @@ def _expected(delta, weight):
         peftkit.LoraConfig(r=4, use_dora=True, target_modules=["q_proj", "up_proj"]),
         peftkit.LoHaConfig(r=4, target_modules=["k_proj", "o_proj"]),
         peftkit.OFTConfig(r=0, oft_block_size=4, target_modules=["q_proj"]),
+        peftkit.AdaLoraConfig(r=4, target_modules=["q_proj"], total_step=10),
     ],
-    ids=["lora-factors", "dora", "loha", "oft"],
+    ids=["lora-factors", "dora", "loha", "oft", "adalora"],
 )
 def test_stats_match_torch_linalg_on_the_explicit_delta(config):
     torch.manual_seed(0)
@@ -71,7 +72,7 @@ def test_stats_match_torch_linalg_on_the_explicit_delta(config):
         want = _expected(*explicit[row["name"]])
         for key, value in want.items():
             assert row[key] == pytest.approx(value, rel=1e-4, abs=1e-6), (row["name"], key)
-    if isinstance(config, peftkit.LoraConfig) and not config.use_dora:  # ranks: 4 for q/down, 2 for v
+    if type(config) is peftkit.LoraConfig and not config.use_dora:  # ranks: 4 for q/down, 2 for v
         assert all(r["effective_rank"] <= (2 if r["module"].endswith("v_proj") else 4) + 1e-6 for r in rows)
         assert {r["layer"] for r in rows} == {0, 1} and "self_attn.q_proj" in {r["module"] for r in rows}
     best = A.largest_change(peft_model, "default")

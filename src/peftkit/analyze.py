@@ -101,13 +101,13 @@ def module_deltas(model: nn.Module, adapter_name: str) -> list[ModuleDelta]:
 
 
 def _lora_factors(layer: AdapterLayer, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(s·B (out, r), A (r, in)) of a plain LoRA Linear/Conv1D layer, else None."""
+    """(s·B (out, r), A (r, in)) of a plain LoRA (or rsLoRA) Linear/Conv1D layer, else None."""
     lora_a = getattr(layer, "lora_A", None)
     if lora_a is None or name not in lora_a or getattr(layer, "use_dora", {}).get(name):
         return None
-    a, b = lora_a[name].weight.detach().float(), layer.lora_B[name].weight.detach().float()
-    if a.dim() != 2 or b.dim() != 2:
+    if not isinstance(lora_a[name], nn.Linear):  # AdaLoRA's SVD triplets, conv kernels: the dense path
         return None
+    a, b = lora_a[name].weight.detach().float(), layer.lora_B[name].weight.detach().float()
     return b * float(layer.scaling[name]), a
 
 
