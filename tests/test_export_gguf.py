@@ -144,3 +144,69 @@ def test_peftkit_export_command(tmp_path):
         and "--overwrite" in again.stderr
         and len(again.stderr.strip().splitlines()) == 1
     )
+
+
+def test_peftkit_export_merged_gguf_q8_0(tmp_path):
+    """`peftkit export --merged --dtype q8_0` as a subprocess, read back with the `gguf` reader: every weight
+    of peftkit's merged model (q/k in llama.cpp's rotary order) within Q8_0's rounding, norms exact, the
+    tokenizer (tokens, types, merges, special ids, chat template) and an Ollama Modelfile with the template."""
+    import subprocess
+    import sys
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .train.tiny import build_tiny_model
+
+    model_dir = build_tiny_model(tmp_path / "model", chat_template=True)
+    peft_model = _random_lora(
+        AutoModelForCausalLM.from_pretrained(model_dir),
+        tmp_path / "adapter",
+        r=2,
+        target_modules=["q_proj", "k_proj", "down_proj"],
+    )
+    merged = peft_model.merge_and_unload().state_dict()
+    cmd = [sys.executable, "-m", "peftkit.cli", "export", "--adapter", str(tmp_path / "adapter"), "--merged"]
+    cmd += ["--dtype", "q8_0", "--output", str(tmp_path / "m.gguf"), "--model", str(model_dir)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    reader = gguf.GGUFReader(str(tmp_path / "m.gguf"))
+    fields = {f.name: f.contents() for f in reader.fields.values()}
+    assert fields["general.architecture"] == "llama" and fields["general.type"] == "model"
+    assert fields["llama.block_count"] == 2 and fields["llama.attention.head_count_kv"] == 2
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    vocab = {i: t for t, i in tokenizer.get_vocab().items()}
+    assert fields["tokenizer.ggml.model"] == "gpt2"
+    assert fields["tokenizer.ggml.tokens"] == [vocab[i] for i in range(len(vocab))]
+    assert fields["tokenizer.ggml.token_type"][tokenizer.eos_token_id] == 3  # control
+    assert fields["tokenizer.ggml.eos_token_id"] == tokenizer.eos_token_id
+    assert (
+        fields["tokenizer.ggml.merges"][:3] and fields["tokenizer.chat_template"] == tokenizer.chat_template
+    )
+    tensors = {t.name: t for t in reader.tensors}
+    assert "output.weight" in tensors  # this tiny model does not tie its head
+    for layer in range(2):
+        for hf, name, heads in [
+            ("q_proj", "attn_q", 4),
+            ("k_proj", "attn_k", 2),
+            ("down_proj", "ffn_down", 0),
+        ]:
+            t = tensors[f"blk.{layer}.{name}.weight"]
+            assert t.tensor_type == gguf.GGMLQuantizationType.Q8_0
+            got = gguf.quants.dequantize(t.data, t.tensor_type)
+            module = "self_attn" if heads else "mlp"
+            want = merged[f"model.layers.{layer}.{module}.{hf}.weight"].numpy()
+            if heads:
+                want = (
+                    want.reshape(heads, 2, want.shape[0] // heads // 2, -1).swapaxes(1, 2).reshape(want.shape)
+                )
+            # Q8_0: per 32 values, x = d * q with d = max|x| / 127 stored as f16 (relative error <= 2^-11)
+            step = np.abs(want).reshape(want.shape[0], -1, 32).max(-1, keepdims=True) / 127
+            error = np.abs(got - want).reshape(step.shape[0], -1, 32)
+            assert np.all(error <= step * (0.5 + 128 * 2**-11) + 1e-7)
+            assert np.abs(got - want).max() > 0  # really quantized
+        norm = tensors[f"blk.{layer}.attn_norm.weight"]
+        np.testing.assert_array_equal(
+            norm.data, merged[f"model.layers.{layer}.input_layernorm.weight"].numpy()
+        )
+    modelfile = (tmp_path / "m.Modelfile").read_text()
+    assert modelfile.startswith(f"FROM {(tmp_path / 'm.gguf').resolve()}\n")

@@ -169,7 +169,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--output", required=True, help="the .gguf file, or the merged model's folder")
     p.add_argument(
-        "--dtype", choices=("f32", "f16"), default="f32", help="tensor type in the GGUF (default: f32)"
+        "--merged",
+        action="store_true",
+        help="with --format gguf: the whole merged model (weights, tokenizer, chat template) as one GGUF",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=("f32", "f16", "q8_0"),
+        help="tensor type in the GGUF (adapter: f32 or f16, default f32; --merged: f32, f16 or q8_0, default f16)",
     )
     p.add_argument(
         "--base-gguf",
@@ -191,6 +198,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_adapter(p, "adapter folder (adapter_config.json + adapter_model.safetensors)")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    p.add_argument(
+        "--analyze",
+        action="store_true",
+        help="load the base and report, per layer and module, |dW|_F, |dW|/|W|, effective and stable rank",
+    )
+    p.add_argument(
+        "--compare", metavar="DIR", help="with --analyze: a second adapter; adds the cosine of the two dW"
+    )
+    p.add_argument(
+        "--png", metavar="FILE", help="with --analyze: a layers x modules heatmap of |dW|/|W| (or the cosine)"
+    )
+    p.add_argument("--model", help="with --analyze: the base model (default: the adapter's recorded base)")
     _add_common(p)
     return parser
 

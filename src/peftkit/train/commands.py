@@ -189,21 +189,33 @@ def merge(args) -> int:
 
 
 def export(args) -> int:
-    """`peftkit export`: a llama.cpp LoRA GGUF (+ Ollama Modelfile), or the merged model (`--format
-    safetensors-merged`, exactly `peftkit merge`)."""
+    """`peftkit export`: a llama.cpp LoRA GGUF (+ Ollama Modelfile), the merged model as one GGUF (`--merged`,
+    + Modelfile), or the merged model folder (`--format safetensors-merged`, exactly `peftkit merge`)."""
     if args.format == "safetensors-merged":
         return merge(args)
-    from transformers import AutoConfig
-
-    from peftkit.export.gguf_adapter import write_gguf_adapter
-    from peftkit.train.modeling import choose_base, resolve_model
+    from peftkit.export.gguf_adapter import ExportError
 
     folder = _check_adapter_dir(args.adapter)
     out = Path(args.output).expanduser()
     if out.exists() and not args.overwrite:
         raise PeftkitError(f"export output {out} exists; pass --overwrite to replace it")
+    try:
+        return _export_merged_gguf(args, out) if args.merged else _export_adapter_gguf(args, folder, out)
+    except ExportError as e:
+        raise PeftkitError(str(e)) from e
+
+
+def _export_adapter_gguf(args, folder: Path, out: Path) -> int:
+    from transformers import AutoConfig
+
+    from peftkit.export.gguf_adapter import write_gguf_adapter
+    from peftkit.train.modeling import resolve_model
+
+    dtype = args.dtype or "f32"
+    if dtype not in ("f32", "f16"):
+        raise PeftkitError(f"--dtype {dtype}: a llama.cpp LoRA adapter is written as f32 or f16")
     base = resolve_model(choose_base(args.model, [folder]), progress=not args.no_progress)
-    summary = write_gguf_adapter(folder, out, AutoConfig.from_pretrained(base), dtype=args.dtype)
+    summary = write_gguf_adapter(folder, out, AutoConfig.from_pretrained(base), dtype=dtype)
     base_gguf = args.base_gguf or _default_gguf_if_base(base)
     lines = [f"FROM {base_gguf or '<path to the base model GGUF>'}", f"ADAPTER {out.resolve()}"]
     modelfile = out.with_name(out.stem + ".Modelfile")
@@ -213,6 +225,46 @@ def export(args) -> int:
         f"architecture {summary['architecture']}); Ollama Modelfile: {modelfile}"
     )
     return 0
+
+
+def _export_merged_gguf(args, out: Path) -> int:
+    """The adapter merged into its base, written with the base's tokenizer and chat template as one GGUF."""
+    from peftkit.export.gguf_model import modelfile_for_merged, write_gguf_model
+    from peftkit.train.modeling import resolve_model
+
+    set_threads(None)
+    model, tokenizer, _, _ = load_with_adapters(args.model, [args.adapter], not args.no_progress)
+    base = resolve_model(choose_base(args.model, [_check_adapter_dir(args.adapter)]), progress=False)
+    merged = model.merge_and_unload()
+    base_gguf = args.base_gguf or _default_gguf_if_base(str(base))
+    with tempfile.TemporaryDirectory() as tok_dir:
+        tokenizer.save_pretrained(tok_dir)  # tokenizer.json + chat template, as the base has them
+        summary = write_gguf_model(
+            merged.state_dict(),
+            merged.config,
+            tok_dir,
+            out,
+            dtype=args.dtype or "f16",
+            tokenizer_pre=_gguf_tokenizer_pre(base_gguf),
+            name=Path(args.adapter).resolve().name,
+        )
+    modelfile = out.with_name(out.stem + ".Modelfile")
+    modelfile.write_text(modelfile_for_merged(out, getattr(tokenizer, "chat_template", None)))
+    print(
+        f"merged model written to {out} as GGUF ({summary['tensors']} tensors, {summary['bytes']:,} bytes, "
+        f"{args.dtype or 'f16'}, architecture {summary['architecture']}); Ollama Modelfile: {modelfile}"
+    )
+    return 0
+
+
+def _gguf_tokenizer_pre(base_gguf: str | None) -> str | None:
+    """llama.cpp's pre-tokenizer label (`tokenizer.ggml.pre`) from the base model's GGUF, when there is one."""
+    if not base_gguf or not Path(base_gguf).is_file():
+        return None
+    import gguf
+
+    field = gguf.GGUFReader(base_gguf).fields.get("tokenizer.ggml.pre")
+    return field.contents() if field is not None else None
 
 
 def _default_gguf_if_base(base: str) -> str | None:
@@ -228,12 +280,16 @@ def _default_gguf_if_base(base: str) -> str | None:
 
 
 def info(args) -> int:
-    """Describe an adapter folder without loading its base model."""
+    """Describe an adapter folder without loading its base model (`--analyze`: with it, see `analyze`)."""
     from safetensors import SafetensorError, safe_open
 
     from peftkit.config import read_json_file
     from peftkit.io import check_safetensors_header
 
+    if getattr(args, "analyze", False):
+        return analyze(args)
+    if getattr(args, "compare", None) or getattr(args, "png", None):
+        raise PeftkitError("--compare and --png go with --analyze")
     folder = _check_adapter_dir(args.adapter)
     config = read_json_file(str(folder / "adapter_config.json"))
     weights = folder / "adapter_model.safetensors"
@@ -261,4 +317,36 @@ def info(args) -> int:
     else:
         for key, value in summary.items():
             print(f"{key:>15}: {value if value is not None else '-'}")
+    return 0
+
+
+def analyze(args) -> int:
+    """`peftkit info --analyze`: per layer and module, what the adapter's update ΔW looks like (peftkit.analyze);
+    with --compare, the cosine of the two adapters' ΔW; with --png, a heatmap."""
+    from peftkit import analyze as A
+
+    adapters = [args.adapter] + ([args.compare] if args.compare else [])
+    set_threads(None)
+    model, _, names, _ = load_with_adapters(args.model, adapters, not args.no_progress)
+    try:
+        rows = A.analyze(model, names[0], names[1] if args.compare else None)
+    except ValueError as e:
+        raise PeftkitError(f"{args.adapter}: {e}") from e
+    if args.compare and all(r.get("cosine") is None for r in rows):
+        raise PeftkitError(
+            f"{args.compare} adapts none of the modules {args.adapter} adapts; nothing to compare"
+        )
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        print(A.format_table(rows))
+        top = max(rows, key=lambda r: r["relative"])
+        print(f"largest change: {top['name']} (|dW|/|W| = {top['relative']:.4g})")
+    if args.png:
+        value = "cosine" if args.compare else "relative"
+        try:
+            A.heatmap(rows, args.png, value=value, title=f"{value}: {Path(args.adapter).name}")
+        except ValueError as e:
+            raise PeftkitError(f"--png {args.png}: {e}") from e
+        print(f"heatmap written to {args.png}", file=sys.stderr)
     return 0

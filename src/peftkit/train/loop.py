@@ -31,7 +31,7 @@ from peftkit.train.lock import LOCK_NAME, OutputLock
 from peftkit.train.methods import build_peft_config
 from peftkit.train.modeling import load_model_and_tokenizer, set_threads
 from peftkit.train.options import RUN_DEFINING, TrainOptions
-from peftkit.train.report import adapter_size_bytes, plot_loss_curve, write_reports
+from peftkit.train.report import adapter_size_bytes, largest_change, plot_loss_curve, write_reports
 
 BUNDLED_TRAIN, BUNDLED_EVAL = "dates_train.jsonl", "dates_eval.jsonl"
 
@@ -238,6 +238,7 @@ def _train(o: TrainOptions, progress: bool, say) -> dict:
         "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "plot_note": plot_note,
         "eval": _eval_summary(before, after),
+        "largest_change": largest_change(model),
     }
     report["markdown"] = write_reports(output, report)
     dist.barrier()

@@ -51,10 +51,23 @@ def render_markdown(r: dict) -> str:
         lines.append(
             f"- held-out exact match: {_fmt_em(ev.get('exact_match_before'))} -> {_fmt_em(ev.get('exact_match_after'))}"
         )
+    if r.get("largest_change"):
+        c = r["largest_change"]
+        where = (
+            f"layer {c['layer']} module {c['module']}" if c["layer"] is not None else f"module {c['module']}"
+        )
+        lines.append(f"- the adapter changed the model most at {where} (‖ΔW‖/‖W‖ = {c['relative']:.3g})")
     lines += ["", f"Adapter: `{r['output']}` (load with `PeftModel.from_pretrained(base, path)`)."]
     if r.get("plot_note"):
         lines.append(r["plot_note"])
     return "\n".join(lines) + "\n"
+
+
+def largest_change(model, adapter_name: str = "default") -> dict | None:
+    """Where the trained adapter changed the model most (peftkit.analyze), for the report."""
+    from peftkit.analyze import largest_change as find
+
+    return find(model, adapter_name)
 
 
 def _fmt_loss(loss: dict | None) -> str:
