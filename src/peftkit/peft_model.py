@@ -26,6 +26,7 @@ from . import integrations, io, merge, mixed_batch
 from .config import PeftConfig
 from .fast_attention import fast_attention
 from .fused_loss import try_fused_forward
+from .inference_fold import drop_folds
 from .modules_to_save import ModulesToSaveWrapper
 from .registry import get_method
 from .status import TunerLayerStatus, TunerModelStatus, get_layer_status, get_model_status
@@ -163,6 +164,8 @@ class PeftModel(PreTrainedModel):
 
     def train(self, mode: bool = True) -> PeftModel:
         super().train(mode)
+        if mode:  # training resumes: free the no-grad folded LoRA weights (see inference_fold)
+            drop_folds(self)
         if "_prompt_tuner" in self.__dict__:  # not a registered child (see __init__): keep its flag in step
             self.__dict__["_prompt_tuner"].training = mode
         return self
