@@ -26,6 +26,7 @@ from . import integrations, io, merge, mixed_batch
 from .config import PeftConfig
 from .fast_attention import fast_attention
 from .fused_loss import try_fused_forward
+from .generate_prefix import generate_with_shared_prefix
 from .inference_fold import drop_folds
 from .modules_to_save import ModulesToSaveWrapper
 from .registry import get_method
@@ -187,7 +188,8 @@ class PeftModel(PreTrainedModel):
         """The tuner's generate: the base model's, except where a method changes it (prompt learning).
         `adapter_names` (one per prompt) generates each row with its own adapter: see `mixed_batch`."""
         with mixed_batch.from_kwargs(self, args, kwargs):
-            return self.base_model.generate(*args, **kwargs)
+            out = None if args else generate_with_shared_prefix(self, self.base_model.generate, kwargs)
+            return self.base_model.generate(*args, **kwargs) if out is None else out
 
     def get_input_embeddings(self) -> nn.Module:
         return self.get_base_model().get_input_embeddings()
