@@ -56,25 +56,29 @@ def generate_flops(config, rows: int, prompt: int, new: int, lora_r: int = 0) ->
     return prefill + decode
 
 
-def gemm_peak(threads: int, n: int = 2048, repeats: int = 5) -> float:
-    """Best fp32 `torch.mm` FLOP/s of an n x n x n product with `threads` threads."""
+def gemm_peak(threads: int, n: int = 2048, repeats: int = 5) -> tuple[float, float]:
+    """Best fp32 `torch.mm` rate of an n x n x n product with `threads` threads: (FLOP per wall second,
+    FLOP per CPU second of this process). On an idle machine cpu ~= wall / threads; under contention from
+    other processes the CPU-second rate is the steadier one (it excludes time the process was not running)."""
     saved = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         a, b = torch.randn(n, n), torch.randn(n, n)
         torch.mm(a, b)
-        best = min(_timed(lambda: torch.mm(a, b)) for _ in range(repeats))
+        times = [_timed(lambda: torch.mm(a, b)) for _ in range(repeats)]
     finally:
         torch.set_num_threads(saved)
-    return 2.0 * n**3 / best
+    flops = 2.0 * n**3
+    return flops / min(w for w, _ in times), flops / min(c for _, c in times)
 
 
-def _timed(fn) -> float:
-    t = time.perf_counter()
+def _timed(fn) -> tuple[float, float]:
+    w, c = time.perf_counter(), time.process_time()
     fn()
-    return time.perf_counter() - t
+    return time.perf_counter() - w, time.process_time() - c
 
 
 def fraction(flops: float, seconds: float, peak: float) -> float:
-    """Fraction of the GEMM floor reached: (flops / peak) / seconds."""
+    """Fraction of the GEMM floor reached: (flops / peak) / seconds (wall with a wall peak, CPU seconds with
+    a CPU-second peak)."""
     return flops / peak / seconds
