@@ -197,3 +197,12 @@ def test_delete_adapter_drops(model, inputs):
     _logits(model, inputs)
     model.delete_adapter("other")
     assert _folded(model) == 0
+
+
+def test_fold_built_in_inference_mode_serves_no_grad(model, inputs):
+    with torch.inference_mode():
+        first = model(**inputs).logits
+    assert _folded(model) > 0
+    torch.testing.assert_close(_logits(model, inputs), first.clone())
+    model.train()  # and training afterwards is untouched by the inference tensors
+    model(**inputs, labels=inputs["input_ids"]).loss.backward()
