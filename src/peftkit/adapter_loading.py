@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from . import io
+from .inference_fold import drop_folds
 
 
 class LoadResult(NamedTuple):
@@ -64,6 +65,9 @@ def copy_adapter_tensors(
                 )
             target.data.copy_(value.to(target.dtype))
             loaded.add(mem_key)
+    drop_folds(
+        model
+    )  # `.data` writes do not bump `_version`: forget folded LoRA weights (see inference_fold)
     missing = [k for k in key_map if k not in loaded]
     if missing:
         warnings.warn(

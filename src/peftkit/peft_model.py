@@ -24,6 +24,8 @@ from transformers import PreTrainedModel
 
 from . import integrations, io, merge, mixed_batch
 from .config import CONFIG_NAME, PeftConfig
+from .generate_prefix import generate_with_shared_prefix
+from .inference_fold import drop_folds
 from .modules_to_save import ModulesToSaveWrapper
 from .registry import get_method
 from .status import TunerLayerStatus, TunerModelStatus, get_layer_status, get_model_status
@@ -161,6 +163,8 @@ class PeftModel(PreTrainedModel):
 
     def train(self, mode: bool = True) -> PeftModel:
         super().train(mode)
+        if mode:  # training resumes: free the no-grad folded LoRA weights (see inference_fold)
+            drop_folds(self)
         if "_prompt_tuner" in self.__dict__:  # not a registered child (see __init__): keep its flag in step
             self.__dict__["_prompt_tuner"].training = mode
         return self
@@ -181,7 +185,11 @@ class PeftModel(PreTrainedModel):
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         """The tuner's generate: the base model's, except where a method changes it (prompt learning).
         `adapter_names` (one per prompt) generates each row with its own adapter: see `mixed_batch`."""
-        return mixed_batch.generate(self, self.base_model.generate, args, kwargs)
+        if kwargs.get("adapter_names") is not None:
+            return mixed_batch.generate(self, self.base_model.generate, args, kwargs)
+        kwargs.pop("adapter_names", None)
+        out = None if args else generate_with_shared_prefix(self, self.base_model.generate, kwargs)
+        return self.base_model.generate(*args, **kwargs) if out is None else out
 
     def get_input_embeddings(self) -> nn.Module:
         return self.get_base_model().get_input_embeddings()

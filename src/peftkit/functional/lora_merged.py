@@ -44,6 +44,18 @@ def _effective_weight(
     return w_eff
 
 
+def effective_weight(
+    w: torch.Tensor, adapters: list[tuple[torch.Tensor, torch.Tensor, float]]
+) -> torch.Tensor:
+    """W + sum_k s_k * B_k @ A_k as a new (o, i) tensor (w: (o, i), possibly a transposed view; adapters:
+    (A (r, i), B (o, r), scaling)). The same sum `merged_lora_linear` forms in a scratch buffer."""
+    (A, B, s), *rest = adapters
+    w_eff = torch.addmm(w, B, A, alpha=s)
+    for A, B, s in rest:
+        w_eff.addmm_(B, A, alpha=s)
+    return w_eff
+
+
 class _MergedLoraLinear(torch.autograd.Function):
     """forward(x (..., i), w (o, i), bias (o,) or None, scalings, A_1, B_1, A_2, B_2, ...) -> (..., o).
 

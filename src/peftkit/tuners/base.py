@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..config import PeftConfig
+from ..inference_fold import drop_fold
 from ..inject import find_targets, get_submodule_parent
 
 
@@ -101,6 +102,7 @@ class AdapterLayer(nn.Module):
 
     def set_adapter(self, adapter_names: str | list[str], trainable: bool = True) -> None:
         """Make these adapters active; their tensors require grad (if `trainable`), all others do not."""
+        drop_fold(self)
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
         for name in self.adapter_names:
             for p in self.adapter_parameters(name):
@@ -109,6 +111,7 @@ class AdapterLayer(nn.Module):
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Drop every tensor of `adapter_name` (unmerging it first if needed)."""
+        drop_fold(self)
         if adapter_name in self.merged_adapters:
             self.unmerge()
         for attr in self.adapter_attrs:
@@ -125,6 +128,7 @@ class AdapterLayer(nn.Module):
         """
         names = self.active_adapters if adapter_names is None else adapter_names
         weight = self.weight  # the merge target (LoRA on a bare parameter overrides `weight`)
+        drop_fold(self)
         for name in names:
             if name in self.merged_adapters or name not in self.adapter_names:
                 continue
@@ -155,6 +159,7 @@ class AdapterLayer(nn.Module):
 
     def unmerge(self) -> None:
         """Restore the base weight by undoing the merges, last first."""
+        drop_fold(self)
         weight = self.weight
         while self.merged_adapters:
             name = self.merged_adapters.pop()
@@ -187,6 +192,7 @@ class AdapterLayer(nn.Module):
     def enable_adapters(self, enabled: bool) -> None:
         """Turn this layer's adapters on or off (off: unmerged first, so the output is the base layer's; the
         adapter tensors stop requiring grad; on: the active ones require grad again)."""
+        drop_fold(self)
         if not enabled and self.merged:
             self.unmerge()
         self.disable_adapters = not enabled
@@ -196,6 +202,7 @@ class AdapterLayer(nn.Module):
 
     def set_requires_grad(self, adapter_names: str | Sequence[str], requires_grad: bool = True) -> None:
         """Turn gradients of the named adapters' tensors in this layer on or off."""
+        drop_fold(self)
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
         for name in names:
             for p in self.adapter_parameters(name):
@@ -338,6 +345,7 @@ class BaseTuner(nn.Module):
 
     def set_adapter_layers_enabled(self, enabled: bool) -> None:
         for _, layer in self.adapter_layers():
+            drop_fold(layer)
             layer.disable_adapters = not enabled
 
     @contextmanager

@@ -14,6 +14,7 @@ from ..functional import loftq as FQ
 from ..functional import lora as FL
 from ..functional.lora_branch import lora_branch_
 from ..functional.lora_merged import merged_lora_linear
+from ..inference_fold import folded_weight
 from ..inject import Conv1D
 from .base import AdapterLayer
 from .lora_config import LoraConfig
@@ -339,6 +340,9 @@ class LoraLinear(LoraLayer):
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """x: (..., in) -> (..., out)."""
         names = self._active_unmerged()
+        folded = None if args or kwargs else folded_weight(self, names, x)  # no grad: see inference_fold
+        if folded is not None:
+            return F.linear(x, folded, self.base_layer.bias)
         if not (args or kwargs) and self._merged_ok(names, x):  # one GEMM each way: see lora_merged
             adapters = [(self.lora_A[n].weight, self.lora_B[n].weight, self.scaling[n]) for n in names]
             return merged_lora_linear(x, self._weight_rows(), self.base_layer.bias, adapters)

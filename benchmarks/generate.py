@@ -1,0 +1,213 @@
+"""Generation benchmark: HF peft's `generate` vs peftkit's, one active LoRA adapter, same prompts, same model.
+
+    python benchmarks/generate.py [--threads 2] [--rounds 2] [--new-tokens 64] [--eval-limit 200]
+                                  [--rows b1,b32,eval] [--model DIR]
+
+Model: the embedded SmolLM2-135M-Instruct (fp32). Adapter: LoRA r=16 alpha 32 on every linear layer with
+seeded random non-zero B (saved by HF peft, loaded by peftkit from the same files). Prompts: the bundled
+held-out date questions in the chat template. Rows:
+- b1: `model.generate` one prompt at a time (4 prompts), greedy, exactly --new-tokens new tokens;
+- b32: `model.generate` on 32 prompts left-padded, greedy, exactly --new-tokens new tokens;
+- eval: the held-out set (--eval-limit prompts) as `peftkit eval` generates it (`train.evaluate`: batches of
+  32 sorted by length, shared prefix, stop at end of turn) vs HF peft's `generate` on the same batches with
+  plain left padding; the decoded answers are compared.
+Rounds are interleaved (HF, peftkit, HF, peftkit...) in one process; the best round counts. Wall time
+(perf_counter) and this process's CPU time are both printed: under CPU contention the CPU-time ratio is the
+steadier one. Each row also prints the fraction of the fp32 GEMM floor (benchmarks/flops.py) it reaches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from flops import fraction, gemm_peak, generate_flops  # noqa: E402
+
+BUNDLED = Path(__file__).resolve().parents[1] / "src" / "peftkit" / "data"
+
+
+def build(a):
+    import peft
+
+    import peftkit
+    from peftkit.train.modeling import load_model_and_tokenizer
+
+    base, tok, _ = load_model_and_tokenizer(a.model, progress=False)
+    base.eval()
+    torch.manual_seed(a.seed)
+    cfg = dict(r=a.r, lora_alpha=2 * a.r, lora_dropout=0.0, target_modules="all-linear")
+    hf = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**cfg, init_lora_weights=False)).eval()
+    with torch.no_grad():  # kaiming B is too large for readable text; keep the update moderate
+        for name, p in hf.named_parameters():
+            if "lora_B" in name:
+                p.mul_(0.05)
+    tmp = tempfile.mkdtemp(prefix="peftkit-gen-bench-")
+    hf.save_pretrained(tmp)
+    pk = peftkit.PeftModel.from_pretrained(base, tmp).eval()
+    return hf, pk, tok
+
+
+def prompts(tok, limit: int) -> list[list[int]]:
+    from peftkit.train.data import encode_prompt, load_examples
+
+    rows = load_examples([str(BUNDLED / "dates_eval.jsonl")])[: limit or None]
+    return [encode_prompt(tok, e) for e in rows], rows
+
+
+def left_pad(batch: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(p) for p in batch)
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
+    return ids, mask
+
+
+def fixed_generate(model, batch, tok, new: int) -> torch.Tensor:
+    ids, mask = left_pad(batch, tok.pad_token_id)
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=new,
+            min_new_tokens=new,
+            do_sample=False,
+            pad_token_id=tok.pad_token_id,
+        )
+    return out[:, ids.shape[1] :]
+
+
+def hf_eval_texts(model, tok, all_prompts, new: int) -> list[str]:
+    """HF peft's plain batched greedy generation of the held-out prompts (same batches as train.evaluate)."""
+    order = sorted(range(len(all_prompts)), key=lambda i: len(all_prompts[i]))
+    texts: dict[int, str] = {}
+    for s in range(0, len(order), 32):
+        chunk = order[s : s + 32]
+        ids, mask = left_pad([all_prompts[i] for i in chunk], tok.pad_token_id)
+        with torch.no_grad():
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=new,
+                do_sample=False,
+                pad_token_id=tok.pad_token_id,
+                eos_token_id=tok.eos_token_id,
+            )
+        for i, t in zip(chunk, tok.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)):
+            texts[i] = t.strip()
+    return [texts[i] for i in range(len(all_prompts))]
+
+
+def pk_eval_texts(model, tok, rows, new: int) -> list[str]:
+    from peftkit.train.evaluate import encode_prompt, generate_batch
+
+    all_prompts = [encode_prompt(tok, e) for e in rows]
+    order = sorted(range(len(all_prompts)), key=lambda i: len(all_prompts[i]))
+    texts: dict[int, str] = {}
+    for s in range(0, len(order), 32):
+        chunk = order[s : s + 32]
+        for i, t in zip(chunk, generate_batch(model, tok, [all_prompts[i] for i in chunk], new)):
+            texts[i] = t.strip()
+    return [texts[i] for i in range(len(all_prompts))]
+
+
+def timed(fn):
+    w, c = time.perf_counter(), time.process_time()
+    out = fn()
+    return time.perf_counter() - w, time.process_time() - c, out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--eval-limit", type=int, default=200)
+    ap.add_argument("--r", type=int, default=16)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--rows", default="b1,b32,eval")
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    from peftkit.train.evaluate import default_max_new_tokens
+
+    hf, pk, tok = build(a)
+    config = pk.get_base_model().config
+    peak = gemm_peak(a.threads)
+    print(
+        f"fp32 GEMM peak ({a.threads} threads): {peak[0] / 1e9:.1f} GFLOP per wall s, "
+        f"{peak[1] / 1e9:.1f} GFLOP per CPU s; floor fraction = matmul FLOPs / peak / time (CPU basis)"
+    )
+    ps, rows = prompts(tok, max(a.eval_limit, 32))
+    new = a.new_tokens
+    cases = {}
+    if "b1" in a.rows:
+        cases["b1"] = (
+            lambda m: [fixed_generate(m, [p], tok, new) for p in ps[:4]],
+            4 * new,
+            sum(generate_flops(config, 1, len(p), new, 0) for p in ps[:4]),
+        )
+    if "b32" in a.rows:
+        width = max(len(p) for p in ps[:32])
+        cases["b32"] = (
+            lambda m: fixed_generate(m, ps[:32], tok, new),
+            32 * new,
+            generate_flops(config, 32, width, new, 0),
+        )
+    print(
+        "| row | HF peft s (cpu s) | peftkit s (cpu s) | speed-up wall (cpu) | HF tok/s | peftkit tok/s | "
+        "floor fraction HF / peftkit | identical |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---|")
+    for name, (fn, tokens, flops) in cases.items():
+        fn(hf), fn(pk)  # warm-up
+        best = {"hf": (1e9, 1e9), "pk": (1e9, 1e9)}
+        outs = {}
+        for _ in range(a.rounds):
+            for side, m in (("hf", hf), ("pk", pk)):
+                w, c, outs[side] = timed(lambda m=m, fn=fn: fn(m))
+                best[side] = (min(best[side][0], w), min(best[side][1], c))
+        same = all(torch.equal(x, y) for x, y in zip(_list(outs["hf"]), _list(outs["pk"])))
+        _row(name, best, tokens, flops, peak, "yes" if same else "NO")
+    if "eval" in a.rows:
+        ev_rows = rows[: a.eval_limit]
+        ev_prompts = ps[: a.eval_limit]
+        max_new = default_max_new_tokens(tok, ev_rows)
+        best = {"hf": (1e9, 1e9), "pk": (1e9, 1e9)}
+        outs = {}
+        for _ in range(a.rounds):
+            w, c, outs["hf"] = timed(lambda: hf_eval_texts(hf, tok, ev_prompts, max_new))
+            best["hf"] = (min(best["hf"][0], w), min(best["hf"][1], c))
+            w, c, outs["pk"] = timed(lambda: pk_eval_texts(pk, tok, ev_rows, max_new))
+            best["pk"] = (min(best["pk"][0], w), min(best["pk"][1], c))
+        tokens = sum(len(tok(t, add_special_tokens=False)["input_ids"]) for t in outs["hf"])
+        mean = sum(len(p) for p in ev_prompts) / len(ev_prompts)
+        flops = generate_flops(config, len(ev_prompts), int(mean), max_new, 0)
+        same = outs["hf"] == outs["pk"]
+        diff = sum(x != y for x, y in zip(outs["hf"], outs["pk"]))
+        _row(
+            f"eval ({len(ev_prompts)} prompts)", best, tokens, flops, peak, "yes" if same else f"NO ({diff})"
+        )
+
+
+def _list(x):
+    return x if isinstance(x, list) else [x]
+
+
+def _row(name, best, tokens, flops, peak, same) -> None:
+    (hw, hc), (pw, pc) = best["hf"], best["pk"]
+    print(
+        f"| {name} | {hw:.2f} ({hc:.2f}) | {pw:.2f} ({pc:.2f}) | {hw / pw:.2f}x ({hc / pc:.2f}x) | "
+        f"{tokens / hw:.1f} | {tokens / pw:.1f} | {fraction(flops, hc, peak[1]):.2f} / {fraction(flops, pc, peak[1]):.2f} "
+        f"| {same} |",
+        flush=True,
+    )
+
+
+if __name__ == "__main__":
+    main()

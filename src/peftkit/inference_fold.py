@@ -1,0 +1,91 @@
+"""Inference with LoRA folded into a scratch copy of the weight: `F.linear(x, W + s·B·A, bias)`.
+
+Without grad and without active dropout a plain LoRA Linear is exactly the linear map with the effective
+weight W_eff = W + sum_k s_k B_k A_k (up to fp32 rounding; greedy generations are token for token those of
+the unfolded layer, see tests/perf/test_inference_fold.py). Generation runs the same layer once per new
+token: folded, each step is one GEMM per layer, as fast as the plain model, instead of the base GEMM plus
+the two skinny rank-r GEMMs, a scaling and an add (five ops and their Python dispatch per layer and token).
+
+W_eff is a new tensor kept on the layer (`layer.__dict__["_inference_fold"]`): the base weight is never
+changed, so "undoing" the fold is dropping that tensor and nothing can drift. It is used only when
+- grad is disabled (`torch.no_grad()` / `inference_mode()`), so no gradient path ever sees it;
+- every active adapter of the layer is plain LoRA (no DoRA, no lora_bias) with no dropout active right now
+  (p == 0 or eval mode), on an `nn.Linear` / `Conv1D` without hooks, all in x's dtype, no autocast;
+- the layer is not routing a mixed-adapter batch (`mixed_batch` binds its own `forward` on the layer).
+It is rebuilt when it no longer matches its key: the active adapter names, their scalings, and the identity
+(`data_ptr`) and in-place version (`_version`, bumped by optimizer steps and `load_state_dict`) of W, every
+A and every B. It is dropped (memory freed) by `train()`, `set_adapter`, `merge`/`unmerge`, enabling or
+disabling adapters, `set_requires_grad`, deleting an adapter and loading adapter tensors (which writes
+through `.data`, invisible to `_version`). Anyone else writing into those tensors through `.data` must call
+`drop_folds(model)`.
+
+Cost: one (out, in) copy per adapted layer while folded (~0.4 GiB fp32 for SmolLM2-135M with LoRA on every
+linear layer) and 2·out·in·r flops to build it. Switch off: `peftkit.set_inference_fold(False)` (then `drop_folds(model)` frees the copies).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .functional.lora_merged import effective_weight
+
+_ATTR = "_inference_fold"
+_enabled = True
+
+
+def set_inference_fold(enabled: bool) -> None:
+    """Switch folding LoRA into a scratch weight for no-grad inference on (default) or off for every model."""
+    global _enabled
+    _enabled = bool(enabled)
+
+
+def drop_fold(layer: nn.Module) -> None:
+    """Forget `layer`'s folded weight (the next eligible call rebuilds it)."""
+    layer.__dict__.pop(_ATTR, None)
+
+
+def drop_folds(model: nn.Module) -> None:
+    """Forget every folded weight in `model`."""
+    for module in model.modules():
+        module.__dict__.pop(_ATTR, None)
+
+
+def is_folded(layer: nn.Module) -> bool:
+    """Whether `layer` currently holds a folded weight."""
+    return _ATTR in layer.__dict__
+
+
+def folded_weight(layer: Any, names: list[str], x: torch.Tensor) -> torch.Tensor | None:
+    """The folded (out, in) weight of LoRA Linear `layer` for its unmerged active adapters `names` on input x
+    (..., in), or None when the fold does not apply (the caller runs the unfolded path)."""
+    if not (_enabled and names) or torch.is_grad_enabled() or "forward" in layer.__dict__:
+        return None
+    base = layer.base_layer
+    w = base.weight
+    if (
+        base._forward_hooks
+        or base._forward_pre_hooks
+        or x.dtype != w.dtype
+        or (base.bias is not None and base.bias.dtype != w.dtype)
+        or not all(layer._plain(n, x) and layer._no_dropout(n) for n in names)
+    ):
+        return None
+    pairs = [(layer.lora_A[n].weight, layer.lora_B[n].weight, layer.scaling[n]) for n in names]
+    key = (
+        tuple(names),
+        w.data_ptr(),
+        w._version,
+        tuple((a.data_ptr(), a._version, b.data_ptr(), b._version, s) for a, b, s in pairs),
+    )
+    cached = layer.__dict__.get(_ATTR)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    layer.__dict__.pop(_ATTR, None)  # free the stale copy before building the new one
+    w_eff = effective_weight(
+        layer._weight_rows().detach(), [(a.detach(), b.detach(), s) for a, b, s in pairs]
+    )
+    layer.__dict__[_ATTR] = (key, w_eff)
+    return w_eff

@@ -1,0 +1,208 @@
+"""No-grad inference with LoRA folded into a scratch weight (`inference_fold`) equals the unfolded layers, and
+the fold is dropped or rebuilt whenever what it was built from changes (one test per case)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import peftkit
+from peftkit import LoraConfig, get_peft_model
+from peftkit.inference_fold import is_folded
+from peftkit.tuners.lora import LoraLinear
+from tests.models import tiny_gpt2, tiny_llama, token_inputs
+
+
+def _lora(factory=tiny_llama, **kw):
+    torch.manual_seed(0)
+    config = dict(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
+    return get_peft_model(factory(), LoraConfig(**{**config, **kw})).eval()
+
+
+def _layers(model):
+    return [m for m in model.modules() if isinstance(m, LoraLinear)]
+
+
+def _folded(model) -> int:
+    return sum(is_folded(m) for m in _layers(model))
+
+
+def _unfolded(model, fn):
+    peftkit.set_inference_fold(False)
+    try:
+        return fn()
+    finally:
+        peftkit.set_inference_fold(True)
+
+
+def _logits(model, inputs):
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+@pytest.fixture
+def model():
+    return _lora()
+
+
+@pytest.fixture
+def inputs():
+    return token_inputs(batch=3, seq=10)
+
+
+@pytest.mark.parametrize("factory", [tiny_llama, tiny_gpt2])
+def test_folded_forward_equals_unfolded(factory, inputs):
+    m = _lora(factory)
+    ref = _unfolded(m, lambda: _logits(m, inputs))
+    assert _folded(m) == 0
+    got = _logits(m, inputs)
+    assert _folded(m) == len(_layers(m)) > 0
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    assert torch.equal(_logits(m, inputs), got)  # the second call reuses the fold
+
+
+def test_greedy_generation_identical(model, inputs):
+    def gen():
+        with torch.no_grad():
+            return model.generate(**inputs, max_new_tokens=12, do_sample=False, pad_token_id=0)
+
+    ref = _unfolded(model, gen)
+    assert torch.equal(gen(), ref)
+    assert _folded(model) > 0
+
+
+def test_grad_path_never_folds(model, inputs):
+    model.train()
+    out = model(**inputs, labels=inputs["input_ids"])
+    out.loss.backward()
+    assert _folded(model) == 0
+    assert all(m.lora_A["default"].weight.grad is not None for m in _layers(model))
+
+
+def test_dropout_in_train_mode_not_folded(inputs):
+    m = _lora(lora_dropout=0.5).train()
+    with torch.no_grad():
+        m(**inputs)
+    assert _folded(m) == 0
+    m.eval()  # dropout is the identity in eval mode: folding is exact again
+    ref = _unfolded(m, lambda: _logits(m, inputs))
+    torch.testing.assert_close(_logits(m, inputs), ref, rtol=1e-5, atol=1e-5)
+    assert _folded(m) > 0
+
+
+def test_train_drops_and_optimizer_step_rebuilds(model, inputs):
+    before = _logits(model, inputs)
+    model.train()
+    assert _folded(model) == 0
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
+    model(**inputs, labels=inputs["input_ids"]).loss.backward()
+    opt.step()
+    model.eval()
+    after = _logits(model, inputs)
+    assert not torch.allclose(after, before)
+    torch.testing.assert_close(after, _unfolded(model, lambda: _logits(model, inputs)), rtol=1e-5, atol=1e-5)
+
+
+def test_in_place_edit_without_train_rebuilds(model, inputs):
+    _logits(model, inputs)
+    with torch.no_grad():
+        for m in _layers(model):
+            m.lora_B["default"].weight.mul_(2.0)  # bumps _version: the key no longer matches
+    torch.testing.assert_close(
+        _logits(model, inputs), _unfolded(model, lambda: _logits(model, inputs)), rtol=1e-5, atol=1e-5
+    )
+
+
+def test_set_adapter_switches(model, inputs):
+    torch.manual_seed(1)
+    model.add_adapter("other", LoraConfig(r=2, target_modules="all-linear", init_lora_weights=False))
+    first = _logits(model, inputs)
+    model.set_adapter("other")
+    assert _folded(model) == 0
+    other = _logits(model, inputs)
+    assert not torch.allclose(first, other)
+    torch.testing.assert_close(other, _unfolded(model, lambda: _logits(model, inputs)), rtol=1e-5, atol=1e-5)
+    model.set_adapter("default")
+    torch.testing.assert_close(_logits(model, inputs), first)
+
+
+def test_disable_adapter_gives_base(model, inputs):
+    _logits(model, inputs)
+    with model.disable_adapter():
+        assert _folded(model) == 0
+        base = _logits(model, inputs)
+        assert _folded(model) == 0
+    with torch.no_grad():
+        ref = model.get_base_model()
+        peftkit.set_inference_fold(False)
+        try:
+            with model.disable_adapter():
+                torch.testing.assert_close(base, ref(**inputs).logits)
+        finally:
+            peftkit.set_inference_fold(True)
+
+
+def test_merge_and_unmerge(model, inputs):
+    folded = _logits(model, inputs)
+    model.merge_adapter()
+    assert _folded(model) == 0
+    merged = _logits(model, inputs)  # merged layers compute no update: nothing folded on top of the merge
+    assert _folded(model) == 0
+    torch.testing.assert_close(merged, folded, rtol=1e-4, atol=1e-5)
+    model.unmerge_adapter()
+    assert _folded(model) == 0
+    torch.testing.assert_close(_logits(model, inputs), folded, rtol=1e-4, atol=1e-5)
+
+
+def test_requires_grad_change_drops(model, inputs):
+    _logits(model, inputs)
+    model.set_requires_grad("default", requires_grad=False)
+    assert _folded(model) == 0
+
+
+def test_load_adapter_tensors_rebuilds(model, inputs, tmp_path):
+    torch.manual_seed(3)
+    donor = _lora()
+    with torch.no_grad():
+        for m in _layers(donor):
+            m.lora_B["default"].weight.normal_()
+    donor.save_pretrained(tmp_path)
+    _logits(model, inputs)
+    peftkit.set_peft_model_state_dict(model, peftkit.load_peft_weights(str(tmp_path)))  # `.data` writes
+    torch.testing.assert_close(_logits(model, inputs), _logits(donor, inputs), rtol=1e-5, atol=1e-5)
+
+
+def test_mixed_batch_rows_not_folded(model, inputs):
+    torch.manual_seed(1)
+    model.add_adapter("other", LoraConfig(r=2, target_modules="all-linear", init_lora_weights=False))
+    names = ["default", "other", "__base__"]
+    with torch.no_grad():
+        mixed = model(**inputs, adapter_names=names).logits
+    assert _folded(model) == 0
+    for i, name in enumerate(names):
+        row = {k: v[i : i + 1] for k, v in inputs.items()}
+        if name == "__base__":
+            with model.disable_adapter():
+                ref = _logits(model, row)
+        else:
+            model.set_adapter(name)
+            ref = _logits(model, row)
+        torch.testing.assert_close(mixed[i : i + 1], ref, rtol=1e-4, atol=1e-5)
+
+
+def test_delete_adapter_drops(model, inputs):
+    torch.manual_seed(1)
+    model.add_adapter("other", LoraConfig(r=2, target_modules="all-linear", init_lora_weights=False))
+    model.set_adapter("other")
+    _logits(model, inputs)
+    model.delete_adapter("other")
+    assert _folded(model) == 0
+
+
+def test_fold_built_in_inference_mode_serves_no_grad(model, inputs):
+    with torch.inference_mode():
+        first = model(**inputs).logits
+    assert _folded(model) > 0
+    torch.testing.assert_close(_logits(model, inputs), first.clone())
+    model.train()  # and training afterwards is untouched by the inference tensors
+    model(**inputs, labels=inputs["input_ids"]).loss.backward()
