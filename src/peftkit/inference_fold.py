@@ -20,7 +20,9 @@ through `.data`, invisible to `_version`). Anyone else writing into those tensor
 `drop_folds(model)`.
 
 Cost: one (out, in) copy per adapted layer while folded (~0.4 GiB fp32 for SmolLM2-135M with LoRA on every
-linear layer) and 2·out·in·r flops to build it. Switch off: `peftkit.set_inference_fold(False)` (then `drop_folds(model)` frees the copies).
+linear layer) and 2·out·in·r flops to build it. A copy is made only while the device keeps `RESERVE` (a
+quarter) of its memory free afterwards (`has_room`; /proc/meminfo on the CPU, `mem_get_info` on CUDA, never
+elsewhere), so a model that barely fits runs unfolded instead of running out of memory. Switch off: `peftkit.set_inference_fold(False)` (then `drop_folds(model)` frees the copies).
 """
 
 from __future__ import annotations
@@ -55,7 +57,8 @@ def drop_folds(model: nn.Module) -> None:
 
 def is_folded(layer: nn.Module) -> bool:
     """Whether `layer` currently holds a folded weight."""
-    return _ATTR in layer.__dict__
+    cached = layer.__dict__.get(_ATTR)
+    return cached is not None and cached[1] is not None
 
 
 def folded_weight(layer: Any, names: list[str], x: torch.Tensor) -> torch.Tensor | None:
@@ -84,8 +87,36 @@ def folded_weight(layer: Any, names: list[str], x: torch.Tensor) -> torch.Tensor
     if cached is not None and cached[0] == key:
         return cached[1]
     layer.__dict__.pop(_ATTR, None)  # free the stale copy before building the new one
-    w_eff = effective_weight(
-        layer._weight_rows().detach(), [(a.detach(), b.detach(), s) for a, b, s in pairs]
-    )
+    w_eff = None  # no room for the copy: remembered (under this key) as "run unfolded"
+    if has_room(w.numel() * w.element_size(), w.device):
+        w_eff = effective_weight(
+            layer._weight_rows().detach(), [(a.detach(), b.detach(), s) for a, b, s in pairs]
+        )
     layer.__dict__[_ATTR] = (key, w_eff)
     return w_eff
+
+
+# The fold is a speed-up, never a reason to run out of memory: a copy is made only while the device keeps this
+# fraction of its memory free afterwards (so a model that barely fits runs unfolded, as it did before).
+RESERVE = 0.25
+
+
+def has_room(nbytes: int, device: torch.device) -> bool:
+    """Whether `device` has `nbytes` to spare and still RESERVE of its memory free (unknown: no)."""
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+    elif device.type == "cpu":
+        free, total = _host_memory()
+    else:
+        return False
+    return free is not None and free - nbytes > RESERVE * total
+
+
+def _host_memory() -> tuple[int | None, int | None]:
+    """(available, total) bytes of this machine's RAM from /proc/meminfo (Linux), else (None, None)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        return int(fields["MemAvailable"].split()[0]) * 1024, int(fields["MemTotal"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None, None

@@ -206,3 +206,20 @@ def test_fold_built_in_inference_mode_serves_no_grad(model, inputs):
     torch.testing.assert_close(_logits(model, inputs), first.clone())
     model.train()  # and training afterwards is untouched by the inference tensors
     model(**inputs, labels=inputs["input_ids"]).loss.backward()
+
+
+def test_no_fold_without_room_for_the_copy(model, inputs, monkeypatch):
+    """A copy that would leave the device under RESERVE free is not made: the layer runs unfolded, same logits."""
+    from peftkit import inference_fold
+
+    ref = _unfolded(model, lambda: _logits(model, inputs))
+    free, total = inference_fold._host_memory()
+    assert free is not None and 0 < free <= total  # /proc/meminfo read on this (Linux) machine
+    monkeypatch.setattr(inference_fold, "RESERVE", free / total)  # no copy fits above that
+    got = _logits(model, inputs)
+    assert _folded(model) == 0
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr(inference_fold, "RESERVE", 0.0)
+    model.train().eval()  # a switch drops the remembered "no room"; the next call folds
+    _logits(model, inputs)
+    assert _folded(model) == len(_layers(model))
