@@ -138,7 +138,8 @@ def test_truncated_or_missing_weights_are_clear_errors(tmp_path):
     data = weights.read_bytes()
     weights.write_bytes(data[: len(data) // 2])
     with pytest.raises(
-        ValueError, match="adapter_model.safetensors: not a readable safetensors file.*truncated"
+        ValueError,
+        match=r"adapter_model.safetensors: (not a readable safetensors file|corrupt safetensors header).*truncated",
     ):
         peftkit.PeftModel.from_pretrained(tiny_llama(), tmp_path)
     weights.unlink()

@@ -188,7 +188,7 @@ def _header_entry_problem(entry: Any, data_size: int) -> str | None:
         return f"has shape {shape!r}; expected a list of non-negative integers"
     ok = isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
     if not ok or not 0 <= offsets[0] <= offsets[1] <= data_size:
-        return f"has data_offsets {offsets!r} outside the file's {data_size} data bytes"
+        return f"has data_offsets {offsets!r} outside the file's {data_size} data bytes (a truncated file?)"
     if offsets[1] - offsets[0] != math.prod(shape) * _ST_ITEMSIZE[dtype]:
         return f"declares shape {shape} ({dtype}) but spans {offsets[1] - offsets[0]} bytes"
     return None
