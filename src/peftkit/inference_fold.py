@@ -6,6 +6,11 @@ the unfolded layer, see tests/perf/test_inference_fold.py). Generation runs the 
 token: folded, each step is one GEMM per layer, as fast as the plain model, instead of the base GEMM plus
 the two skinny rank-r GEMMs, a scaling and an add (five ops and their Python dispatch per layer and token).
 
+The fold is used only inside `PeftModel.generate` (`generating()`), where the weights cannot change, and each
+call first checks the adapter tensors against copies taken when the fold was built (r·(in+out) numbers per
+layer; fused optimizers update parameters in place without bumping `_version`, so the key alone is not
+enough). A plain no-grad forward (an evaluation loss, Trainer's eval loop) always runs unfolded.
+
 W_eff is a new tensor kept on the layer (`layer.__dict__["_inference_fold"]`): the base weight is never
 changed, so "undoing" the fold is dropping that tensor and nothing can drift. It is used only when
 - grad is disabled (`torch.no_grad()` / `inference_mode()`), so no gradient path ever sees it;
@@ -27,6 +32,8 @@ elsewhere), so a model that barely fits runs unfolded instead of running out of 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -64,12 +71,13 @@ def is_folded(layer: nn.Module) -> bool:
 def folded_weight(layer: Any, names: list[str], x: torch.Tensor) -> torch.Tensor | None:
     """The folded (out, in) weight of LoRA Linear `layer` for its unmerged active adapters `names` on input x
     (..., in), or None when the fold does not apply (the caller runs the unfolded path)."""
-    if not (_enabled and names) or torch.is_grad_enabled() or "forward" in layer.__dict__:
+    if not (_enabled and names and _calls) or torch.is_grad_enabled() or "forward" in layer.__dict__:
         return None
     base = layer.base_layer
     w = base.weight
     if (
-        base._forward_hooks
+        w.requires_grad
+        or base._forward_hooks
         or base._forward_pre_hooks
         or x.dtype != w.dtype
         or (base.bias is not None and base.bias.dtype != w.dtype)
@@ -84,7 +92,9 @@ def folded_weight(layer: Any, names: list[str], x: torch.Tensor) -> torch.Tensor
         tuple((a.data_ptr(), a._version, b.data_ptr(), b._version, s) for a, b, s in pairs),
     )
     cached = layer.__dict__.get(_ATTR)
-    if cached is not None and cached[0] == key:
+    call = _calls[-1]
+    if cached is not None and cached[0] == key and (id(layer) in call or _same(cached[2], pairs)):
+        call.add(id(layer))
         return cached[1]
     layer.__dict__.pop(_ATTR, None)  # free the stale copy before building the new one
     w_eff = None  # no room for the copy: remembered (under this key) as "run unfolded"
@@ -92,8 +102,32 @@ def folded_weight(layer: Any, names: list[str], x: torch.Tensor) -> torch.Tensor
         w_eff = effective_weight(
             layer._weight_rows().detach(), [(a.detach(), b.detach(), s) for a, b, s in pairs]
         )
-    layer.__dict__[_ATTR] = (key, w_eff)
+    layer.__dict__[_ATTR] = (key, w_eff, [(a.detach().clone(), b.detach().clone()) for a, b, _ in pairs])
+    call.add(id(layer))
     return w_eff
+
+
+# One entry per `generate` call in progress: the layers whose fold was checked against its adapter tensors in
+# that call. The fold is used only inside `generating()`: the tensors cannot change while generating, and
+# every call first compares them with the copies the fold was built from (fused optimizers update parameters
+# in place without bumping `_version`, so the key alone can miss a training step).
+_calls: list[set[int]] = []
+
+
+@contextmanager
+def generating() -> Iterator[None]:
+    """Let no-grad LoRA Linear layers run folded for the duration of one `generate` call."""
+    _calls.append(set())
+    try:
+        yield
+    finally:
+        _calls.pop()
+
+
+def _same(snapshot: list[tuple[torch.Tensor, torch.Tensor]], pairs: list) -> bool:
+    return len(snapshot) == len(pairs) and all(
+        torch.equal(a0, a) and torch.equal(b0, b) for (a0, b0), (a, b, _) in zip(snapshot, pairs)
+    )
 
 
 # The fold is a speed-up, never a reason to run out of memory: a copy is made only while the device keeps this

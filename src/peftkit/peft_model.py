@@ -25,7 +25,7 @@ from transformers import PreTrainedModel
 from . import integrations, io, merge, mixed_batch
 from .config import CONFIG_NAME, PeftConfig
 from .generate_prefix import generate_with_shared_prefix
-from .inference_fold import drop_folds
+from .inference_fold import drop_folds, generating
 from .modules_to_save import ModulesToSaveWrapper
 from .registry import get_method
 from .status import TunerLayerStatus, TunerModelStatus, get_layer_status, get_model_status
@@ -188,8 +188,9 @@ class PeftModel(PreTrainedModel):
         if kwargs.get("adapter_names") is not None:
             return mixed_batch.generate(self, self.base_model.generate, args, kwargs)
         kwargs.pop("adapter_names", None)
-        out = None if args else generate_with_shared_prefix(self, self.base_model.generate, kwargs)
-        return self.base_model.generate(*args, **kwargs) if out is None else out
+        with generating():  # LoRA Linear layers may run folded (see inference_fold)
+            out = None if args else generate_with_shared_prefix(self, self.base_model.generate, kwargs)
+            return self.base_model.generate(*args, **kwargs) if out is None else out
 
     def get_input_embeddings(self) -> nn.Module:
         return self.get_base_model().get_input_embeddings()

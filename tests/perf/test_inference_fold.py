@@ -8,7 +8,7 @@ import torch
 
 import peftkit
 from peftkit import LoraConfig, get_peft_model
-from peftkit.inference_fold import is_folded
+from peftkit.inference_fold import generating, is_folded
 from peftkit.tuners.lora import LoraLinear
 from tests.models import tiny_gpt2, tiny_llama, token_inputs
 
@@ -36,7 +36,8 @@ def _unfolded(model, fn):
 
 
 def _logits(model, inputs):
-    with torch.no_grad():
+    """No-grad logits as inside `generate` (the only place the fold is used)."""
+    with torch.no_grad(), generating():
         return model(**inputs).logits
 
 
@@ -200,7 +201,7 @@ def test_delete_adapter_drops(model, inputs):
 
 
 def test_fold_built_in_inference_mode_serves_no_grad(model, inputs):
-    with torch.inference_mode():
+    with torch.inference_mode(), generating():
         first = model(**inputs).logits
     assert _folded(model) > 0
     torch.testing.assert_close(_logits(model, inputs), first.clone())
@@ -223,3 +224,32 @@ def test_no_fold_without_room_for_the_copy(model, inputs, monkeypatch):
     model.train().eval()  # a switch drops the remembered "no room"; the next call folds
     _logits(model, inputs)
     assert _folded(model) == len(_layers(model))
+
+
+def test_plain_no_grad_forward_never_folds(model, inputs):
+    """An evaluation loss or Trainer's eval loop (a no-grad forward outside generate) runs unfolded."""
+    with torch.no_grad():
+        model(**inputs)
+    assert _folded(model) == 0
+
+
+def test_fused_optimizer_step_without_a_mode_switch_is_seen(model, inputs):
+    """A fused AdamW updates the adapter in place without bumping `_version`; the next generate call compares
+    the adapter tensors with the fold's copies and rebuilds (before: a stale fold, eval loss off by 1e-3)."""
+    ids = inputs["input_ids"][:1]
+    kw = {"max_new_tokens": 4, "do_sample": False, "pad_token_id": 0}
+    with torch.no_grad():
+        model.generate(input_ids=ids, **kw)
+    assert _folded(model) > 0
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=0.5, fused=True)
+    loss = model(**inputs, labels=inputs["input_ids"]).logits.square().mean()  # grad on: unfolded
+    loss.backward()
+    optimizer.step()  # no model.train(): nothing drops the fold
+    with torch.no_grad():
+        got = model.generate(input_ids=ids, **kw, output_scores=True, return_dict_in_generate=True)
+        ref = _unfolded(
+            model,
+            lambda: model.generate(input_ids=ids, **kw, output_scores=True, return_dict_in_generate=True),
+        )
+    torch.testing.assert_close(torch.stack(got.scores), torch.stack(ref.scores), rtol=1e-5, atol=1e-5)
