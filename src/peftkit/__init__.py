@@ -25,6 +25,7 @@ from .fast_attention import set_fast_attention
 from .fused_loss import set_fused_causal_lm_loss
 from .helpers import cast_mixed_precision_params
 from .inference_fold import drop_folds, set_inference_fold
+from .kv_cache import set_growing_cache
 from .low_level import (
     get_base_model_state_dict,
     get_peft_model_state_dict,
@@ -138,6 +139,7 @@ __all__ = [
     "set_base_model_state_dict",
     "replace_lora_weights_loftq",
     "set_fast_attention",
+    "set_growing_cache",
     "set_inference_fold",
     "drop_folds",
     "set_fused_causal_lm_loss",

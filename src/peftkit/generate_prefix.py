@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from . import shared_prefix
+from . import kv_cache, shared_prefix
 from .hf_compat import CACHE_KEY
 
 _REFUSED = (
@@ -126,6 +126,11 @@ def generate_with_shared_prefix(model: Any, generate: Any, kwargs: dict[str, Any
         rest = len(row) - shared
         new_ids[i, :shared], new_ids[i, width - rest :] = row[:shared], row[shared:]
         new_mask[i, :shared], new_mask[i, width - rest :] = 1, 1
-    call = {**kwargs, "input_ids": new_ids, "attention_mask": new_mask, CACHE_KEY: cache}
+    call = {
+        **kwargs,
+        "input_ids": new_ids,
+        "attention_mask": new_mask,
+        CACHE_KEY: kv_cache.make_growing(cache),
+    }
     out = generate(**call)
     return torch.cat([ids, out[:, width:]], dim=1)

@@ -22,9 +22,10 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from . import integrations, io, merge, mixed_batch
+from . import integrations, io, kv_cache, merge, mixed_batch
 from .config import CONFIG_NAME, PeftConfig
 from .generate_prefix import generate_with_shared_prefix
+from .hf_compat import CACHE_KEY
 from .inference_fold import drop_folds, generating
 from .modules_to_save import ModulesToSaveWrapper
 from .registry import get_method
@@ -190,7 +191,9 @@ class PeftModel(PreTrainedModel):
         kwargs.pop("adapter_names", None)
         with generating():  # LoRA Linear layers may run folded (see inference_fold)
             out = None if args else generate_with_shared_prefix(self, self.base_model.generate, kwargs)
-            return self.base_model.generate(*args, **kwargs) if out is None else out
+            if out is not None:
+                return out
+            return self.base_model.generate(*args, **kv_cache.offer(self, kwargs, CACHE_KEY))
 
     def get_input_embeddings(self) -> nn.Module:
         return self.get_base_model().get_input_embeddings()
