@@ -328,6 +328,6 @@ def test_blocked_lora_equals_per_row_computation():
     g = torch.Generator().manual_seed(2)
     x, result = torch.randn(6, 3, 8, generator=g), torch.randn(6, 3, 5, generator=g)
     A, B = torch.randn(3, 4, 8, generator=g), torch.randn(3, 5, 4, generator=g)
-    got = blocked_lora_(result.clone(), x, A, B)
+    got = blocked_lora_(result.clone(), x, A.transpose(1, 2).contiguous(), B.transpose(1, 2).contiguous())
     for i in range(6):
         torch.testing.assert_close(got[i], result[i] + x[i] @ A[i // 2].T @ B[i // 2].T)

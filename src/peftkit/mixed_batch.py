@@ -99,7 +99,7 @@ class RowPlan:
         return self._blocks[rows]
 
     def block_stack(self, layer: Any, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(A (g, r_max, in), B scaled (g, out, r_max)) of every group in row order, zeros for a group whose
+        """(A^T (g, in, r_max), scaled B^T (g, r_max, out)) of every group in row order, zeros for a group whose
         adapter `layer` does not hold (or `__base__`); built once per layer for this call."""
         key = (id(layer), rows)
         if key not in self._block_stacks:
@@ -197,19 +197,20 @@ def _build_stacked(layer: Any, names: list[str]) -> tuple[torch.Tensor, torch.Te
 
 
 def _block_stacked(layer: Any, names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A (g, r_max, in), scaling * B (g, out, r_max)) for the groups `names` (zeros where `layer` lacks one)."""
+    """(A^T (g, in, r_max), (scaling * B)^T (g, r_max, out)), contiguous, for the groups `names` (zeros where
+    `layer` lacks one)."""
     held = [n for n in names if n in layer.lora_A]
     first = layer.lora_A[held[0]].weight
     r_max = max(layer.lora_A[n].weight.shape[0] for n in held)
     d_in, d_out = first.shape[1], layer.lora_B[held[0]].weight.shape[0]
-    A = first.new_zeros((len(names), r_max, d_in))
-    B = first.new_zeros((len(names), d_out, r_max))
+    At = first.new_zeros((len(names), d_in, r_max))
+    Bt = first.new_zeros((len(names), r_max, d_out))
     for g, name in enumerate(names):
         if name in held:
             a, b = layer.lora_A[name].weight.detach(), layer.lora_B[name].weight.detach()
-            A[g, : a.shape[0]] = a
-            B[g, :, : b.shape[1]] = b * layer.scaling[name]
-    return A, B
+            At[g, :, : a.shape[0]] = a.T
+            Bt[g, : b.shape[1]] = (b * layer.scaling[name]).T
+    return At, Bt
 
 
 def _grouped_forward(module: nn.Module, plan: RowPlan, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:

@@ -187,6 +187,7 @@ class PeftModel(PreTrainedModel):
         """The tuner's generate: the base model's, except where a method changes it (prompt learning).
         `adapter_names` (one per prompt) generates each row with its own adapter: see `mixed_batch`."""
         if kwargs.get("adapter_names") is not None:
+            kwargs = kv_cache.offer(self, kwargs, CACHE_KEY)
             return mixed_batch.generate(self, self.base_model.generate, args, kwargs)
         kwargs.pop("adapter_names", None)
         with generating():  # LoRA Linear layers may run folded (see inference_fold)

@@ -106,16 +106,18 @@ def batched_lora_(
     return result.index_add_(0, flat, update.reshape(n * widest, *inner, -1).to(result.dtype))
 
 
-def blocked_lora_(result: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+def blocked_lora_(result: torch.Tensor, x: torch.Tensor, At: torch.Tensor, Bt: torch.Tensor) -> torch.Tensor:
     """Add every group's LoRA update to `result` in place when group g holds rows [g*m, (g+1)*m): no gather.
 
-    result: (rows, ..., out), contiguous. x: (rows, ..., in). A: (g, r, in). B: (g, out, r), scaling folded in.
-    Two batched matmuls on views: result.view(g, m*T, out) += (x.view(g, m*T, in) @ A^T) @ B^T.
+    result: (rows, ..., out), contiguous. x: (rows, ..., in). At: (g, in, r) = A transposed, Bt: (g, r, out) =
+    (scaling * B) transposed, both contiguous (a transposed view as the right operand makes the batched GEMM
+    several times slower on the CPU). Two batched matmuls on views:
+    result.view(g, m*T, out) += (x.view(g, m*T, in) @ At) @ Bt.
     """
-    g = A.shape[0]
-    h = torch.bmm(x.reshape(g, -1, x.shape[-1]).to(A.dtype), A.transpose(1, 2))  # (g, m*T, r)
-    if result.dtype == B.dtype:
-        result.view(g, -1, result.shape[-1]).baddbmm_(h, B.transpose(1, 2))
+    g = At.shape[0]
+    h = torch.bmm(x.reshape(g, -1, x.shape[-1]).to(At.dtype), At)  # (g, m*T, r)
+    if result.dtype == Bt.dtype:
+        result.view(g, -1, result.shape[-1]).baddbmm_(h, Bt)
     else:
-        result.view(g, -1, result.shape[-1]).add_(torch.bmm(h, B.transpose(1, 2)).to(result.dtype))
+        result.view(g, -1, result.shape[-1]).add_(torch.bmm(h, Bt).to(result.dtype))
     return result
