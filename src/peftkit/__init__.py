@@ -42,6 +42,7 @@ from .mapping import (
 )
 from .mixed_model import PeftMixedModel
 from .peft_model import PeftModel, get_peft_model
+from .prompt_lookup import set_prompt_lookup
 from .registry import register_peft_method
 from .shared_prefix import set_shared_prefix
 from .status import get_layer_status, get_model_status
@@ -141,6 +142,7 @@ __all__ = [
     "set_fast_attention",
     "set_growing_cache",
     "set_inference_fold",
+    "set_prompt_lookup",
     "drop_folds",
     "set_fused_causal_lm_loss",
     "set_peft_model_state_dict",

@@ -87,6 +87,16 @@ class GrowingLayer(DynamicLayer):
         self.values = self._vview = self._vbuf[..., :length, :]
         return self.keys, self.values
 
+    def crop(self, tokens_to_remove: int) -> None:
+        """Drop the last -tokens_to_remove positions (assisted decoding after rejected candidates): the views
+        shrink, the buffer keeps its room, nothing is copied."""
+        if tokens_to_remove < 0 and self._owns_views():
+            length = max(self.get_seq_length() + tokens_to_remove, 0)
+            self.keys = self._kview = self._kbuf[..., :length, :]
+            self.values = self._vview = self._vbuf[..., :length, :]
+            return
+        super().crop(tokens_to_remove)
+
     def reset(self) -> None:
         super().reset()
         self._kbuf = self._vbuf = self._kview = self._vview = None
@@ -131,19 +141,13 @@ def make_growing(cache: Any) -> Any:
     return cache
 
 
-_NOT_WITH = (
-    "past_key_values",
-    "cache",
-    "cache_implementation",
-    "assistant_model",
-    "prompt_lookup_num_tokens",
-)
+_NOT_WITH = ("past_key_values", "cache", "cache_implementation")
 
 
 def offer(model: Any, kwargs: dict[str, Any], cache_key: str) -> dict[str, Any]:
     """The caller's `generate` keywords with a `growing_cache` of `model` (a PeftModel) under `cache_key`,
-    unless the caller brought a cache or cache setting, turned the cache off, runs beams or assisted decoding,
-    or the adapter is prompt learning (which hands over a cache of its own)."""
+    unless the caller brought a cache or cache setting, turned the cache off, runs beams, or the adapter is
+    prompt learning (which hands over a cache of its own). Assisted decoding (prompt lookup) crops it in place."""
     config = getattr(model, "active_peft_config", None)
     if getattr(config, "is_prompt_learning", False) or kwargs.get("use_cache") is False:
         return kwargs

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from . import integrations, io, kv_cache, merge, mixed_batch
+from . import integrations, io, kv_cache, merge, mixed_batch, prompt_lookup
 from .config import CONFIG_NAME, PeftConfig
 from .generate_prefix import generate_with_shared_prefix
 from .hf_compat import CACHE_KEY
@@ -194,7 +194,8 @@ class PeftModel(PreTrainedModel):
             out = None if args else generate_with_shared_prefix(self, self.base_model.generate, kwargs)
             if out is not None:
                 return out
-            return self.base_model.generate(*args, **kv_cache.offer(self, kwargs, CACHE_KEY))
+            kwargs = kv_cache.offer(self, prompt_lookup.offer(self, args, kwargs), CACHE_KEY)
+            return self.base_model.generate(*args, **kwargs)
 
     def get_input_embeddings(self) -> nn.Module:
         return self.get_base_model().get_input_embeddings()
