@@ -260,6 +260,9 @@ class BaseTuner(nn.Module):
         config = self.resolve_config(config)
         keys = find_targets(self.model, config, wrapper_types=(AdapterLayer,))
         config = _targets_as_set(config)
+        from .bnb_layers import check_quantized_targets
+
+        check_quantized_targets(self.model, keys, config.peft_type)  # before the model is touched
         for p in self.model.parameters():
             p.requires_grad_(False)
         for key in keys:
