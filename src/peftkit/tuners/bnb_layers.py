@@ -148,32 +148,6 @@ class IA3LinearQuantized(QuantizedMergeMixin, IA3Layer):
         self.set_adapter(self.active_adapters or [adapter_name])
 
 
-# peft types whose layers run on a bitsandbytes base (LoRA's covers DoRA and rsLoRA), as named in errors
-QUANTIZED_BASE_METHODS = {"LORA": "LoRA (also DoRA, rsLoRA)", "IA3": "IA3"}
-
-
-def check_quantized_targets(model: nn.Module, keys: list[str], peft_type: str | None) -> None:
-    """Refuse, before anything is wrapped, a method that cannot adapt a bitsandbytes Linear4bit/Linear8bitLt
-    (its layers would try to train or reshape the packed codes).
-
-    Raises:
-        ValueError: naming the first quantized target module, the method, and the methods that work.
-    """
-    if peft_type in QUANTIZED_BASE_METHODS:
-        return
-    for key in keys:
-        target = model.get_submodule(key)
-        target = getattr(target, "base_layer", target)  # already wrapped by another adapter
-        bits = quantized_bits(target)
-        if bits is not None:
-            raise ValueError(
-                f"{key} is a bitsandbytes {bits}-bit {type(target).__name__}, which {peft_type} cannot adapt; "
-                f"methods that train on a quantized base: {', '.join(QUANTIZED_BASE_METHODS.values())}. "
-                "Leave it out of target_modules, or dequantize the base first "
-                "(peftkit.quantized.dequantize_linears_)"
-            )
-
-
 def quantized_layer_cls(target: nn.Module, kind: str) -> Any:
     """The adapter layer class for a bitsandbytes `target` ("lora" or "ia3"), or None if it is not one."""
     if quantized_bits(target) is None:
