@@ -2,7 +2,8 @@
 
     python benchmarks/qlora_memory.py                 # TinyLlama shape (1.1B), ~8 GB free RAM, several minutes
     python benchmarks/qlora_memory.py --shape small   # the same run on a 4-layer, 512-wide Llama (seconds)
-    options: --seq 256 --steps 1 --threads N --checkpointing --only fp32,reference,peftkit --model-dir DIR
+    options: --seq 256 --steps 1 --threads N --checkpointing qlora|none|all --only fp32,reference,peftkit
+             --model-dir DIR
 
 The random checkpoint (TinyLlama-1.1B's shape: hidden 2048, intermediate 5632, 22 layers, 32 heads, 4 KV
 heads, vocab 32000; fp32 safetensors written by `save_pretrained`) is made once in a child process and reused
@@ -15,8 +16,17 @@ labels on every token:
              compute float32))` + HF peft LoRA (the stack most QLoRA users run)
   peftkit    `peftkit.stream_load.load_quantized(bits=4, NF4, double quant)` + peftkit LoRA
 
-Peak RSS is each child's own `ru_maxrss` (loading included); step time is the median of the steps after the
-first (the one step when --steps 1, the default: the brief's "one train step"). Gradient checkpointing is off on every side unless --checkpointing (then on for all three).
+Gradient checkpointing (--checkpointing):
+  qlora (default)  the two NF4 sides call their library's `prepare_model_for_kbit_training` with its defaults,
+                   which turn gradient checkpointing on (what the QLoRA recipe does); the fp32 side is the
+                   plain default LoRA run, no checkpointing
+  none             no side checkpoints (the NF4 sides skip prepare_model_for_kbit_training)
+  all              every side checkpoints (fp32: gradient_checkpointing_enable, non-reentrant)
+
+Peak RSS is each child's own VmHWM (= `ru_maxrss`, loading included), with VmRSS sampled after loading, after
+the forward and after the backward of the first step; step time is the median of the steps after the first
+(the one step when --steps 1, the default: the brief's "one train step"). Step times are only comparable on an
+idle machine; memory is.
 """
 
 from __future__ import annotations
@@ -64,7 +74,7 @@ def make_checkpoint(shape: str, folder: Path) -> None:
     LlamaForCausalLM(config).save_pretrained(folder)
 
 
-def load(side: str, folder: Path, checkpointing: bool):
+def load(side: str, folder: Path):
     import torch
 
     if side == "peftkit":
@@ -86,22 +96,33 @@ def load(side: str, folder: Path, checkpointing: bool):
     return AutoModelForCausalLM.from_pretrained(folder, quantization_config=config, dtype=torch.float32)
 
 
+def vm(field: str) -> int:
+    """This process's /proc/self/status `field` (VmRSS, VmHWM, RssAnon, RssFile) in bytes."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
 def child(a: argparse.Namespace) -> dict:
     import torch
 
     torch.set_num_threads(a.threads)
     t0 = time.perf_counter()
-    base = load(a.side, Path(a.model_dir), a.checkpointing)
+    base = load(a.side, Path(a.model_dir))
     load_s = time.perf_counter() - t0
-    rss_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    rss = {"load peak": vm("VmHWM"), "after load": vm("VmRSS")}
     options = dict(r=16, lora_alpha=32, target_modules="all-linear", lora_dropout=0.0)
     if a.side == "reference":
         import peft as lib
     else:
         import peftkit as lib
-    if a.checkpointing:
-        base = lib.prepare_model_for_kbit_training(base, use_gradient_checkpointing=True)
+    if a.side != "fp32" and a.checkpointing in ("qlora", "all"):
+        base = lib.prepare_model_for_kbit_training(base)  # its defaults: gradient checkpointing on
+    elif a.checkpointing == "all":
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    checkpointed = bool(getattr(base, "is_gradient_checkpointing", False))
     torch.manual_seed(0)
     model = lib.get_peft_model(base, lib.LoraConfig(**options))
     model.train()
@@ -112,15 +133,18 @@ def child(a: argparse.Namespace) -> dict:
     for _ in range(a.steps):
         t = time.perf_counter()
         loss = model(input_ids=ids, labels=ids).loss
+        rss.setdefault("after forward", vm("VmRSS"))
         loss.backward()
+        rss.setdefault("after backward", vm("VmRSS"))
         opt.step()
         opt.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - t)
         losses.append(loss.item())
     return {
         "side": a.side,
-        "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-        "rss_after_load": rss_loaded,
+        "peak_rss": max(vm("VmHWM"), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024),
+        "rss": rss,
+        "checkpointing": checkpointed,
         "load_s": load_s,
         "step_s": statistics.median(times[1:] or times),
         "first_step_s": times[0],
@@ -131,9 +155,7 @@ def child(a: argparse.Namespace) -> dict:
 
 def run_child(a: argparse.Namespace, side: str) -> dict:
     cmd = [sys.executable, __file__, "--child", side, "--model-dir", a.model_dir, "--seq", str(a.seq)]
-    cmd += ["--steps", str(a.steps), "--threads", str(a.threads)] + (
-        ["--checkpointing"] if a.checkpointing else []
-    )
+    cmd += ["--steps", str(a.steps), "--threads", str(a.threads), "--checkpointing", a.checkpointing]
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
         raise SystemExit(f"{side} child failed:\n{out.stderr[-3000:]}")
@@ -147,7 +169,7 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--steps", type=int, default=1)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--checkpointing", action="store_true")
+    p.add_argument("--checkpointing", choices=("qlora", "none", "all"), default="qlora")
     p.add_argument("--only", default=",".join(SIDES))
     p.add_argument("--child", choices=SIDES, dest="side", help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -173,16 +195,20 @@ def main() -> None:
     print(f"checkpoint {folder} ({a.shape}, {size:.2f} GiB fp32, ready in {time.perf_counter() - t:.0f} s)")
     print(
         f"LoRA r=16 all-linear, batch 1x{a.seq}, {a.steps} steps, {a.threads} thread(s), "
-        f"gradient checkpointing {'on' if a.checkpointing else 'off'}"
+        f"--checkpointing {a.checkpointing}; RSS in GiB"
     )
     print(
-        f"{'side':10} {'peak RSS GiB':>12} {'after load':>10} {'load s':>7} {'step s':>7}  losses", flush=True
+        f"{'side':10} {'ckpt':>4} {'peak':>6} {'load pk':>7} {'loaded':>6} {'fwd':>6} {'bwd':>6} {'load s':>7} "
+        f"{'step s':>7}  losses",
+        flush=True,
     )
     results = {}
     for side in a.only.split(","):
         r = results[side] = run_child(a, side)
+        m = {k: v / GIB for k, v in r["rss"].items()}
         print(
-            f"{side:10} {r['peak_rss'] / GIB:12.2f} {r['rss_after_load'] / GIB:10.2f} {r['load_s']:7.1f} "
+            f"{side:10} {'on' if r['checkpointing'] else 'off':>4} {r['peak_rss'] / GIB:6.2f} {m['load peak']:7.2f} "
+            f"{m['after load']:6.2f} {m['after forward']:6.2f} {m['after backward']:6.2f} {r['load_s']:7.1f} "
             f"{r['step_s']:7.2f}  {[round(x, 3) for x in r['losses']]}",
             flush=True,
         )

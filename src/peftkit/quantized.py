@@ -164,6 +164,32 @@ def make_quantized_linear(
     )
 
 
+# peft types whose layers run on a bitsandbytes base (LoRA's covers DoRA and rsLoRA), as named in errors
+QUANTIZED_BASE_METHODS = {"LORA": "LoRA (also DoRA, rsLoRA)", "IA3": "IA3"}
+
+
+def check_quantized_targets(model: nn.Module, keys: list[str], peft_type: str | None) -> None:
+    """Refuse, before anything is wrapped, a method that cannot adapt a bitsandbytes Linear4bit/Linear8bitLt
+    (its layers would try to train or reshape the packed codes).
+
+    Raises:
+        ValueError: naming the first quantized target module, the method, and the methods that work.
+    """
+    if peft_type in QUANTIZED_BASE_METHODS:
+        return
+    for key in keys:
+        target = model.get_submodule(key)
+        target = getattr(target, "base_layer", target)  # already wrapped by another adapter
+        bits = quantized_bits(target)
+        if bits is not None:
+            raise ValueError(
+                f"{key} is a bitsandbytes {bits}-bit {type(target).__name__}, which {peft_type} cannot adapt; "
+                f"methods that train on a quantized base: {', '.join(QUANTIZED_BASE_METHODS.values())}. "
+                "Leave it out of target_modules, or dequantize the base first "
+                "(peftkit.quantized.dequantize_linears_)"
+            )
+
+
 def _skipped(name: str, skip: Iterable[str]) -> bool:
     return any(name == s or name.endswith("." + s) for s in skip)
 

@@ -9,11 +9,18 @@ same path loads a plain model straight into `dtype` (a bf16/fp16 base without an
 Tensors are read with positioned `readinto` calls rather than a memory map: a mapped checkpoint's touched
 pages count toward the process's resident set until unmapped, so a mmap read of a 4.4 GB checkpoint would
 show 4.4 GB of RSS even though each tensor is dropped; a read into a fresh buffer keeps only what is kept.
+
+Large temporaries (each float weight read here, and later the weight bitsandbytes dequantizes in every
+forward and backward of a QLoRA step) are what fragments glibc's heap: freed, they stay resident between
+longer-lived small tensors. `load_quantized` therefore has glibc serve allocations of 1 MiB and more with
+their own memory map (`mallopt(M_MMAP_THRESHOLD)`), returned to the OS as soon as they are freed: on the
+1.1B benchmark model this is the difference between 2.15 and ~1.6 GiB peak for a checkpointed QLoRA step.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -35,6 +42,10 @@ _DTYPES = {
     "U8": torch.uint8,
     "BOOL": torch.bool,
 }
+
+
+MMAP_THRESHOLD = 1 << 20  # bytes: see serve_large_allocations_by_mmap
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number (malloc.h)
 
 
 def safetensors_files(model_dir: str | Path) -> list[Path]:
@@ -110,6 +121,7 @@ def load_quantized(
     skip_modules: tuple[str, ...] = ("lm_head",),
     model_cls: type | None = None,
     device: str | torch.device = "cpu",
+    mmap_threshold: int | None = MMAP_THRESHOLD,
 ) -> nn.Module:
     """A transformers model from the safetensors checkpoint in `model_dir`, its Linear layers quantized with
     bitsandbytes (`bits` 4 or 8; None: not quantized) while loading, in eval mode like `from_pretrained`.
@@ -123,12 +135,17 @@ def load_quantized(
         model_cls: e.g. `AutoModelForCausalLM` (the default) or `AutoModelForSequenceClassification`.
         device: where every tensor goes as it is read (e.g. "cuda": a bf16 or quantized model built on the GPU
             one tensor at a time; not exercised on this project's CPU-only CI).
+        mmap_threshold: from here on, glibc serves host allocations of at least this many bytes with their
+            own memory map, handed back to the OS when freed (see `serve_large_allocations_by_mmap`); None
+            leaves the allocator as it is. Process-wide; it never changes a result.
     Peak memory: the quantized model plus one float tensor (the largest single weight), not the float model.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
     folder = Path(model_dir)
     files = safetensors_files(folder)  # fail before building anything
+    if mmap_threshold is not None:
+        serve_large_allocations_by_mmap(mmap_threshold)
     config = AutoConfig.from_pretrained(folder)
     spec = None
     if bits is not None:
@@ -168,6 +185,28 @@ def load_quantized(
         mark_quantized(model, spec.bits)
     _release_freed_memory()
     return model.eval()
+
+
+def serve_large_allocations_by_mmap(threshold: int = MMAP_THRESHOLD) -> bool:
+    """Have glibc serve every allocation of at least `threshold` bytes (at most 32 MiB) with its own memory
+    map, unmapped when freed, instead of carving it out of the heap; True if the setting took effect.
+
+    glibc's default threshold rises to the size of each large block freed (up to 32 MiB), after which a QLoRA
+    step's per-layer temporaries (the dequantized weight, (out, in) float32, and its int32 code indices) are
+    carved out of the heap, and the holes they leave between small long-lived tensors stay resident: the
+    process's RSS grows layer by layer although the live tensors do not. A fixed threshold keeps those
+    temporaries out of the heap. Nothing happens when the user set `MALLOC_MMAP_THRESHOLD_` (their choice
+    wins) or the C library is not glibc. Process-wide, and only allocation placement changes.
+    """
+    if os.environ.get("MALLOC_MMAP_THRESHOLD_") is not None:
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, int(threshold)))
+    except (OSError, AttributeError):  # not glibc
+        return False
 
 
 def _release_freed_memory() -> None:

@@ -21,6 +21,7 @@ from torch import nn
 from ..config import PeftConfig
 from ..inference_fold import drop_fold
 from ..inject import find_targets, get_submodule_parent
+from ..quantized import check_quantized_targets
 
 
 class AdapterLayer(nn.Module):
@@ -260,6 +261,7 @@ class BaseTuner(nn.Module):
         config = self.resolve_config(config)
         keys = find_targets(self.model, config, wrapper_types=(AdapterLayer,))
         config = _targets_as_set(config)
+        check_quantized_targets(self.model, keys, config.peft_type)  # before the model is touched
         for p in self.model.parameters():
             p.requires_grad_(False)
         for key in keys:
