@@ -1,0 +1,103 @@
+"""FSDP2 without a full copy of the base model per process: only rank 0 reads the checkpoint.
+
+With ``--fsdp`` under ``torchrun`` / ``accelerate launch``:
+
+1. Rank 0 loads the base model as a single process does (``from_pretrained``, fp32 on the CPU). Every other
+   rank builds the same model from ``config.json`` with its parameters on the ``meta`` device
+   (:func:`empty_model`: no memory, no random init, the checkpoint never opened). Buffers are built for real
+   on every rank by the model's own init code (rotary ``inv_freq`` and other tables not in the checkpoint).
+2. Every rank adds the adapter the same way (on ranks > 0 its parameters follow the base onto ``meta``).
+3. :func:`shard_and_fill`: ranks > 0 shard their empty model with FSDP2 ``fully_shard``; then
+   ``torch.distributed.checkpoint.state_dict.set_model_state_dict(..., full_state_dict=True,
+   broadcast_from_rank0=True)`` sends rank 0's tensors one at a time, and every rank > 0 keeps only its own
+   shard of each (plus the replicated adapter, whose values are rank 0's: identical init on every rank, for
+   every method, including those whose init reads the base weights). Rank 0 shards its model afterwards, layer
+   by layer, freeing each full layer as its shard is taken.
+
+Peak memory of a rank > 0: its ``1/N`` of the base, the adapter and one full tensor in flight (the largest
+single weight, e.g. the embedding). Rank 0 holds the full model once, as before (``N`` copies become one).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from peftkit.train.errors import PeftkitError
+
+
+def empty_model(name: str):
+    """The causal LM of the model folder ``name`` with every parameter on ``meta``; the weights file is not read.
+
+    Buffers (rotary tables) are computed by the model's own ``__init__``, as ``from_pretrained`` does; the
+    model's generation config and ``name_or_path`` are read as ``from_pretrained`` sets them.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    from peftkit.stream_load import _empty_parameters
+
+    config = AutoConfig.from_pretrained(name)
+    with _empty_parameters():
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.tie_weights()  # not done under no_init_weights; FSDP2 must see one shared parameter, as on rank 0
+    if (Path(name) / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(name)
+    model.name_or_path = name
+    model.config._name_or_path = name
+    return model.eval()
+
+
+def shard_and_fill(model, rank: int, shard) -> None:
+    """Shard ``model`` (a PeftModel) with ``shard(model)`` on every rank and fill each rank's shards, and every
+    replicated tensor, with rank 0's values (a collective: every rank calls it).
+
+    ``model`` is fully loaded on rank 0 and on ``meta`` elsewhere. Parameter objects on ranks > 0 are
+    replaced (loaded with ``assign``): collect trainable parameters after this call.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
+    if rank == 0:
+        full = model.state_dict()  # references to the loaded tensors, no copy
+        set_model_state_dict(
+            model, full, options=options
+        )  # rank 0: a broadcast, its copy into itself a no-op
+        del full
+        shard(model)
+    else:
+        shard(model)
+        set_model_state_dict(model, {}, options=options)
+    _broadcast_unsaved_buffers(model, rank)
+    _retie(model)
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise PeftkitError(
+            f"--fsdp: rank {rank} got no values from rank 0 for {left[:5]}{'...' if len(left) > 5 else ''} "
+            "(the processes built different models: same --model path and version on every machine?)"
+        )
+
+
+def _broadcast_unsaved_buffers(model, rank: int) -> None:
+    """Buffers kept out of the state dict (non-persistent: rotary tables, an adapter's fixed tables) take rank
+    0's values: on ranks > 0 the base's were computed by its own init, but an adapter's follow the base onto
+    ``meta``. They are small (no full weight), so each is sent whole."""
+    for module in model.modules():
+        for key in sorted(module._non_persistent_buffers_set):
+            buf = module._buffers.get(key)
+            if buf is None:
+                continue
+            if buf.is_meta:
+                buf = module._buffers[key] = torch.empty_like(buf, device="cpu")
+            torch.distributed.broadcast(buf, src=0)
+
+
+def _retie(model) -> None:
+    """Tied input/output embeddings (e.g. SmolLM2) share one parameter again on ranks > 0, where loading with
+    ``assign`` gave the two names two tensors holding the same values."""
+    inner = model.get_base_model()
+    if not getattr(inner.config, "tie_word_embeddings", False):
+        return
+    src, dst = inner.get_input_embeddings(), inner.get_output_embeddings()
+    if src is not None and dst is not None and dst.weight is not src.weight:
+        dst.weight = src.weight
