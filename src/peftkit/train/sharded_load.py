@@ -20,6 +20,7 @@ single weight, e.g. the embedding). Rank 0 holds the full model once, as before 
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -52,24 +53,15 @@ def shard_and_fill(model, rank: int, shard) -> None:
     """Shard ``model`` (a PeftModel) with ``shard(model)`` on every rank and fill each rank's shards, and every
     replicated tensor, with rank 0's values (a collective: every rank calls it).
 
-    ``model`` is fully loaded on rank 0 and on ``meta`` elsewhere. Parameter objects on ranks > 0 are
-    replaced (loaded with ``assign``): collect trainable parameters after this call.
+    ``model`` is fully loaded on rank 0 and on ``meta`` elsewhere. A parameter shared by several modules (tied
+    embeddings) is sent once. Parameter objects on ranks > 0 are new: collect trainable ones after this call.
     """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
+    aliases = _aliases(model)
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
-    if rank == 0:
-        full = model.state_dict()  # references to the loaded tensors, no copy
-        set_model_state_dict(
-            model, full, options=options
-        )  # rank 0: a broadcast, its copy into itself a no-op
-        del full
-        shard(model)
-    else:
-        shard(model)
-        set_model_state_dict(model, {}, options=options)
-    _broadcast_unsaved_buffers(model, rank)
-    _retie(model)
+    with _freed_memory_returned():
+        _fill(model, rank, shard, aliases, options, set_model_state_dict)
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:
         raise PeftkitError(
@@ -78,10 +70,76 @@ def shard_and_fill(model, rank: int, shard) -> None:
         )
 
 
-def _broadcast_unsaved_buffers(model, rank: int) -> None:
+def _fill(model, rank: int, shard, aliases: list[list[str]], options, set_model_state_dict) -> None:
+    if rank == 0:
+        full = model.state_dict()  # references to the loaded tensors, no copy
+        for names in aliases:
+            for name in names[1:]:
+                full.pop(name, None)
+        set_model_state_dict(
+            model, full, options=options
+        )  # rank 0: a broadcast, its copy into itself a no-op
+        del full
+        shard(model)
+    else:
+        shard(model)
+        _materialize(model, aliases)  # this rank's shards, allocated once, up front: filled in place
+        set_model_state_dict(model, {}, options=options)
+    _broadcast_unsaved_buffers(model)
+
+
+@contextmanager
+def _freed_memory_returned():
+    """While loading, glibc hands every allocation of 128 KiB or more back to the OS when freed (a fixed
+    ``M_MMAP_THRESHOLD``), then allows up to 32 MiB from the heap again (glibc's own upper bound).
+
+    By default glibc raises that threshold to the size of each large block freed, so the full tensors received
+    one after another (several MB each) are carved from the heap, and the heap keeps the freed ones: on
+    SmolLM2-135M rank 1's peak was its shards plus 180 MB of freed buffers (``malloc_trim`` gave them back).
+    Not glibc (no ``mallopt``): nothing changes."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt, trim = libc.mallopt, libc.malloc_trim
+    except (OSError, AttributeError):
+        yield
+        return
+    m_mmap_threshold = -3
+    mallopt(m_mmap_threshold, 128 * 1024)
+    try:
+        yield
+    finally:
+        mallopt(m_mmap_threshold, 32 * 2**20)
+        trim(0)
+
+
+def _aliases(model) -> list[list[str]]:
+    """Names of each parameter registered under several names (tied embeddings), first name first."""
+    names: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), []).append(name)
+    return [group for group in names.values() if len(group) > 1]
+
+
+def _materialize(model, aliases: list[list[str]]) -> None:
+    """Allocate (uninitialised) the local shards of every ``meta`` parameter, once per shared parameter, keeping
+    the buffers the model's init computed (``to_empty`` would empty them too)."""
+    kept = {name: buf.clone() for name, buf in model.named_buffers() if not buf.is_meta}
+    model.to_empty(device="cpu")
+    for name, value in kept.items():
+        model.get_buffer(name).copy_(value)
+    for first, *others in aliases:  # to_empty gave each name its own tensor: share the first one again
+        shared = model.get_parameter(first)
+        for name in others:
+            owner, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(owner), attr, shared)
+
+
+def _broadcast_unsaved_buffers(model) -> None:
     """Buffers kept out of the state dict (non-persistent: rotary tables, an adapter's fixed tables) take rank
-    0's values: on ranks > 0 the base's were computed by its own init, but an adapter's follow the base onto
-    ``meta``. They are small (no full weight), so each is sent whole."""
+    0's values: on ranks > 0 the base's were computed by its own init, but an adapter's were built on ``meta``.
+    They are small (no weight), so each is sent whole."""
     for module in model.modules():
         for key in sorted(module._non_persistent_buffers_set):
             buf = module._buffers.get(key)
@@ -90,14 +148,3 @@ def _broadcast_unsaved_buffers(model, rank: int) -> None:
             if buf.is_meta:
                 buf = module._buffers[key] = torch.empty_like(buf, device="cpu")
             torch.distributed.broadcast(buf, src=0)
-
-
-def _retie(model) -> None:
-    """Tied input/output embeddings (e.g. SmolLM2) share one parameter again on ranks > 0, where loading with
-    ``assign`` gave the two names two tensors holding the same values."""
-    inner = model.get_base_model()
-    if not getattr(inner.config, "tie_word_embeddings", False):
-        return
-    src, dst = inner.get_input_embeddings(), inner.get_output_embeddings()
-    if src is not None and dst is not None and dst.weight is not src.weight:
-        dst.weight = src.weight
