@@ -2,7 +2,7 @@
 rank 1 builds the model on ``meta`` and receives only its shards, and the run still ends with the adapter one
 process reaches at twice the batch (tied embeddings and rotary tables right: equal losses from step 0).
 
-The model is a random Llama of 25M parameters (100 MB in fp32) with tied input/output embeddings, big enough
+The model is a random Llama of 12.6M parameters (50 MB in fp32) with tied input/output embeddings, big enough
 for the memory of the loading to show next to the ~400 MB of torch and transformers.
 """
 
@@ -34,10 +34,10 @@ def tied_model(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=small["vocab_size"],
-        hidden_size=768,
-        intermediate_size=2048,
+        hidden_size=512,
+        intermediate_size=1536,
         num_hidden_layers=4,
-        num_attention_heads=12,
+        num_attention_heads=8,
         num_key_value_heads=4,
         max_position_embeddings=256,
         rope_theta=500.0,
@@ -90,23 +90,25 @@ def test_only_rank_zero_reads_the_checkpoint(runs):
 
 
 def test_rank_one_holds_only_its_shards(runs):
-    """Rank 1's base parameters are half of the model, and loading them raised its memory by far less than
-    rank 0's full load (both measured from the same point: the resident memory just before loading)."""
+    """Rank 1's base parameters are half of the model, and loading raised its peak memory by half the model
+    less than rank 0's (each measured from its resident memory just before loading)."""
     full = sum(
         t.numel() * t.element_size() for t in load_file(str(runs["model"] / "model.safetensors")).values()
     )
     rank0, rank1 = runs["probes"]
     assert rank1["base_param_bytes_here"] == pytest.approx(full / 2, rel=0.01)
     grew = [(p["peak_after_wrap_mb"] - p["rss_before_load_mb"]) * 2**20 for p in (rank0, rank1)]
-    assert grew[0] > 0.9 * full  # rank 0 held the whole model
-    assert grew[1] < 0.75 * full and grew[1] < grew[0] - 0.3 * full, grew
+    assert grew[0] > 0.9 * full, grew  # rank 0 held the whole model
+    # rank 1 grew by its half less (plus the same ~30 MB of tokenizer, data and adapter as rank 0); when every
+    # rank loaded the whole model (before sharded loading) the two grew alike
+    assert grew[0] - grew[1] > 0.4 * full, grew
 
 
 def test_tied_embeddings_and_rotary_tables_are_right_on_every_rank(runs):
     rank0, rank1 = runs["probes"]
     assert rank0["tied"] and rank1["tied"]
     assert rank1["inv_freq"] == rank0["inv_freq"]
-    head_dim = 768 // 12
+    head_dim = 512 // 8
     expected = 1.0 / (500.0 ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
     assert torch.allclose(torch.tensor(rank1["inv_freq"]), expected)
     # the base's held-out loss (step 0, before any update) and every step's loss are one process's
