@@ -100,6 +100,15 @@ def main() -> None:
         return runner
 
     distributed.Dist.wrap = wrap
+    real_held_out = loop.held_out_metrics
+
+    def held_out(*args, **kwargs):  # the peak before and after each held-out evaluation ("before", "after")
+        seen[f"peak_before_eval_{args[-1]}_mb"] = peak_mb()
+        result = real_held_out(*args, **kwargs)
+        seen[f"peak_after_eval_{args[-1]}_mb"] = peak_mb()
+        return result
+
+    loop.held_out_metrics = held_out
 
     def dump() -> None:
         seen["peak_mb"] = peak_mb()

@@ -11,11 +11,12 @@ With ``--fsdp`` under ``torchrun`` / ``accelerate launch``:
    ``torch.distributed.checkpoint.state_dict.set_model_state_dict(..., full_state_dict=True,
    broadcast_from_rank0=True)`` sends rank 0's tensors one at a time, and every rank > 0 keeps only its own
    shard of each (plus the replicated adapter, whose values are rank 0's: identical init on every rank, for
-   every method, including those whose init reads the base weights). Rank 0 shards its model afterwards, layer
-   by layer, freeing each full layer as its shard is taken.
+   every method, including those whose init reads the base weights). Rank 0 shards its model afterwards.
 
 Peak memory of a rank > 0: its ``1/N`` of the base, the adapter and one full tensor in flight (the largest
-single weight, e.g. the embedding). Rank 0 holds the full model once, as before (``N`` copies become one).
+single weight, e.g. the embedding). Rank 0 still holds the full model while loading (and its shards as they
+are taken), as every rank did before: ``N`` full copies become one. SmolLM2-135M, 2 processes: rank 1's
+memory grows by 0.31 GB while loading instead of 0.83 GB (benchmarks/README.md, "FSDP2 memory").
 """
 
 from __future__ import annotations
@@ -76,9 +77,7 @@ def _fill(model, rank: int, shard, aliases: list[list[str]], options, set_model_
         for names in aliases:
             for name in names[1:]:
                 full.pop(name, None)
-        set_model_state_dict(
-            model, full, options=options
-        )  # rank 0: a broadcast, its copy into itself a no-op
+        set_model_state_dict(model, full, options=options)  # rank 0 sends; its copy into itself is a no-op
         del full
         shard(model)
     else:
@@ -90,13 +89,16 @@ def _fill(model, rank: int, shard, aliases: list[list[str]], options, set_model_
 
 @contextmanager
 def _freed_memory_returned():
-    """While loading, glibc hands every allocation of 128 KiB or more back to the OS when freed (a fixed
-    ``M_MMAP_THRESHOLD``), then allows up to 32 MiB from the heap again (glibc's own upper bound).
+    """While loading, glibc hands every freed block of 128 KiB or more back to the OS (a fixed
+    ``M_MMAP_THRESHOLD``); afterwards, for the rest of the run, every block of 1 MiB or more.
 
-    By default glibc raises that threshold to the size of each large block freed, so the full tensors received
-    one after another (several MB each) are carved from the heap, and the heap keeps the freed ones: on
-    SmolLM2-135M rank 1's peak was its shards plus 180 MB of freed buffers (``malloc_trim`` gave them back).
-    Not glibc (no ``mallopt``): nothing changes."""
+    By default glibc raises that threshold up to 32 MiB, to the size of each large block freed, and the heap
+    then keeps what is freed. Under FSDP2 on the CPU that is most of the memory: the full tensors received
+    while loading (several MB each), and in each forward the all-gathered layers. Measured on SmolLM2-135M,
+    2 processes (benchmarks/README.md): rank 1's loading peak was its shards plus 180 MB of freed buffers,
+    and each forward kept ~150 MB more (malloc_trim gave it back); the run peaked at 2.0 GB per process, more
+    than one process training alone (1.46 GB), and at 1.37 GB with this. Not glibc: nothing changes.
+    """
     try:
         import ctypes
 
@@ -110,7 +112,7 @@ def _freed_memory_returned():
     try:
         yield
     finally:
-        mallopt(m_mmap_threshold, 32 * 2**20)
+        mallopt(m_mmap_threshold, 2**20)
         trim(0)
 
 
