@@ -44,6 +44,9 @@ class Dist:
     world: int = 1
     local_rank: int = 0
     fsdp: bool = False
+    lean: bool = (
+        False  # FSDP2: only rank 0 read the checkpoint; the others hold a meta model (sharded_load.py)
+    )
     ddp: object = field(default=None, repr=False)  # the DDP wrapper, when there is one
 
     @property
@@ -86,12 +89,18 @@ class Dist:
         loop saves and inspects (its adapter parameters are the same tensors in every case)."""
         if not self.active:
             return model
-        trainable = [p for p in model.parameters() if p.requires_grad]
         if self.fsdp:
-            _shard_frozen_base(model, set(trainable), self.world)
-            for p in trainable:  # same seed on every rank already; this makes it certain
+            shard = lambda m: _shard_frozen_base(m, _trainable_set(m), self.world)  # noqa: E731
+            if self.lean:  # rank 0 sends its loaded tensors; every other rank keeps its shards
+                from peftkit.train.sharded_load import shard_and_fill
+
+                shard_and_fill(model, self.rank, shard)
+            else:
+                shard(model)
+            for p in [p for p in model.parameters() if p.requires_grad]:  # same seed everywhere; now certain
                 torch.distributed.broadcast(p.data, src=0)
             return model
+        trainable = [p for p in model.parameters() if p.requires_grad]
         from torch.nn.parallel import DistributedDataParallel
 
         for p in trainable:
@@ -100,6 +109,12 @@ class Dist:
         # adapter needs the broadcast above (DDP's own would send the whole base model)
         self.ddp = DistributedDataParallel(model, init_sync=False, forward_sync_buffers=False)
         return self.ddp
+
+    def loads_lean(self, quantize: str | None) -> bool:
+        """Whether this run loads the base sharded (FSDP2 on several processes, not quantized): rank 0 reads the
+        checkpoint, the others build the model on ``meta`` and receive their shards in :meth:`wrap`."""
+        self.lean = self.active and self.fsdp and not quantize
+        return self.lean
 
     def accumulating(self, last: bool):
         """Around a micro-batch's forward+backward: no gradient exchange until the step's last one."""
@@ -227,6 +242,10 @@ def _close() -> None:
 
     if td.is_initialized():
         td.destroy_process_group()
+
+
+def _trainable_set(model) -> set:
+    return {p for p in model.parameters() if p.requires_grad}
 
 
 def _shard_frozen_base(model, adapter: set, world: int) -> None:

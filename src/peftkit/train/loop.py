@@ -63,7 +63,10 @@ def _train(o: TrainOptions, progress: bool, say) -> dict:
 
     # ---- model and data
     train_rows, eval_rows = load_data(o)  # before the model: a bad row fails in a second, not a minute
-    base, tokenizer, model_name = load_model_and_tokenizer(o.model, progress, o.quantize)
+    lean = dist.loads_lean(o.quantize)  # FSDP2: only rank 0 reads the weights (sharded_load.py)
+    base, tokenizer, model_name = load_model_and_tokenizer(
+        o.model, progress, o.quantize, empty=lean and not dist.main
+    )
     train_items = tokenize_all(tokenizer, train_rows, o.max_length, "training")
     eval_rows = eval_rows[: o.eval_limit] if o.eval_limit else eval_rows
     eval_items = tokenize_all(tokenizer, eval_rows, o.max_length, "held-out") if eval_rows else []
@@ -76,7 +79,7 @@ def _train(o: TrainOptions, progress: bool, say) -> dict:
     # ---- held-out metrics of the base model
     before = (
         None
-        if o.skip_eval_before
+        if o.skip_eval_before or lean  # lean: measured once the weights are in place, below
         else held_out_metrics(base, tokenizer, eval_rows, eval_items, max_new, progress, "before")
     )
 
@@ -93,6 +96,9 @@ def _train(o: TrainOptions, progress: bool, say) -> dict:
     if saved:
         ckpt.restore_tuner(model, saved, resume_from)
     runner = dist.wrap(model)  # forward/backward through DDP or FSDP2 with several processes; else `model`
+    if lean and not o.skip_eval_before:  # the base alone: the adapter switched off, no random draw used up
+        with torch.random.fork_rng(devices=[]), model.disable_adapter():
+            before = held_out_metrics(base, tokenizer, eval_rows, eval_items, max_new, progress, "before")
     trainable, total = model.get_nb_trainable_parameters()
     # Sorted by name, so the optimizer state of a checkpoint maps onto the same tensors on resume.
     params = [p for _, p in sorted(model.named_parameters()) if p.requires_grad]

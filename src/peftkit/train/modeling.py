@@ -24,11 +24,14 @@ def resolve_model(model: str | None, progress: bool = True) -> str:
     return str(default_model_path(progress=progress))
 
 
-def load_model_and_tokenizer(model: str | None, progress: bool = True, quantize: str | None = None):
+def load_model_and_tokenizer(
+    model: str | None, progress: bool = True, quantize: str | None = None, empty: bool = False
+):
     """Return ``(model, tokenizer, name)`` for a local HF folder, a Hub id, or None (the default model).
 
     ``quantize`` "4bit" (NF4, double quantization) or "8bit" loads the linear layers quantized with
-    bitsandbytes, tensor by tensor from the folder's safetensors (``peftkit.stream_load.load_quantized``)."""
+    bitsandbytes, tensor by tensor from the folder's safetensors (``peftkit.stream_load.load_quantized``).
+    ``empty``: the model's parameters on ``meta``, its weights not read (FSDP2's ranks > 0, ``sharded_load``)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if not progress:
@@ -47,7 +50,11 @@ def load_model_and_tokenizer(model: str | None, progress: bool = True, quantize:
         raise PeftkitError(f"model not found: {name} (expected a folder with config.json, or a Hub id)")
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)
-        if quantize:
+        if empty:
+            from peftkit.train.sharded_load import empty_model
+
+            base = empty_model(name)
+        elif quantize:
             base = _load_quantized(name, quantize)
         else:
             base = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32)
