@@ -183,7 +183,7 @@ def load_quantized(
         warnings.warn(f"{folder}: checkpoint tensors the model does not use: {unexpected[:5]}", stacklevel=2)
     if spec is not None:
         mark_quantized(model, spec.bits)
-    _release_freed_memory()
+    release_freed_memory()
     return model.eval()
 
 
@@ -209,7 +209,7 @@ def serve_large_allocations_by_mmap(threshold: int = MMAP_THRESHOLD) -> bool:
         return False
 
 
-def _release_freed_memory() -> None:
+def release_freed_memory() -> None:
     """Hand the heap space freed by the per-tensor float copies back to the OS (glibc's `malloc_trim`), so
     training starts from the quantized model's size rather than from the loader's high-water mark."""
     try:

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from peftkit.stream_load import release_freed_memory, serve_large_allocations_by_mmap
 from peftkit.train.errors import PeftkitError
 
 
@@ -99,21 +100,12 @@ def _freed_memory_returned():
     and each forward kept ~150 MB more (malloc_trim gave it back); the run peaked at 2.0 GB per process, more
     than one process training alone (1.46 GB), and at 1.37 GB with this. Not glibc: nothing changes.
     """
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        mallopt, trim = libc.mallopt, libc.malloc_trim
-    except (OSError, AttributeError):
-        yield
-        return
-    m_mmap_threshold = -3
-    mallopt(m_mmap_threshold, 128 * 1024)
+    serve_large_allocations_by_mmap(128 * 1024)  # ignored where the user set MALLOC_MMAP_THRESHOLD_
     try:
         yield
     finally:
-        mallopt(m_mmap_threshold, 2**20)
-        trim(0)
+        serve_large_allocations_by_mmap()
+        release_freed_memory()
 
 
 def _aliases(model) -> list[list[str]]:
