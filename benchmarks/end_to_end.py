@@ -16,6 +16,7 @@ and exact match of greedy answers on the bundled held-out set. Both sides train 
 sequences (prompt + response, chat template, truncated to --max-length); the brief's collator labels every
 token (pads and, as it does, eos tokens are -100), `peftkit train` labels the response only.
 Training time excludes model loading and evaluation on both sides; wall time is the whole child process.
+The last row is the fraction of the fp32 GEMM floor each side's training time reaches (`floor_seconds`).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import time
 from pathlib import Path
 
 BUNDLED = Path(__file__).resolve().parents[1] / "src" / "peftkit" / "data"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def hf_child(a: argparse.Namespace) -> dict:
@@ -244,7 +246,42 @@ def peftkit_run(a: argparse.Namespace) -> dict:
     }
 
 
-def print_table(hf: dict | None, sft: dict | None, pk: dict | None) -> None:
+def floor_seconds(a: argparse.Namespace) -> float:
+    """Seconds this machine's fp32 GEMM peak needs for the matmuls of the training (benchmarks/flops.py): every
+    epoch's rows (their real tokens), the head at the response tokens only, LoRA r on every linear layer, and
+    the opening all rows share (chat template + instruction) once per batch of --batch-size rows, the least
+    work this training needs. The same floor for all three sides; a side that recomputes the shared opening
+    per row (or the head on every position) does more matmul work than the floor counts."""
+    import os
+
+    import torch
+    from flops import gemm_peak, train_step_flops
+
+    from peftkit.train.data import load_examples, tokenize_all
+    from peftkit.train.modeling import load_model_and_tokenizer
+
+    model, tok, _ = load_model_and_tokenizer(a.model, progress=False)
+    items = tokenize_all(tok, load_examples([str(BUNDLED / "dates_train.jsonl")]), a.max_length, "train")
+    shared = len(os.path.commonprefix([t.input_ids[: t.prompt_len] for t in items]))
+    cfg, batches = model.config, -(-len(items) // a.batch_size)
+    flops = batches * train_step_flops(cfg, shared, shared / 2, 0, a.r)
+    for t in items:
+        own = len(t.input_ids) - shared
+        flops += train_step_flops(cfg, own, shared + own / 2, len(t.input_ids) - t.prompt_len, a.r)
+    del model
+    peak, _ = gemm_peak(a.threads)
+    print(
+        f"fp32 GEMM peak ({a.threads} threads): {peak / 1e9:.1f} GFLOP/s; training floor "
+        f"{flops * a.epochs / 1e12:.2f} TFLOP ({shared} shared opening tokens once per batch)"
+    )
+    torch.set_num_threads(a.threads)
+    return flops * a.epochs / peak
+
+
+def print_table(hf: dict | None, sft: dict | None, pk: dict | None, floor: float | None = None) -> None:
+    for side in (hf, sft, pk):
+        if side and floor:
+            side["floor_fraction"] = floor / side["train_seconds"]
     rows = [
         ("training seconds", "train_seconds", "{:.1f}"),
         ("process wall seconds", "wall_seconds", "{:.1f}"),
@@ -254,6 +291,7 @@ def print_table(hf: dict | None, sft: dict | None, pk: dict | None) -> None:
         ("peak RSS MiB", "peak_rss_mb", "{:,.0f}"),
         ("held-out loss (response)", "eval_loss", "{:.4f}"),
         ("held-out exact match", "exact_match", "{:.3f}"),
+        ("fraction of the GEMM floor (training)", "floor_fraction", "{:.3f}"),
     ]
 
     def ratio(p, h):
@@ -314,7 +352,7 @@ def main() -> None:
         sft = _child("--sft-child")
     if a.only in (None, "peftkit"):
         pk = peftkit_run(a)
-    print_table(hf, sft, pk)
+    print_table(hf, sft, pk, floor_seconds(a))
     if a.json:
         Path(a.json).write_text(json.dumps({"hf": hf, "sft": sft, "peftkit": pk}, indent=1))
 

@@ -7,6 +7,8 @@ steps interleaved (HF, peftkit, HF, peftkit, ...) on the same batch, so load fro
 alike; medians are printed with the ratio peftkit/HF. A step is forward + backward + AdamW step.
 Peak RSS: one fresh child process per (library, configuration), run one after another; each builds the
 model, takes two steps and reports its own peak RSS (VmHWM).
+Each row also prints the fraction of the fp32 GEMM floor it reaches (benchmarks/flops.py: its matmul FLOPs
+over this machine's `torch.mm` peak, divided by the measured time).
 Rows: LoRA r=16 on q,v and on all linear layers, labels on every position ("all") or instruction-style
 ("instr": the first half of each row is -100); a no-grad forward (the yardstick: a LoRA step can approach
 about two of them) and a full fine-tuning step (plain transformers) for scale.
@@ -25,6 +27,9 @@ from collections.abc import Callable
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
+
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
+from flops import forward_flops, gemm_peak, train_step_flops  # noqa: E402
 
 SMOLLM2_135M = dict(
     vocab_size=49152,
@@ -212,11 +217,32 @@ def fmt(v: float | None, unit: str = "") -> str:
     return "-" if v is None else f"{v:.3f}{unit}" if unit == "s" else f"{v:,.0f}"
 
 
+def floor_flops(row: dict) -> float | None:
+    """Matmul FLOPs of the row's work (benchmarks/flops.py): a no-grad forward, or a LoRA step with the head at
+    the labelled rows only (q,v rows leave out the two adapted layers' rank-16 products, <0.5% of the step).
+    None for the full fine-tune (its weight gradients are not a LoRA step's)."""
+    config = LlamaConfig(**SMOLLM2_135M)
+    b, t = row["shape"]
+    if row["kind"] == "fwd":
+        return forward_flops(config, b * t, t / 2, b * t)
+    if row["kind"] != "step":
+        return None
+    labelled = b * t if row["labels"] == "all" else b * (t - t // 2)
+    return train_step_flops(config, b * t, t / 2, labelled, 16 if row.get("target") == "all" else 0)
+
+
 def print_table(rows: list[dict]) -> None:
-    head = "| batch | configuration | labels | HF peft s | peftkit s | time ratio | HF RSS MiB | peftkit RSS MiB | RSS ratio |"
+    peak, _ = gemm_peak(torch.get_num_threads())
+    print(f"fp32 GEMM peak (torch.mm 2048^3, {torch.get_num_threads()} threads): {peak / 1e9:.1f} GFLOP/s")
+    head = (
+        "| batch | configuration | labels | HF peft s | peftkit s | time ratio | HF floor | peftkit floor "
+        "| HF RSS MiB | peftkit RSS MiB | RSS ratio |"
+    )
     print(head)
-    print("|---|---|---|---:|---:|---:|---:|---:|---:|")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
+        flops = floor_flops(r)
+        floor = {k: f"{flops / peak / r[k]:.2f}" if flops and r.get(k) else "-" for k in ("hf", "peftkit")}
         hf, pk = r.get("hf"), r.get("peftkit")
         hr, pr = r.get("hf_rss"), r.get("peftkit_rss")
         ratio = f"{pk / hf:.2f}" if hf and pk else "-"
@@ -224,7 +250,7 @@ def print_table(rows: list[dict]) -> None:
         batch = f"{r['shape'][0]}x{r['shape'][1]}"
         print(
             f"| {batch} | {r['config']} | {r['labels']} | {fmt(hf, 's')} | {fmt(pk, 's')} | {ratio} "
-            f"| {fmt(hr)} | {fmt(pr)} | {rratio} |"
+            f"| {floor['hf']} | {floor['peftkit']} | {fmt(hr)} | {fmt(pr)} | {rratio} |"
         )
 
 
