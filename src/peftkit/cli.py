@@ -28,6 +28,9 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
         if kind == "bool":
             p.add_argument(flag, action="store_true", default=None, help=help_text)
             continue
+        if f.metadata.get("negatable"):  # --flag / --no-flag, None when neither is given
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+            continue
         value_type = int if "int" in kind else float if "float" in kind else str
         nargs = f.metadata.get("nargs")
         p.add_argument(flag, type=value_type, nargs=nargs, default=None, metavar=name.upper(), help=help_text)

@@ -199,3 +199,35 @@ def test_value_errors_from_other_libraries_keep_their_type():
         text = cli.describe_error(e)
         assert text.startswith("ValueError: Expected input batch_size (2) to match target batch_size (3)")
         assert "(at torch/nn/functional.py:" in text
+
+
+def test_gradient_checkpointing_recomputes_and_reaches_the_same_adapter(train_args, tmp_path, monkeypatch):
+    """--gradient-checkpointing recomputes the decoder layers in the backward (each layer's forward runs once
+    more per training step) and ends with the adapter of the plain run (dropout 0: the recomputed forward is
+    the same computation); --no-gradient-checkpointing keeps it off."""
+    from transformers.models.llama import modeling_llama
+
+    calls = {"n": 0}
+    real = (
+        modeling_llama.LlamaMLP.forward
+    )  # inside each checkpointed layer (the layer's own forward is wrapped)
+
+    def counted(self, *a, **k):
+        calls["n"] += 1
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(modeling_llama.LlamaMLP, "forward", counted)
+    adapters, forwards = {}, {}
+    for name, flag in (("plain", "--no-gradient-checkpointing"), ("ckpt", "--gradient-checkpointing")):
+        calls["n"] = 0
+        assert cli.main([*train_args(tmp_path / name), "--dropout", "0", "--skip-eval-before", flag]) == 0
+        adapters[name] = load_file(tmp_path / name / "adapter/adapter_model.safetensors")
+        forwards[name] = calls["n"]
+        assert json.loads((tmp_path / name / "run_config.json").read_text())["gradient_checkpointing"] == (
+            name == "ckpt"
+        )
+    layers, steps = 2, 4  # tests/train/tiny.py: 2 decoder layers; --max-steps 4, one batch per step
+    assert forwards["ckpt"] - forwards["plain"] == layers * steps
+    assert adapters["plain"].keys() == adapters["ckpt"].keys()
+    for key, value in adapters["plain"].items():
+        torch.testing.assert_close(adapters["ckpt"][key], value, rtol=1e-4, atol=1e-5)

@@ -93,6 +93,8 @@ def _train(o: TrainOptions, progress: bool, say) -> dict:
     batches_per_epoch = math.ceil(len(train_items) / (o.batch_size * dist.world))
     total_steps = o.max_steps or max(1, math.ceil(o.epochs * batches_per_epoch / o.grad_accum))
     model = wrap_model(base, o, resume_from, total_steps)
+    if o.gradient_checkpointing or (o.gradient_checkpointing is None and o.quantize):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if saved:
         ckpt.restore_tuner(model, saved, resume_from)
     runner = dist.wrap(model)  # forward/backward through DDP or FSDP2 with several processes; else `model`

@@ -120,6 +120,14 @@ class TrainOptions:
         "quantization) or 8bit; methods lora, dora, rslora, ia3. The adapter file is the same as on a full base",
     )
 
+    gradient_checkpointing: bool | None = _opt(
+        None,
+        "recompute each decoder layer's activations during the backward instead of keeping them: less memory, "
+        "about a third more time per step, the same adapter; default: on with --quantize (as "
+        "prepare_model_for_kbit_training does), else off",
+        negatable=True,
+    )
+
     def __post_init__(self) -> None:
         if self.lr is None and self.method in METHODS:  # not given: the method's default (train/methods.py)
             self.lr = METHODS[self.method].lr
