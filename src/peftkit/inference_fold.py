@@ -42,6 +42,7 @@ from torch import nn
 from .functional.lora_merged import effective_weight
 
 _ATTR = "_inference_fold"
+_FAST = "_inference_fold_call"  # (the generate call's set in _calls, the folded weight): see current_fold
 _enabled = True
 
 
@@ -54,12 +55,27 @@ def set_inference_fold(enabled: bool) -> None:
 def drop_fold(layer: nn.Module) -> None:
     """Forget `layer`'s folded weight (the next eligible call rebuilds it)."""
     layer.__dict__.pop(_ATTR, None)
+    layer.__dict__.pop(_FAST, None)
 
 
 def drop_folds(model: nn.Module) -> None:
     """Forget every folded weight in `model`."""
     for module in model.modules():
         module.__dict__.pop(_ATTR, None)
+        module.__dict__.pop(_FAST, None)
+
+
+def current_fold(layer: nn.Module) -> torch.Tensor | None:
+    """The folded weight `layer` already checked in the `generate` call in progress, or None.
+
+    The fast path of every decode step after the first: nothing the checks in `folded_weight` look at (active
+    adapters, their tensors and scalings, dropout, dtypes, hooks) changes while one `generate` call runs, so
+    the second and later tokens skip them (~20 us per layer and token in Python, ~4 ms per token for the 210
+    adapted layers of SmolLM2-135M)."""
+    entry = layer.__dict__.get(_FAST)
+    if entry is None or not _calls or entry[0] is not _calls[-1] or torch.is_grad_enabled():
+        return None
+    return entry[1]
 
 
 def is_folded(layer: nn.Module) -> bool:
@@ -95,8 +111,11 @@ def folded_weight(layer: Any, names: list[str], x: torch.Tensor) -> torch.Tensor
     call = _calls[-1]
     if cached is not None and cached[0] == key and (id(layer) in call or _same(cached[2], pairs)):
         call.add(id(layer))
+        if cached[1] is not None:
+            layer.__dict__[_FAST] = (call, cached[1])
         return cached[1]
     layer.__dict__.pop(_ATTR, None)  # free the stale copy before building the new one
+    layer.__dict__.pop(_FAST, None)
     w_eff = None  # no room for the copy: remembered (under this key) as "run unfolded"
     if has_room(w.numel() * w.element_size(), w.device):
         w_eff = effective_weight(
@@ -104,6 +123,8 @@ def folded_weight(layer: Any, names: list[str], x: torch.Tensor) -> torch.Tensor
         )
     layer.__dict__[_ATTR] = (key, w_eff, [(a.detach().clone(), b.detach().clone()) for a, b, _ in pairs])
     call.add(id(layer))
+    if w_eff is not None:
+        layer.__dict__[_FAST] = (call, w_eff)
     return w_eff
 
 

@@ -253,3 +253,45 @@ def test_fused_optimizer_step_without_a_mode_switch_is_seen(model, inputs):
             lambda: model.generate(input_ids=ids, **kw, output_scores=True, return_dict_in_generate=True),
         )
     torch.testing.assert_close(torch.stack(got.scores), torch.stack(ref.scores), rtol=1e-5, atol=1e-5)
+
+
+def test_each_generate_call_checks_each_layer_once(model, inputs, monkeypatch):
+    """Within one generate call a layer's fold is checked at its first token and reused untouched after
+    (`current_fold`); the next call checks again, and switching the adapter off inside a call is seen."""
+    from peftkit import inference_fold
+
+    checks = {"n": 0}
+    real = inference_fold.folded_weight
+
+    def counted(*a, **k):
+        checks["n"] += 1
+        return real(*a, **k)
+
+    monkeypatch.setattr("peftkit.tuners.lora_layers.folded_weight", counted)
+    layers = len(_layers(model))
+
+    def gen():
+        with torch.no_grad():
+            return model.generate(
+                **inputs, max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0
+            )
+
+    first = gen()
+    assert checks["n"] == layers  # 6 tokens, one check per layer
+    assert torch.equal(gen(), first) and checks["n"] == 2 * layers
+    with torch.no_grad(), generating():
+        folded = model(**inputs).logits
+        with model.disable_adapter():  # drops the folds: the base runs, not the stale fast path
+            base = model(**inputs).logits
+        assert not torch.allclose(base, folded)
+        with model.disable_adapter(), _unfolded_ctx():
+            torch.testing.assert_close(model(**inputs).logits, base)
+    assert inference_fold.current_fold(_layers(model)[0]) is None  # outside a generate call: never
+
+
+class _unfolded_ctx:
+    def __enter__(self):
+        peftkit.set_inference_fold(False)
+
+    def __exit__(self, *exc):
+        peftkit.set_inference_fold(True)

@@ -14,7 +14,7 @@ from ..functional import loftq as FQ
 from ..functional import lora as FL
 from ..functional.lora_branch import lora_branch_
 from ..functional.lora_merged import merged_lora_linear
-from ..inference_fold import folded_weight
+from ..inference_fold import current_fold, folded_weight
 from ..inject import Conv1D
 from .base import AdapterLayer
 from .lora_config import LoraConfig
@@ -339,6 +339,9 @@ class LoraLinear(LoraLayer):
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """x: (..., in) -> (..., out)."""
+        folded = None if args or kwargs else current_fold(self)  # checked earlier in this generate call
+        if folded is not None:
+            return F.linear(x, folded, self.base_layer.bias)
         names = self._active_unmerged()
         folded = None if args or kwargs else folded_weight(self, names, x)  # no grad: see inference_fold
         if folded is not None:
