@@ -80,6 +80,7 @@ def module_deltas(model: nn.Module, adapter_name: str) -> list[ModuleDelta]:
         weight = getattr(layer.base_layer, "weight", None)
         if weight is None:
             continue
+        weight = _whole(weight)
         base = weight.detach().float()
         clean = name.removeprefix("base_model.model.")
         factors = _lora_factors(layer, adapter_name)
@@ -107,8 +108,15 @@ def _lora_factors(layer: AdapterLayer, name: str) -> tuple[torch.Tensor, torch.T
         return None
     if not isinstance(lora_a[name], nn.Linear):  # AdaLoRA's SVD triplets, conv kernels: the dense path
         return None
-    a, b = lora_a[name].weight.detach().float(), layer.lora_B[name].weight.detach().float()
+    a, b = _whole(lora_a[name].weight).detach().float(), _whole(layer.lora_B[name].weight).detach().float()
     return b * float(layer.scaling[name]), a
+
+
+def _whole(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of an FSDP2 shard (`DTensor.full_tensor()`, a collective: every process of the group
+    must walk the same layers in the same order), else `t` itself."""
+    full = getattr(t, "full_tensor", None)
+    return full() if callable(full) else t
 
 
 def delta_stats(delta: ModuleDelta) -> dict[str, Any]:

@@ -116,6 +116,15 @@ def test_rank_zero_writes_every_file_once(runs, kind):
     assert json.loads((out / "run_config.json").read_text())["processes"] == 2
 
 
+def test_report_measures_the_whole_weights(runs):
+    """The report's largest ‖ΔW‖/‖W‖ is the one-process value under DDP and FSDP2 (not a shard's)."""
+    one = json.loads((runs["one"] / "report.json").read_text())["largest_change"]
+    for kind in ("ddp", "fsdp"):
+        got = json.loads((runs[kind] / "report.json").read_text())["largest_change"]
+        assert got["name"] == one["name"], kind
+        assert got["relative"] == pytest.approx(one["relative"], rel=1e-3), kind
+
+
 def test_fsdp_shards_the_frozen_base(runs):
     whole = json.loads((runs["ddp"] / "report.json").read_text())["base_params_per_process"]
     shard = json.loads((runs["fsdp"] / "report.json").read_text())["base_params_per_process"]

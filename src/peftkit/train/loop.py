@@ -213,6 +213,7 @@ def _train(o: TrainOptions, progress: bool, say) -> dict:
         ) from None
     if after:
         metrics.write({"step": step, "eval_loss": after["loss"]["loss"]})
+    change = largest_change(model)  # on every process: under FSDP2 it gathers the sharded weights
     if not dist.main:  # rank 0 writes the report
         dist.barrier()
         return {"markdown": ""}
@@ -246,7 +247,7 @@ def _train(o: TrainOptions, progress: bool, say) -> dict:
         "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "plot_note": plot_note,
         "eval": _eval_summary(before, after),
-        "largest_change": largest_change(model),
+        "largest_change": change,
     }
     report["markdown"] = write_reports(output, report)
     dist.barrier()
