@@ -16,6 +16,7 @@ OFT, BOFT, VeRA, AdaLoRA, IA3, ...) through its dense ΔW from the layer's own `
 
 from __future__ import annotations
 
+import copy
 import math
 import re
 from dataclasses import dataclass
@@ -77,10 +78,10 @@ def module_deltas(model: nn.Module, adapter_name: str) -> list[ModuleDelta]:
     for name, layer in model.named_modules():
         if not isinstance(layer, AdapterLayer) or adapter_name not in layer.adapter_names:
             continue
-        weight = getattr(layer.base_layer, "weight", None)
-        if weight is None:
+        if getattr(layer.base_layer, "weight", None) is None:
             continue
-        weight = _whole(weight)
+        layer = _whole_layer(layer)
+        weight = layer.base_layer.weight
         base = weight.detach().float()
         clean = name.removeprefix("base_model.model.")
         factors = _lora_factors(layer, adapter_name)
@@ -108,15 +109,22 @@ def _lora_factors(layer: AdapterLayer, name: str) -> tuple[torch.Tensor, torch.T
         return None
     if not isinstance(lora_a[name], nn.Linear):  # AdaLoRA's SVD triplets, conv kernels: the dense path
         return None
-    a, b = _whole(lora_a[name].weight).detach().float(), _whole(layer.lora_B[name].weight).detach().float()
+    a, b = lora_a[name].weight.detach().float(), layer.lora_B[name].weight.detach().float()
     return b * float(layer.scaling[name]), a
 
 
-def _whole(t: torch.Tensor) -> torch.Tensor:
-    """The whole tensor of an FSDP2 shard (`DTensor.full_tensor()`, a collective: every process of the group
-    must walk the same layers in the same order), else `t` itself."""
-    full = getattr(t, "full_tensor", None)
-    return full() if callable(full) else t
+def _whole_layer(layer: AdapterLayer) -> AdapterLayer:
+    """`layer` itself, or for one whose tensors FSDP2 sharded (DTensors) a copy holding the whole tensors
+    (`full_tensor()`: a collective, so every process of the group must walk the same layers in the same order;
+    one layer's weights at a time, never the whole model)."""
+    if not any(callable(getattr(p, "full_tensor", None)) for p in layer.parameters()):
+        return layer
+    whole = copy.deepcopy(layer)
+    for module in whole.modules():
+        for key, p in list(module._parameters.items()):
+            if p is not None and callable(getattr(p, "full_tensor", None)):
+                module._parameters[key] = nn.Parameter(p.full_tensor().detach(), requires_grad=False)
+    return whole
 
 
 def delta_stats(delta: ModuleDelta) -> dict[str, Any]:

@@ -190,3 +190,21 @@ def test_trainer_under_torchrun_ddp_equals_one_process_at_twice_the_batch(tiny_c
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(
         p.name for p in (tmp_path / "one").iterdir()
     )
+
+
+def test_dora_under_fsdp_matches_one_process(runs):
+    """DoRA's magnitude and the report's dense ΔW (merged weight minus W) under FSDP2's sharded tensors:
+    the run finishes and gives the one-process adapter and report."""
+    one = launch(runs["args"]("dora-one", 8, "--method", "dora", "--max-steps", "2"), 1)
+    two = launch(runs["args"]("dora-fsdp", 4, "--method", "dora", "--max-steps", "2", "--fsdp"), 2)
+    assert one.returncode == 0, one.stderr
+    assert two.returncode == 0, two.stderr
+    a, b = adapter(runs["root"] / "dora-one"), adapter(runs["root"] / "dora-fsdp")
+    assert a.keys() == b.keys() and any("magnitude" in k for k in a)
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5)
+    reports = [json.loads((runs["root"] / d / "report.json").read_text()) for d in ("dora-one", "dora-fsdp")]
+    assert reports[1]["largest_change"]["name"] == reports[0]["largest_change"]["name"]
+    assert reports[1]["largest_change"]["relative"] == pytest.approx(
+        reports[0]["largest_change"]["relative"], rel=1e-3
+    )
