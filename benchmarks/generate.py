@@ -6,7 +6,9 @@
 Model: the embedded SmolLM2-135M-Instruct (fp32). Adapter: LoRA r=16 alpha 32 on every linear layer with
 seeded random non-zero B (saved by HF peft, loaded by peftkit from the same files). Prompts: the bundled
 held-out date questions in the chat template. Rows:
-- b1: `model.generate` one prompt at a time (4 prompts), greedy, exactly --new-tokens new tokens;
+- b1: `model.generate` one prompt at a time (4 prompts), greedy, exactly --new-tokens new tokens (peftkit's
+  default at batch 1 checks prompt-lookup candidates, `prompt_lookup.py`; HF peft's does not);
+- b1lookup: the same with HF peft's `generate` given `prompt_lookup_num_tokens=4` (what it gets when asked);
 - b32: `model.generate` on 32 prompts left-padded, greedy, exactly --new-tokens new tokens;
 - eval: the held-out set (--eval-limit prompts) as `peftkit eval` generates it (`train.evaluate`: batches of
   32 sorted by length, shared prefix, stop at end of turn) vs HF peft's `generate` on the same batches with
@@ -68,7 +70,7 @@ def left_pad(batch: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tens
     return ids, mask
 
 
-def fixed_generate(model, batch, tok, new: int) -> torch.Tensor:
+def fixed_generate(model, batch, tok, new: int, **extra) -> torch.Tensor:
     ids, mask = left_pad(batch, tok.pad_token_id)
     with torch.no_grad():
         out = model.generate(
@@ -78,6 +80,7 @@ def fixed_generate(model, batch, tok, new: int) -> torch.Tensor:
             min_new_tokens=new,
             do_sample=False,
             pad_token_id=tok.pad_token_id,
+            **extra,
         )
     return out[:, ids.shape[1] :]
 
@@ -131,9 +134,10 @@ def main() -> None:
     ap.add_argument("--eval-limit", type=int, default=200)
     ap.add_argument("--r", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--rows", default="b1,b32,eval")
+    ap.add_argument("--rows", default="b1,b1lookup,b32,eval")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
+    wanted = set(a.rows.split(","))
     from peftkit.train.evaluate import default_max_new_tokens
 
     hf, pk, tok = build(a)
@@ -146,13 +150,22 @@ def main() -> None:
     ps, rows = prompts(tok, max(a.eval_limit, 32))
     new = a.new_tokens
     cases = {}
-    if "b1" in a.rows:
+    if "b1" in wanted:
         cases["b1"] = (
             lambda m: [fixed_generate(m, [p], tok, new) for p in ps[:4]],
             4 * new,
             sum(generate_flops(config, 1, len(p), new, 0) for p in ps[:4]),
         )
-    if "b32" in a.rows:
+    if "b1lookup" in wanted:  # what HF peft gets when its user asks for what peftkit does by default
+        cases["b1, HF with prompt_lookup_num_tokens=4"] = (
+            lambda m: [
+                fixed_generate(m, [p], tok, new, **({"prompt_lookup_num_tokens": 4} if m is hf else {}))
+                for p in ps[:4]
+            ],
+            4 * new,
+            sum(generate_flops(config, 1, len(p), new, 0) for p in ps[:4]),
+        )
+    if "b32" in wanted:
         width = max(len(p) for p in ps[:32])
         cases["b32"] = (
             lambda m: fixed_generate(m, ps[:32], tok, new),
@@ -174,7 +187,7 @@ def main() -> None:
                 best[side] = (min(best[side][0], w), min(best[side][1], c))
         same = all(torch.equal(x, y) for x, y in zip(_list(outs["hf"]), _list(outs["pk"])))
         _row(name, best, tokens, flops, peak, "yes" if same else "NO")
-    if "eval" in a.rows:
+    if "eval" in wanted:
         ev_rows = rows[: a.eval_limit]
         ev_prompts = ps[: a.eval_limit]
         max_new = default_max_new_tokens(tok, ev_rows)
