@@ -13,8 +13,8 @@ from peftkit.train.held_out import held_out
 from tests.train.tiny import WORDS
 
 
-@pytest.mark.parametrize("wrap", [None, "lora", "prompt_tuning"])
-def test_one_pass_equals_separate_loss_and_exact_match(tiny_chat_model, wrap):
+@pytest.mark.parametrize("wrap", [None, "lora", "prompt_tuning", "uncuttable_cache"])
+def test_one_pass_equals_separate_loss_and_exact_match(tiny_chat_model, wrap, monkeypatch):
     tok = AutoTokenizer.from_pretrained(tiny_chat_model)
     model = AutoModelForCausalLM.from_pretrained(tiny_chat_model).eval()
     if wrap == "lora":
@@ -22,6 +22,10 @@ def test_one_pass_equals_separate_loss_and_exact_match(tiny_chat_model, wrap):
         model = peftkit.get_peft_model(model, config).eval()
     elif wrap == "prompt_tuning":
         model = peftkit.get_peft_model(model, peftkit.PromptTuningConfig(num_virtual_tokens=3))
+    elif wrap == "uncuttable_cache":  # as with sliding-window layers: each batch generates from its prompt
+        from peftkit.train import held_out as module
+
+        monkeypatch.setattr(module, "_plain_cache", lambda cache: False)
     opening = {"role": "system", "content": "Reverse the word. " * 3}
     users = [" ".join(WORDS[i % 8 : i % 8 + 1 + i // 8]) for i in range(10)]
     blank = [Example(messages=(opening, {"role": "user", "content": u}), response="") for u in users]

@@ -18,11 +18,18 @@ import math
 
 import torch
 from transformers import StoppingCriteriaList
+from transformers.cache_utils import DynamicLayer
 
 from peftkit.hf_compat import CACHE_KEY
 from peftkit.shared_prefix import prefix_cache
 from peftkit.train.data import Example, encode_prompt, tokenize
-from peftkit.train.evaluate import _adds_virtual_tokens, _shared_prompt_length, eval_loss, exact_match
+from peftkit.train.evaluate import (
+    _adds_virtual_tokens,
+    _shared_prompt_length,
+    eval_loss,
+    exact_match,
+    generate_batch,
+)
 from peftkit.train.match_stop import StopOnMismatch
 
 
@@ -76,6 +83,12 @@ def held_out(
     return loss, em
 
 
+def _plain_cache(cache) -> bool:
+    """True if ``cache`` is made of plain full-length layers only (each can be cut back to a length)."""
+    layers = getattr(cache, "layers", None)
+    return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
+
+
 def _batch(model, tokenizer, prompts, responses, refs, max_new_tokens):
     """One batch: (generated texts, summed response-token loss, number of response tokens)."""
     pad_id = tokenizer.pad_token_id
@@ -105,7 +118,9 @@ def _batch(model, tokenizer, prompts, responses, refs, max_new_tokens):
     valid = mask[:, shared + width :].bool()
     nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
     loss_sum, n = float(nll[valid].sum()), int(valid.sum())
-    cache = getattr(out, CACHE_KEY)
+    cache = getattr(out, CACHE_KEY, None)
+    if not _plain_cache(cache):  # e.g. sliding-window layers: cannot be cut back; generate from the prompt
+        return generate_batch(model, tokenizer, prompts, max_new_tokens, refs), loss_sum, n
     cache.crop(-(tail + 1))  # keep the prompt but its last token, which generate runs to start decoding
     prompt_ids, prompt_mask = ids[:, : shared + width], mask[:, : shared + width]
     stop = StoppingCriteriaList([StopOnMismatch(tokenizer, refs, shared + width)])
