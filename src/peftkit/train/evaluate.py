@@ -5,11 +5,13 @@ from __future__ import annotations
 import math
 
 import torch
+from transformers import StoppingCriteriaList
 
 from peftkit.fused_loss import loss_only
 from peftkit.hf_compat import CACHE_KEY
 from peftkit.shared_prefix import MIN_PREFIX, prefix_cache
 from peftkit.train.data import IGNORE_INDEX, Example, Tokenized, collate, encode_prompt
+from peftkit.train.match_stop import StopOnMismatch
 
 
 def count_targets(labels: torch.Tensor) -> int:
@@ -37,12 +39,20 @@ def eval_loss(model, items: list[Tokenized], pad_id: int, batch_size: int = 16) 
 
 
 @torch.no_grad()
-def generate_batch(model, tokenizer, prompts: list[list[int]], max_new_tokens: int) -> list[str]:
+def generate_batch(
+    model,
+    tokenizer,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    references: list[str | None] | None = None,
+) -> list[str]:
     """Greedy continuations of tokenized prompts: batched, with the KV cache.
 
     The opening all prompts share (chat template, system prompt, fixed instruction) is run once and its KV
     cache broadcast to the rows; each row is then [shared | pads | own rest] with the pads masked, so
-    positions (from the attention mask) and results are those of plain left padding."""
+    positions (from the attention mask) and results are those of plain left padding. With ``references``
+    (one per prompt; None = run to the end), a row stops as soon as it provably cannot equal its reference
+    (``match_stop``): its text is then cut short, and is a miss either way."""
     pad_id = tokenizer.pad_token_id
     shared = _shared_prompt_length(model, prompts)
     cache = prefix_cache(model, torch.tensor([prompts[0][:shared]]), len(prompts)) if shared else None
@@ -53,6 +63,11 @@ def generate_batch(model, tokenizer, prompts: list[list[int]], max_new_tokens: i
     mask = torch.tensor(
         [[1] * shared + [0] * (width + shared - len(p)) + [1] * (len(p) - shared) for p in prompts]
     )
+    extra = {CACHE_KEY: cache} if cache is not None else {}
+    if references is not None and any(r is not None for r in references):
+        extra["stopping_criteria"] = StoppingCriteriaList(
+            [StopOnMismatch(tokenizer, references, ids.shape[1])]
+        )
     out = model.generate(
         input_ids=ids,
         attention_mask=mask,
@@ -61,7 +76,7 @@ def generate_batch(model, tokenizer, prompts: list[list[int]], max_new_tokens: i
         use_cache=True,
         pad_token_id=pad_id,
         eos_token_id=tokenizer.eos_token_id,
-        **({CACHE_KEY: cache} if cache is not None else {}),
+        **extra,
     )  # [batch, shared + width + new]
     return tokenizer.batch_decode(out[:, shared + width :], skip_special_tokens=True)
 
@@ -88,25 +103,36 @@ def _adds_virtual_tokens(model) -> bool:
 
 
 def exact_match(
-    model, tokenizer, examples: list[Example], max_new_tokens: int, batch_size: int = 32, progress=None
+    model,
+    tokenizer,
+    examples: list[Example],
+    max_new_tokens: int,
+    batch_size: int = 32,
+    progress=None,
+    early_stop: bool = True,
+    n_samples: int = 5,
 ) -> dict:
-    """Fraction of examples whose stripped greedy output equals the stripped reference response."""
+    """Fraction of examples whose stripped greedy output equals the stripped reference response.
+
+    The first ``n_samples`` rows (shown in the report as what the model answered) run in a batch of their
+    own to the end; with ``early_stop`` every other row stops once it provably misses (``match_stop``), which
+    gives the same score as generating every row to the end."""
     was_training = model.training
     model.eval()
     prompts = [encode_prompt(tokenizer, e) for e in examples]
-    order = sorted(range(len(examples)), key=lambda i: len(prompts[i]))  # similar lengths -> little padding
+    shown = list(range(min(n_samples, len(examples)))) if early_stop else []
+    rest = sorted(range(len(shown), len(examples)), key=lambda i: len(prompts[i]))  # little padding
+    chunks = ([shown] if shown else []) + [rest[s : s + batch_size] for s in range(0, len(rest), batch_size)]
     outputs: dict[int, str] = {}
-    for start in range(0, len(order), batch_size):
-        chunk = order[start : start + batch_size]
-        for i, text in zip(
-            chunk, generate_batch(model, tokenizer, [prompts[i] for i in chunk], max_new_tokens)
-        ):
-            outputs[i] = text.strip()
+    for chunk in chunks:
+        refs = [None if i in shown else examples[i].response for i in chunk] if early_stop else None
+        texts = generate_batch(model, tokenizer, [prompts[i] for i in chunk], max_new_tokens, refs)
+        outputs.update((i, text.strip()) for i, text in zip(chunk, texts))
         if progress is not None:
             progress.update(len(chunk))
     model.train(was_training)
     hits = sum(outputs[i] == e.response.strip() for i, e in enumerate(examples))
-    samples = [{"expected": e.response, "got": outputs[i]} for i, e in enumerate(examples[:5])]
+    samples = [{"expected": e.response, "got": outputs[i]} for i, e in enumerate(examples[:n_samples])]
     return {"exact_match": hits / len(examples), "correct": hits, "total": len(examples), "samples": samples}
 
 

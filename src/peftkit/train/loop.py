@@ -25,7 +25,8 @@ from peftkit.train import checkpoint as ckpt
 from peftkit.train import distributed
 from peftkit.train.data import collate, length_grouped_batches, load_examples, split_examples, tokenize_all
 from peftkit.train.errors import Interrupted, PeftkitError
-from peftkit.train.evaluate import count_targets, default_max_new_tokens, eval_loss, exact_match
+from peftkit.train.evaluate import count_targets, default_max_new_tokens
+from peftkit.train.held_out import held_out
 from peftkit.train.interrupts import deferred_interrupts, interrupt_hook, kill_point, sigterm_as_interrupt
 from peftkit.train.lock import LOCK_NAME, OutputLock
 from peftkit.train.methods import build_peft_config
@@ -69,7 +70,8 @@ def _train(o: TrainOptions, progress: bool, say) -> dict:
     )
     train_items = tokenize_all(tokenizer, train_rows, o.max_length, "training")
     eval_rows = eval_rows[: o.eval_limit] if o.eval_limit else eval_rows
-    eval_items = tokenize_all(tokenizer, eval_rows, o.max_length, "held-out") if eval_rows else []
+    if eval_rows:  # fails early, naming the problem, when every held-out row is too long
+        tokenize_all(tokenizer, eval_rows, o.max_length, "held-out")
     pad_id = tokenizer.pad_token_id
     max_new = o.max_new_tokens or (default_max_new_tokens(tokenizer, eval_rows) if eval_rows else 0)
     say(
@@ -80,7 +82,7 @@ def _train(o: TrainOptions, progress: bool, say) -> dict:
     before = (
         None
         if o.skip_eval_before or lean  # lean: measured once the weights are in place, below
-        else held_out_metrics(base, tokenizer, eval_rows, eval_items, max_new, progress, "before")
+        else held_out_metrics(base, tokenizer, eval_rows, o.max_length, max_new, progress, "before")
     )
 
     # ---- the adapter: fresh, or the last checkpoint when resuming
@@ -100,7 +102,7 @@ def _train(o: TrainOptions, progress: bool, say) -> dict:
     runner = dist.wrap(model)  # forward/backward through DDP or FSDP2 with several processes; else `model`
     if lean and not o.skip_eval_before:  # the base alone: the adapter switched off, no random draw used up
         with torch.random.fork_rng(devices=[]), model.disable_adapter():
-            before = held_out_metrics(base, tokenizer, eval_rows, eval_items, max_new, progress, "before")
+            before = held_out_metrics(base, tokenizer, eval_rows, o.max_length, max_new, progress, "before")
     trainable, total = model.get_nb_trainable_parameters()
     # Sorted by name, so the optimizer state of a checkpoint maps onto the same tensors on resume.
     params = [p for _, p in sorted(model.named_parameters()) if p.requires_grad]
@@ -205,7 +207,7 @@ def _train(o: TrainOptions, progress: bool, say) -> dict:
     # ---- held-out metrics after, final artifacts (the adapter is already saved)
     try:
         kill_point("eval")
-        after = held_out_metrics(model, tokenizer, eval_rows, eval_items, max_new, progress, "after")
+        after = held_out_metrics(model, tokenizer, eval_rows, o.max_length, max_new, progress, "after")
     except KeyboardInterrupt:
         raise Interrupted(
             f"interrupted during the held-out evaluation; the trained adapter ({step}/{total_steps} steps) is "
@@ -371,15 +373,17 @@ def micro_batches(lengths: list[int], batch_size: int, seed: int, start: int = 0
         epoch, index = epoch + 1, 0
 
 
-def held_out_metrics(model, tokenizer, rows, items, max_new: int, progress: bool, when: str) -> dict | None:
-    """Held-out loss/perplexity and exact match of ``model`` (None when there is no held-out data)."""
+def held_out_metrics(
+    model, tokenizer, rows, max_length: int, max_new: int, progress: bool, when: str
+) -> dict | None:
+    """Held-out loss/perplexity and exact match of ``model`` (None when there is no held-out data), computed
+    in one pass over the prompts (``held_out``)."""
     if not rows:
         return None
     from tqdm.auto import tqdm
 
-    loss = eval_loss(model, items, tokenizer.pad_token_id)
-    with tqdm(total=len(rows), desc=f"exact match ({when})", disable=not progress, leave=False) as bar:
-        em = exact_match(model, tokenizer, rows, max_new, progress=bar)
+    with tqdm(total=len(rows), desc=f"evaluation ({when})", disable=not progress, leave=False) as bar:
+        loss, em = held_out(model, tokenizer, rows, max_length, max_new, progress=bar)
     return {"loss": loss, "exact_match": em}
 
 
