@@ -136,6 +136,7 @@ FREE = {
     "threads": 2,
     "overwrite": True,
     "fsdp": True,  # shards the frozen base, same math (the process count is checked on its own)
+    "gradient_checkpointing": True,  # recomputes activations in the backward: same math, less memory
 }
 RUN_CONTROL = {"output", "resume"}  # which run, and that it is resumed
 
