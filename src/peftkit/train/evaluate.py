@@ -63,6 +63,13 @@ def generate_batch(
     mask = torch.tensor(
         [[1] * shared + [0] * (width + shared - len(p)) + [1] * (len(p) - shared) for p in prompts]
     )
+    return greedy_texts(model, tokenizer, ids, mask, max_new_tokens, references, cache)
+
+
+def greedy_texts(model, tokenizer, ids, mask, max_new_tokens: int, references=None, cache=None) -> list[str]:
+    """The decoded greedy continuations of left-padded rows ids / mask (batch, width), stopping at end of turn
+    and, with ``references`` (one per row, None = run to the end), once a row provably misses its reference
+    (``match_stop``). ``cache``: a KV cache already holding all but the last column of ids."""
     extra = {CACHE_KEY: cache} if cache is not None else {}
     if references is not None and any(r is not None for r in references):
         extra["stopping_criteria"] = StoppingCriteriaList(
@@ -74,11 +81,11 @@ def generate_batch(
         max_new_tokens=max_new_tokens,
         do_sample=False,
         use_cache=True,
-        pad_token_id=pad_id,
+        pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         **extra,
-    )  # [batch, shared + width + new]
-    return tokenizer.batch_decode(out[:, shared + width :], skip_special_tokens=True)
+    )  # [batch, width + new]
+    return tokenizer.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
 
 
 def _shared_prompt_length(model, prompts: list[list[int]]) -> int:

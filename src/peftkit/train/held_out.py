@@ -17,7 +17,6 @@ from __future__ import annotations
 import math
 
 import torch
-from transformers import StoppingCriteriaList
 from transformers.cache_utils import DynamicLayer
 
 from peftkit.hf_compat import CACHE_KEY
@@ -29,8 +28,8 @@ from peftkit.train.evaluate import (
     eval_loss,
     exact_match,
     generate_batch,
+    greedy_texts,
 )
-from peftkit.train.match_stop import StopOnMismatch
 
 
 @torch.no_grad()
@@ -123,16 +122,5 @@ def _batch(model, tokenizer, prompts, responses, refs, max_new_tokens):
         return generate_batch(model, tokenizer, prompts, max_new_tokens, refs), loss_sum, n
     cache.crop(-(tail + 1))  # keep the prompt but its last token, which generate runs to start decoding
     prompt_ids, prompt_mask = ids[:, : shared + width], mask[:, : shared + width]
-    stop = StoppingCriteriaList([StopOnMismatch(tokenizer, refs, shared + width)])
-    gen = model.generate(
-        input_ids=prompt_ids,
-        attention_mask=prompt_mask,
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        use_cache=True,
-        pad_token_id=pad_id,
-        eos_token_id=tokenizer.eos_token_id,
-        stopping_criteria=stop,
-        **{CACHE_KEY: cache},
-    )  # [batch, shared + width + new]
-    return tokenizer.batch_decode(gen[:, shared + width :], skip_special_tokens=True), loss_sum, n
+    texts = greedy_texts(model, tokenizer, prompt_ids, prompt_mask, max_new_tokens, refs, cache)
+    return texts, loss_sum, n
