@@ -38,28 +38,27 @@ def set_growing_cache(enabled: bool) -> None:
 class GrowingLayer(DynamicLayer):
     """A `DynamicLayer` whose keys/values (batch, kv_heads, length, head_dim) are views of a longer buffer."""
 
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        super().lazy_initialization(key_states, value_states)
-        self._kbuf: torch.Tensor | None = None
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._kbuf: torch.Tensor | None = None  # (batch, kv_heads, room, head_dim)
         self._vbuf: torch.Tensor | None = None
+        self._kview: torch.Tensor | None = None  # the views handed out last as keys / values
+        self._vview: torch.Tensor | None = None
 
     def _owns_views(self) -> bool:
         """Whether keys/values are still the views of the buffer this layer handed out last."""
-        kbuf = getattr(self, "_kbuf", None)
-        return kbuf is not None and self.keys is getattr(self, "_kview", None) and self.values is self._vview
+        return self._kbuf is not None and self.keys is self._kview and self.values is self._vview
 
     def _rebuild(self, length: int, incoming: torch.Tensor, incoming_v: torch.Tensor) -> None:
         """New buffers with room for `length` positions (and half as many again), holding the current states."""
         have = self.get_seq_length()
         room = length + max(64, length // 2)
-        keys = self.keys if have else incoming[..., :0, :]
-        values = self.values if have else incoming_v[..., :0, :]
         batch, heads, _, dim = incoming.shape
         self._kbuf = incoming.new_empty(batch, heads, room, dim)
         self._vbuf = incoming_v.new_empty(batch, incoming_v.shape[1], room, incoming_v.shape[-1])
         if have:
-            self._kbuf[..., :have, :].copy_(keys)
-            self._vbuf[..., :have, :].copy_(values)
+            self._kbuf[..., :have, :].copy_(self.keys)
+            self._vbuf[..., :have, :].copy_(self.values)
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
@@ -133,8 +132,7 @@ def make_growing(cache: Any) -> Any:
     for i, layer in enumerate(layers):
         if type(layer) is DynamicLayer:
             grown = GrowingLayer()
-            grown.__dict__.update(layer.__dict__)
-            grown._kbuf = grown._vbuf = None
+            grown.__dict__.update(layer.__dict__)  # keys, values, device: the buffers come at the next update
             layers[i] = grown
     if getattr(cache, "layer_class_to_replicate", None) is DynamicLayer:
         cache.layer_class_to_replicate = GrowingLayer

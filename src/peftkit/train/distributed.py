@@ -44,9 +44,8 @@ class Dist:
     world: int = 1
     local_rank: int = 0
     fsdp: bool = False
-    lean: bool = (
-        False  # FSDP2: only rank 0 read the checkpoint; the others hold a meta model (sharded_load.py)
-    )
+    # FSDP2: only rank 0 read the checkpoint; the others hold a meta model (sharded_load.py)
+    lean: bool = False
     ddp: object = field(default=None, repr=False)  # the DDP wrapper, when there is one
 
     @property
