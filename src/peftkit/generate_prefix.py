@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from . import kv_cache, shared_prefix
+from .generate_settings import prompt_learning, settings
 from .hf_compat import CACHE_KEY
 
 _REFUSED = (
@@ -68,14 +69,9 @@ def _eligible(model: Any, kwargs: dict[str, Any]) -> bool:
         return False
     if any(kwargs.get(k) is not None for k in _REFUSED) or kwargs.get("use_cache") is False:
         return False
-    config = getattr(model, "active_peft_config", None)
-    if getattr(config, "is_prompt_learning", False):
+    if prompt_learning(model):
         return False
-    gen = kwargs.get("generation_config") or getattr(model.get_base_model(), "generation_config", None)
-
-    def setting(name: str, default: Any) -> Any:
-        return kwargs[name] if name in kwargs else getattr(gen, name, default)
-
+    setting = settings(model, kwargs)
     return (
         all((setting(k, 1) or 1) == 1 for k in _ONE)
         and not any(setting(k, False) for k in _FALSE)

@@ -26,6 +26,8 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from .generate_settings import prompt_learning, settings
+
 _enabled = True
 
 
@@ -146,16 +148,14 @@ def offer(model: Any, kwargs: dict[str, Any], cache_key: str) -> dict[str, Any]:
     """The caller's `generate` keywords with a `growing_cache` of `model` (a PeftModel) under `cache_key`,
     unless the caller brought a cache or cache setting, turned the cache off, runs beams, or the adapter is
     prompt learning (which hands over a cache of its own). Assisted decoding (prompt lookup) crops it in place."""
-    config = getattr(model, "active_peft_config", None)
-    if getattr(config, "is_prompt_learning", False) or kwargs.get("use_cache") is False:
+    if prompt_learning(model) or any(kwargs.get(k) is not None for k in _NOT_WITH):
         return kwargs
-    if any(kwargs.get(k) is not None for k in _NOT_WITH) or (kwargs.get("num_beams") or 1) != 1:
+    setting = settings(model, kwargs)
+    if (
+        (setting("num_beams", 1) or 1) != 1
+        or setting("cache_implementation", None) is not None
+        or setting("use_cache", True) is False
+    ):
         return kwargs
-    base = model.get_base_model()
-    gen = kwargs.get("generation_config") or getattr(base, "generation_config", None)
-    if (getattr(gen, "num_beams", 1) or 1) != 1 or getattr(gen, "cache_implementation", None) is not None:
-        return kwargs
-    if getattr(gen, "use_cache", True) is False:
-        return kwargs
-    cache = growing_cache(base)
+    cache = growing_cache(model.get_base_model())
     return kwargs if cache is None else {**kwargs, cache_key: cache}

@@ -26,6 +26,7 @@ from .functional.segmented import (
     row_groups,
     segmented_lora,
 )
+from .generate_settings import settings
 from .modules_to_save import ModulesToSaveWrapper
 from .tuners.base import AdapterLayer
 
@@ -305,10 +306,9 @@ _ROW_AWARE = (
 
 
 def _reorderable(model: PeftModel, args: tuple, kwargs: dict[str, Any], rows: int | None) -> bool:
-    config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
     if args or rows is None or any(kwargs.get(k) is not None for k in _ROW_AWARE):
         return False
-    if kwargs.get("return_dict_in_generate", getattr(config, "return_dict_in_generate", False)):
+    if settings(model, kwargs)("return_dict_in_generate", False):
         return False
     tensors = [v for v in kwargs.values() if isinstance(v, torch.Tensor) and v.dim() > 0]
     return all(t.shape[0] == rows for t in tensors)

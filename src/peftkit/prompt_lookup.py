@@ -24,6 +24,8 @@ from typing import Any
 
 import torch
 
+from .generate_settings import prompt_learning, settings
+
 NUM_TOKENS = 4
 _enabled = True
 
@@ -51,16 +53,11 @@ def offer(model: Any, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
         return kwargs
     if any(kwargs.get(k) is not None for k in _CALLERS_OWN):
         return kwargs
-    if getattr(getattr(model, "active_peft_config", None), "is_prompt_learning", False):
+    if prompt_learning(model):
         return kwargs
-    base = model.get_base_model()
-    if getattr(getattr(base, "config", None), "is_encoder_decoder", False):
+    if getattr(getattr(model.get_base_model(), "config", None), "is_encoder_decoder", False):
         return kwargs
-    gen = kwargs.get("generation_config") or getattr(base, "generation_config", None)
-
-    def setting(name: str, default: Any) -> Any:
-        return kwargs[name] if name in kwargs else getattr(gen, name, default)
-
+    setting = settings(model, kwargs)
     plain = (
         not setting("do_sample", False)
         and (setting("num_beams", 1) or 1) == 1
