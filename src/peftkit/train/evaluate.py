@@ -34,6 +34,11 @@ def eval_loss(model, items: list[Tokenized], pad_id: int, batch_size: int = 16) 
             loss_sum = model(**batch, num_items_in_batch=1).loss
         total, count = total + float(loss_sum), count + n
     model.train(was_training)
+    return loss_summary(total, count)
+
+
+def loss_summary(total: float, count: int) -> dict[str, float]:
+    """{loss, perplexity, tokens} from the summed loss over `count` response tokens."""
     mean = total / max(count, 1)
     return {"loss": mean, "perplexity": math.exp(min(mean, 50.0)), "tokens": count}
 
@@ -128,16 +133,27 @@ def exact_match(
     model.eval()
     prompts = [encode_prompt(tokenizer, e) for e in examples]
     shown = list(range(min(n_samples, len(examples)))) if early_stop else []
-    rest = sorted(range(len(shown), len(examples)), key=lambda i: len(prompts[i]))  # little padding
-    chunks = ([shown] if shown else []) + [rest[s : s + batch_size] for s in range(0, len(rest), batch_size)]
     outputs: dict[int, str] = {}
-    for chunk in chunks:
+    for chunk in eval_chunks(prompts, shown, batch_size):
         refs = [None if i in shown else examples[i].response for i in chunk] if early_stop else None
         texts = generate_batch(model, tokenizer, [prompts[i] for i in chunk], max_new_tokens, refs)
         outputs.update((i, text.strip()) for i, text in zip(chunk, texts))
         if progress is not None:
             progress.update(len(chunk))
     model.train(was_training)
+    return score(examples, outputs, n_samples)
+
+
+def eval_chunks(prompts: list[list[int]], shown: list[int], batch_size: int) -> list[list[int]]:
+    """Row indices in evaluation batches: the `shown` rows (the report's samples, run to the end) in a batch of
+    their own, then every other row sorted by prompt length (little padding) in batches of `batch_size`."""
+    rest = sorted((i for i in range(len(prompts)) if i not in shown), key=lambda i: len(prompts[i]))
+    return ([shown] if shown else []) + [rest[s : s + batch_size] for s in range(0, len(rest), batch_size)]
+
+
+def score(examples: list[Example], outputs: dict[int, str], n_samples: int) -> dict:
+    """Exact match of the stripped outputs (row index -> text) against the stripped references, with the first
+    `n_samples` rows as samples of what the model answered."""
     hits = sum(outputs[i] == e.response.strip() for i, e in enumerate(examples))
     samples = [{"expected": e.response, "got": outputs[i]} for i, e in enumerate(examples[:n_samples])]
     return {"exact_match": hits / len(examples), "correct": hits, "total": len(examples), "samples": samples}

@@ -14,8 +14,6 @@ Not for prompt-learning adapters (they prepend virtual tokens): `held_out` then 
 
 from __future__ import annotations
 
-import math
-
 import torch
 from transformers.cache_utils import DynamicLayer
 
@@ -25,10 +23,13 @@ from peftkit.train.data import Example, encode_prompt, tokenize
 from peftkit.train.evaluate import (
     _adds_virtual_tokens,
     _shared_prompt_length,
+    eval_chunks,
     eval_loss,
     exact_match,
     generate_batch,
     greedy_texts,
+    loss_summary,
+    score,
 )
 
 
@@ -45,26 +46,21 @@ def held_out(
 ) -> tuple[dict, dict]:
     """``(loss, exact_match)`` of ``model`` on ``examples``, as ``evaluate.eval_loss`` and
     ``evaluate.exact_match`` return them (the loss over the rows ``tokenize`` keeps at ``max_length``)."""
-    responses = []
-    for e in examples:
-        item = tokenize(tokenizer, e, max_length)
-        responses.append(item.input_ids[item.prompt_len :] if item is not None else [])
+    items = [tokenize(tokenizer, e, max_length) for e in examples]
     if _adds_virtual_tokens(model):
-        items = [t for t in (tokenize(tokenizer, e, max_length) for e in examples) if t is not None]
-        loss = eval_loss(model, items, tokenizer.pad_token_id)
+        loss = eval_loss(model, [t for t in items if t is not None], tokenizer.pad_token_id)
         em = exact_match(
             model, tokenizer, examples, max_new_tokens, batch_size, progress, n_samples=n_samples
         )
         return loss, em
+    responses = [t.input_ids[t.prompt_len :] if t is not None else [] for t in items]
     was_training = model.training
     model.eval()
     prompts = [encode_prompt(tokenizer, e) for e in examples]
     shown = list(range(min(n_samples, len(examples))))
-    rest = sorted(range(len(shown), len(examples)), key=lambda i: len(prompts[i]))
-    chunks = ([shown] if shown else []) + [rest[s : s + batch_size] for s in range(0, len(rest), batch_size)]
     outputs: dict[int, str] = {}
     total, count = 0.0, 0
-    for chunk in chunks:
+    for chunk in eval_chunks(prompts, shown, batch_size):
         refs = [None if i in shown else examples[i].response for i in chunk]
         texts, loss_sum, n = _batch(
             model, tokenizer, [prompts[i] for i in chunk], [responses[i] for i in chunk], refs, max_new_tokens
@@ -74,12 +70,7 @@ def held_out(
         if progress is not None:
             progress.update(len(chunk))
     model.train(was_training)
-    mean = total / max(count, 1)
-    loss = {"loss": mean, "perplexity": math.exp(min(mean, 50.0)), "tokens": count}
-    hits = sum(outputs[i] == e.response.strip() for i, e in enumerate(examples))
-    samples = [{"expected": e.response, "got": outputs[i]} for i, e in enumerate(examples[:n_samples])]
-    em = {"exact_match": hits / len(examples), "correct": hits, "total": len(examples), "samples": samples}
-    return loss, em
+    return loss_summary(total, count), score(examples, outputs, n_samples)
 
 
 def _plain_cache(cache) -> bool:
