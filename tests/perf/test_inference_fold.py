@@ -284,14 +284,6 @@ def test_each_generate_call_checks_each_layer_once(model, inputs, monkeypatch):
         with model.disable_adapter():  # drops the folds: the base runs, not the stale fast path
             base = model(**inputs).logits
         assert not torch.allclose(base, folded)
-        with model.disable_adapter(), _unfolded_ctx():
-            torch.testing.assert_close(model(**inputs).logits, base)
+        with model.disable_adapter():
+            torch.testing.assert_close(_unfolded(model, lambda: model(**inputs).logits), base)
     assert inference_fold.current_fold(_layers(model)[0]) is None  # outside a generate call: never
-
-
-class _unfolded_ctx:
-    def __enter__(self):
-        peftkit.set_inference_fold(False)
-
-    def __exit__(self, *exc):
-        peftkit.set_inference_fold(True)
