@@ -256,19 +256,20 @@ def floor_seconds(a: argparse.Namespace) -> float:
 
     import torch
     from flops import gemm_peak, train_step_flops
+    from transformers import AutoConfig, AutoTokenizer
 
     from peftkit.train.data import load_examples, tokenize_all
-    from peftkit.train.modeling import load_model_and_tokenizer
+    from peftkit.train.modeling import resolve_model
 
-    model, tok, _ = load_model_and_tokenizer(a.model, progress=False)
+    name = resolve_model(a.model, progress=False)  # the config and tokenizer only: no weights needed here
+    tok = AutoTokenizer.from_pretrained(name)
     items = tokenize_all(tok, load_examples([str(BUNDLED / "dates_train.jsonl")]), a.max_length, "train")
     shared = len(os.path.commonprefix([t.input_ids[: t.prompt_len] for t in items]))
-    cfg, batches = model.config, -(-len(items) // a.batch_size)
+    cfg, batches = AutoConfig.from_pretrained(name), -(-len(items) // a.batch_size)
     flops = batches * train_step_flops(cfg, shared, shared / 2, 0, a.r)
     for t in items:
         own = len(t.input_ids) - shared
         flops += train_step_flops(cfg, own, shared + own / 2, len(t.input_ids) - t.prompt_len, a.r)
-    del model
     peak, _ = gemm_peak(a.threads)
     print(
         f"fp32 GEMM peak ({a.threads} threads): {peak / 1e9:.1f} GFLOP/s; training floor "
