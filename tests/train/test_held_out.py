@@ -49,3 +49,68 @@ def test_one_pass_equals_separate_loss_and_exact_match(tiny_chat_model, wrap, mo
     assert (em["correct"], em["total"]) == (want_em["correct"], want_em["total"]) == (4, 10)
     assert em["samples"] == want_em["samples"] and [s["got"] for s in em["samples"]] == answers[:3]
     assert model.training == mode
+
+
+def test_known_greedy_reads_the_greedy_answer_off_the_teacher_forced_columns():
+    from peftkit.train.held_out import TIE_MARGIN, known_greedy
+
+    eos, sure = 9, [1.0] * 6
+    response = [4, 5, 6, eos, 7]
+    # every column predicts the reference through end of turn: the whole answer, complete
+    assert known_greedy([4, 5, 6, eos, 7], sure, response, 8, eos) == ([4, 5, 6, eos], True)
+    # column 1 picks another token: greedy emits it, then columns 2.. no longer apply
+    assert known_greedy([4, 3, 6, eos, 7], sure, response, 8, eos) == ([4, 3], False)
+    # ... unless that token ends the turn (or the budget): then the answer is complete, a miss
+    assert known_greedy([4, eos, 6, eos, 7], sure, response, 8, eos) == ([4, eos], True)
+    assert known_greedy([4, 5, 6, eos, 7], sure, response, 2, eos) == ([4, 5], True)
+    # a near tie proves nothing at that column
+    assert known_greedy([4, 5, 6, eos], [1.0, TIE_MARGIN / 2, 1.0, 1.0], response, 8, eos) == ([4], False)
+    # a reference without an end-of-turn token: what follows it is unknown
+    assert known_greedy([4, 5, 6], sure, [4, 5, 6], 8, eos) == ([4, 5, 6], False)
+
+
+def test_answers_settled_by_the_forward_are_not_generated_and_score_the_same(tiny_chat_model, monkeypatch):
+    """A model that answers with end of turn (the tiny model memorizes its rows first): its hits and its
+    provable misses come from the one forward, only the undecided rows run decode steps, and the score, the
+    samples and the loss equal the separate calls'."""
+    import torch
+
+    from peftkit.train import held_out as module
+    from peftkit.train.data import collate, tokenize
+
+    tok = AutoTokenizer.from_pretrained(tiny_chat_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_chat_model)
+    opening = {"role": "system", "content": "Reverse the word. " * 3}
+    taught = [Example(messages=(opening, {"role": "user", "content": w}), response=w[::-1]) for w in WORDS]
+    items = [tokenize(tok, e, 64) for e in taught]
+    torch.manual_seed(0)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(60):
+        loss = model(**collate(items, tok.pad_token_id)).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    answers = [ev.generate_batch(model, tok, [encode_prompt(tok, e)], 8)[0].strip() for e in taught]
+    assert answers == [w[::-1] for w in WORDS]  # memorized, each answer ended by end of turn
+    # hits; misses at the first character (settled by the forward); a reference the answer is the start of
+    # (undecided: the model's end of turn comes where the reference goes on, a miss the forward settles too)
+    refs = [a if i % 3 == 0 else "\u00a7" + a if i % 3 == 1 else a + "x" for i, a in enumerate(answers)]
+    rows = [Example(messages=e.messages, response=r) for e, r in zip(taught, refs)]
+    generated = []
+    real = module.greedy_texts
+
+    def counting(model, tokenizer, ids, *args, **kwargs):
+        generated.append(ids.shape[0])
+        return real(model, tokenizer, ids, *args, **kwargs)
+
+    monkeypatch.setattr(module, "greedy_texts", counting)
+    loss, em = held_out(model, tok, rows, 64, max_new_tokens=8, batch_size=4, n_samples=2)
+    # read off the forward: every hit (the first sample's too) and every miss but the second sample, which
+    # runs to its end so that the report shows what the model answered
+    assert generated == [1]
+    want_loss = ev.eval_loss(model, tokenize_all(tok, rows, 64, "held-out"), tok.pad_token_id)
+    want_em = ev.exact_match(model, tok, rows, 8, batch_size=4, n_samples=2)
+    assert loss["loss"] == pytest.approx(want_loss["loss"], rel=1e-5)
+    assert (em["correct"], em["total"]) == (want_em["correct"], want_em["total"]) == (3, 8)
+    assert em["samples"] == want_em["samples"]

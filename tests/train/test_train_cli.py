@@ -37,6 +37,22 @@ def test_train_writes_every_artifact(train_args, tmp_path, capsys):
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]
     assert {"lr", "tokens_per_s"} <= set(rows[1]) and "eval_loss" in rows[0] and "eval_loss" in rows[-1]
     assert "held-out exact match" in capsys.readouterr().out
+    # where the time went: every phase, in order; the run's own phases add up to its wall time
+    phases = report["phases"]
+    assert list(phases) == [
+        "startup",
+        "model_load",
+        "tokenize",
+        "eval_before",
+        "training",
+        "eval_after",
+        "report",
+    ]
+    assert all(v >= 0 for v in phases.values()) and phases["startup"] > 0  # imports take time (Linux)
+    assert sum(v for k, v in phases.items() if k != "startup") == pytest.approx(
+        report["wall_seconds"], abs=0.5
+    )
+    assert "- seconds by phase: startup " in (out / "report.md").read_text()
 
 
 def test_alpaca_template_and_eval_split(tiny_plain_model, data_files, tmp_path):

@@ -9,6 +9,13 @@ continues, exactly as `generate_batch` would from its own prefill (positions fro
 masked). Same rows, same metrics as the two separate calls (up to fp32 summation order), same early stop
 (`match_stop`), same report samples (the first `n_samples` rows, run to the end in a batch of their own).
 
+Most rows need no generation at all (`known_greedy`): greedy decoding picks the argmax at each step, and as long
+as it picks the reference token, its next step sees exactly the input of the teacher-forced column that follows.
+So the forward already gives each row's greedy tokens up to the first one that differs from the reference: a
+trained model's hit (the whole reference and its end-of-turn token) is known without a decode step, and so is
+the base model's miss ("The date ..." cannot strip to a date). Only the other rows are generated, from the cut
+cache as above.
+
 Not for prompt-learning adapters (they prepend virtual tokens): `held_out` then makes the two separate calls.
 """
 
@@ -31,6 +38,7 @@ from peftkit.train.evaluate import (
     loss_summary,
     score,
 )
+from peftkit.train.match_stop import can_still_match
 
 
 @torch.no_grad()
@@ -108,10 +116,103 @@ def _batch(model, tokenizer, prompts, responses, refs, max_new_tokens):
     valid = mask[:, shared + width :].bool()
     nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
     loss_sum, n = float(nll[valid].sum()), int(valid.sum())
+    texts = _known_texts(model, tokenizer, logits, responses, refs, max_new_tokens)
+    need = [b for b, text in enumerate(texts) if text is None]  # rows whose answer needs decode steps
+    if not need:
+        return texts, loss_sum, n
     cache = getattr(out, CACHE_KEY, None)
     if not _plain_cache(cache):  # e.g. sliding-window layers: cannot be cut back; generate from the prompt
-        return generate_batch(model, tokenizer, prompts, max_new_tokens, refs), loss_sum, n
-    cache.crop(-(tail + 1))  # keep the prompt but its last token, which generate runs to start decoding
-    prompt_ids, prompt_mask = ids[:, : shared + width], mask[:, : shared + width]
-    texts = greedy_texts(model, tokenizer, prompt_ids, prompt_mask, max_new_tokens, refs, cache)
+        generated = generate_batch(
+            model, tokenizer, [prompts[b] for b in need], max_new_tokens, _pick(refs, need)
+        )
+    else:
+        cache.crop(-(tail + 1))  # keep the prompt but its last token, which generate runs to start decoding
+        rows = torch.tensor(need)
+        if len(need) < len(prompts):
+            cache.batch_select_indices(rows)
+        prompt_ids, prompt_mask = ids[rows, : shared + width], mask[rows, : shared + width]
+        generated = greedy_texts(
+            model, tokenizer, prompt_ids, prompt_mask, max_new_tokens, _pick(refs, need), cache
+        )
+    for b, text in zip(need, generated):
+        texts[b] = text
     return texts, loss_sum, n
+
+
+def _pick(refs, rows):
+    return [refs[b] for b in rows]
+
+
+# A teacher-forced column proves the greedy token only when its top logit beats the second by this much: the
+# fp32 rounding between the batched forward and step-by-step decoding is orders of magnitude smaller.
+TIE_MARGIN = 1e-3
+
+# generation_config fields under which greedy generate() is plain argmax decoding (do_sample=False is passed,
+# so sampling settings do nothing); any other field (repetition_penalty, num_beams, min_new_tokens,
+# suppress_tokens, ...) may change the chosen tokens, and every row is then generated.
+_ARGMAX_SAFE = {
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+    "use_cache",
+    "max_length",
+    "max_new_tokens",
+    "do_sample",
+    "temperature",
+    "top_k",
+    "top_p",
+    "min_p",
+    "typical_p",
+    "output_attentions",
+    "output_hidden_states",
+    "output_scores",
+    "output_logits",
+    "return_dict_in_generate",
+    "transformers_version",
+    "_from_model_config",
+}
+
+
+def _greedy_is_argmax(model) -> bool:
+    """True if ``greedy_texts`` on ``model`` picks the argmax of the logits at every step."""
+    config = getattr(model, "generation_config", None)
+    return config is not None and set(config.to_diff_dict()) <= _ARGMAX_SAFE
+
+
+def known_greedy(
+    pred: list[int], margin: list[float], response: list[int], max_new_tokens: int, eos_id: int | None
+) -> tuple[list[int], bool]:
+    """The first greedy tokens that a teacher-forced pass proves, and whether they are the whole answer.
+
+    pred, margin: per response column j (predicting ``response[j]`` from prompt + ``response[:j]``), the argmax
+    token and its lead over the runner-up. Greedy decoding picks ``response[j]`` at step j exactly when
+    ``pred[j]`` is it, and then sees the input of column j + 1; so it emits ``response[:j] + [pred[j]]`` where j
+    is the first column that differs (or is a near tie: then only ``response[:j]`` is known). The answer is
+    complete at the end-of-turn token or after ``max_new_tokens`` tokens, as generate stops there."""
+    tokens: list[int] = []
+    for j in range(min(len(response), max_new_tokens)):
+        if margin[j] < TIE_MARGIN:
+            return tokens, False
+        tokens.append(pred[j])
+        if pred[j] == eos_id:
+            return tokens, True
+        if pred[j] != response[j]:
+            break
+    return tokens, len(tokens) >= max_new_tokens
+
+
+def _known_texts(model, tokenizer, logits, responses, refs, max_new_tokens) -> list[str | None]:
+    """Per row, the answer text when the teacher-forced ``logits`` [batch, tail, vocab] settle it (a complete
+    greedy answer, or a row with a reference whose known start can no longer match it, cut short there as
+    ``match_stop`` cuts it); None for the rows that need decode steps."""
+    if not _greedy_is_argmax(model):
+        return [None] * len(responses)
+    top = logits.topk(2, dim=-1)  # values, indices: [batch, tail, 2]
+    preds, margins = top.indices[..., 0].tolist(), (top.values[..., 0] - top.values[..., 1]).tolist()
+    texts: list[str | None] = []
+    for pred, margin, response, ref in zip(preds, margins, responses, refs):
+        tokens, complete = known_greedy(pred, margin, response, max_new_tokens, tokenizer.eos_token_id)
+        text = tokenizer.decode(tokens, skip_special_tokens=True)
+        settled = complete or (ref is not None and not can_still_match(text, ref))
+        texts.append(text if settled else None)
+    return texts

@@ -53,6 +53,7 @@ def train(o: TrainOptions, progress: bool = True, say=print) -> dict:
 
 def _train(o: TrainOptions, progress: bool, say) -> dict:
     t_start = time.time()
+    phases = Phases()
     threads = set_threads(o.threads)
     output = Path(o.output).expanduser()
     dist = distributed.setup(o.fsdp)  # torchrun / accelerate launch: this process's rank (see distributed.py)
@@ -68,12 +69,14 @@ def _train(o: TrainOptions, progress: bool, say) -> dict:
     base, tokenizer, model_name = load_model_and_tokenizer(
         o.model, progress, o.quantize, empty=lean and not dist.main
     )
+    phases.mark("model_load")
     train_items = tokenize_all(tokenizer, train_rows, o.max_length, "training")
     eval_rows = eval_rows[: o.eval_limit] if o.eval_limit else eval_rows
     if eval_rows:  # fails early, naming the problem, when every held-out row is too long
         tokenize_all(tokenizer, eval_rows, o.max_length, "held-out")
     pad_id = tokenizer.pad_token_id
     max_new = o.max_new_tokens or (default_max_new_tokens(tokenizer, eval_rows) if eval_rows else 0)
+    phases.mark("tokenize")
     say(
         f"model {model_name}; {len(train_items)} training rows, {len(eval_rows)} held-out rows; {threads} threads"
     )
@@ -84,6 +87,7 @@ def _train(o: TrainOptions, progress: bool, say) -> dict:
         if o.skip_eval_before or lean  # lean: measured once the weights are in place, below
         else held_out_metrics(base, tokenizer, eval_rows, o.max_length, max_new, progress, "before")
     )
+    phases.mark("eval_before")
 
     # ---- the adapter: fresh, or the last checkpoint when resuming
     resume_from = None
@@ -203,6 +207,7 @@ def _train(o: TrainOptions, progress: bool, say) -> dict:
         ) from None
     bar.close()
     train_seconds = time.time() - t_train
+    phases.mark("training")  # also the setup before the loop and the final checkpoint and adapter save
 
     # ---- held-out metrics after, final artifacts (the adapter is already saved)
     try:
@@ -213,6 +218,7 @@ def _train(o: TrainOptions, progress: bool, say) -> dict:
             f"interrupted during the held-out evaluation; the trained adapter ({step}/{total_steps} steps) is "
             f"saved in {output / 'adapter'}; --resume --output {o.output} runs only the evaluation and report"
         ) from None
+    phases.mark("eval_after")
     if after:
         metrics.write({"step": step, "eval_loss": after["loss"]["loss"]})
     change = largest_change(model)  # on every process: under FSDP2 it gathers the sharded weights
@@ -251,6 +257,8 @@ def _train(o: TrainOptions, progress: bool, say) -> dict:
         "eval": _eval_summary(before, after),
         "largest_change": change,
     }
+    phases.mark("report")  # largest change, loss curve
+    report["phases"] = phases.seconds
     report["markdown"] = write_reports(output, report)
     dist.barrier()
     return report
@@ -471,6 +479,31 @@ def stop_if_weights_not_finite(params, step: int, total: int, output: Path) -> N
         f"saved. The last good checkpoint is {last if last else '(none: no checkpoint was written yet)'}. "
         "Lower --lr and start again with --overwrite"
     )
+
+
+class Phases:
+    """Wall seconds of each part of a run, for report.json's ``phases``: ``startup`` is from the process start
+    (interpreter, imports, option parsing; None where the OS does not say) to the start of the run, then each
+    ``mark(name)`` records the seconds since the previous mark."""
+
+    def __init__(self):
+        self.seconds: dict[str, float | None] = {"startup": process_age()}
+        self.last = time.perf_counter()
+
+    def mark(self, name: str) -> None:
+        now = time.perf_counter()
+        self.seconds[name] = round(now - self.last, 2)
+        self.last = now
+
+
+def process_age() -> float | None:
+    """Seconds since this process started (Linux: /proc/self/stat's start time), None elsewhere."""
+    try:
+        start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        age = time.clock_gettime(time.CLOCK_BOOTTIME) - start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+    return round(age, 2)
 
 
 def cpu_seconds() -> float:

@@ -65,14 +65,14 @@ class TrainOptions:
     epochs: float = _opt(
         1.0,
         "passes over the training data, e.g. 2 or 0.5; decides the run length when --max-steps is not given "
-        "(with neither flag the run is 50 steps)",
+        f"(with neither flag the run is {DEFAULT_MAX_STEPS} steps)",
         show_default=False,
     )
     max_steps: int | None = _opt(
         DEFAULT_MAX_STEPS,
         "optimizer steps to run; when given, it sets the run length and --epochs is not used, as in "
-        "transformers.Trainer (0 = let --epochs decide, 1 epoch if not given). Default: 50 when --epochs is "
-        "not given either",
+        "transformers.Trainer (0 = let --epochs decide, 1 epoch if not given). Default: "
+        f"{DEFAULT_MAX_STEPS} when --epochs is not given either",
         show_default=False,
     )
     batch_size: int = _opt(
@@ -226,7 +226,7 @@ def resolve_length(given: dict) -> dict:
     """Decide the run length from the values the user gave (flags or config file), never from a default.
 
     --max-steps given: it sets the number of optimizer steps and --epochs is not used (transformers.Trainer's
-    rule); only --epochs given: the epochs decide (max_steps becomes None); neither: 50 steps.
+    rule); only --epochs given: the epochs decide (max_steps becomes None); neither: DEFAULT_MAX_STEPS.
     """
     if given.get("max_steps") is None and given.get("epochs") is not None:
         return {**given, "max_steps": None}

@@ -17,6 +17,12 @@ def _fmt_em(em: dict | None) -> str:
     return "n/a" if em is None else f"{em['exact_match']:.1%} ({em['correct']}/{em['total']})"
 
 
+def _fmt_phases(phases: dict) -> str:
+    """`- seconds by phase: startup 8.1, model_load 2.0, ...` (report.json's `phases`)."""
+    parts = ", ".join(f"{k} {'n/a' if v is None else f'{v:.1f}'}" for k, v in phases.items())
+    return f"- seconds by phase: {parts}"
+
+
 def _fmt_load(load: float | None) -> str:
     return "n/a" if load is None else f"{load:.1f}"
 
@@ -37,6 +43,7 @@ def render_markdown(r: dict) -> str:
         if "processes" in r
         else "",
         f"- wall time: {r['wall_seconds']:.0f} s (training {r['train_seconds']:.0f} s)",
+        *([_fmt_phases(r["phases"])] if r.get("phases") else []),
         f"- throughput: {r['tokens_per_second']:.0f} training tokens/s on {r['threads']} thread(s)",
         f"- CPU time: {r['cpu_seconds']:.0f} s (load average at the end: {_fmt_load(r['load_average'])})",
         f"- peak memory (RSS): {r['peak_rss_mb']:.0f} MB",
