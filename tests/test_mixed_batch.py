@@ -331,3 +331,106 @@ def test_blocked_lora_equals_per_row_computation():
     got = blocked_lora_(result.clone(), x, A.transpose(1, 2).contiguous(), B.transpose(1, 2).contiguous())
     for i in range(6):
         torch.testing.assert_close(got[i], result[i] + x[i] @ A[i // 2].T @ B[i // 2].T)
+
+
+BLOCK_NAMES = ["a", "a", "__base__", "__base__", "c", "c", "b", "b"]  # equal contiguous blocks
+
+
+def _count_fast(monkeypatch) -> list:
+    """Record every `blocked_linear_lora` call (the per-call fast path of mixed LoRA layers)."""
+    from peftkit.functional import segmented
+
+    calls, real = [], segmented.blocked_linear_lora
+    monkeypatch.setattr(
+        "peftkit.mixed_batch.blocked_linear_lora", lambda *a: calls.append(a[3].shape) or real(*a)
+    )
+    return calls
+
+
+def _block_inputs(seed=6):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 128, (8, 6), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :2] = mask[4, :3] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def test_fast_path_repeats_equal_rows_alone_and_follows_grad_mode(monkeypatch):
+    """Inside one mixed context the first no-grad call of a batch size runs the full path, the second and later
+    ones the kept fast path (ranks 2/4/8, adapter `c` missing from most layers, `__base__` rows), equal to each
+    row alone; with grad on the layers take the full path and give gradients; another batch size decides anew."""
+    from peftkit.mixed_batch import mixed_adapters
+
+    calls = _count_fast(monkeypatch)
+    model = _llama_with(CONFIG_SETS["lora-ranks-targets"])
+    inputs = _block_inputs()
+    twice = {k: v.repeat_interleave(2, 0) for k, v in inputs.items()}  # as for 2 beams: blocks of 4 rows
+    with mixed_adapters(model, BLOCK_NAMES):
+        with torch.no_grad():
+            first = output_tensor(model(**inputs))
+            assert not calls  # a single forward pays nothing for the fast path
+            again = output_tensor(model(**inputs))
+            n = len(calls)
+            assert n > 0 and all(shape[0] == 4 for shape in calls)  # 4 blocks: a, __base__, c, b
+            assert torch.equal(output_tensor(model(**inputs)), again) and len(calls) == 2 * n
+            torch.testing.assert_close(again, first, atol=1e-5, rtol=1e-5)
+            for _ in range(2):
+                got = output_tensor(model(**twice))
+                torch.testing.assert_close(got, first.repeat_interleave(2, 0), atol=1e-5, rtol=1e-5)
+            assert len(calls) == 3 * n
+        grad_out = output_tensor(model(**inputs))
+        assert len(calls) == 3 * n  # grad on: the full path
+        grad_out.float().sum().backward()
+    torch.testing.assert_close(grad_out.detach(), first, atol=1e-5, rtol=1e-5)
+    assert model.base_model.model.model.layers[0].self_attn.q_proj.lora_A["a"].weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        for i, name in enumerate(BLOCK_NAMES):
+            row = {k: v[i : i + 1] for k, v in inputs.items()}
+            torch.testing.assert_close(again[i : i + 1], _alone(model, name, row), atol=1e-5, rtol=1e-5)
+
+
+def test_fast_path_sees_adapter_changes_between_calls(monkeypatch):
+    """The fast path is per call: after an in-place update of an adapter (an optimizer step) or with another
+    assignment of adapters to rows, the next mixed generate equals each row alone with the new weights."""
+    calls = _count_fast(monkeypatch)
+    model = _llama_with(CONFIG_SETS["lora-ranks-targets"])
+    inputs = _block_inputs()
+    kw = {"max_new_tokens": 4, "do_sample": False, "pad_token_id": 0}
+
+    def check(names):
+        with torch.no_grad():
+            mixed = model.generate(**inputs, adapter_names=names, **kw)
+            for i, name in enumerate(names):
+                row = {k: v[i : i + 1] for k, v in inputs.items()}
+                if name == "__base__":
+                    with model.disable_adapter():
+                        alone = model.generate(**row, **kw)
+                else:
+                    model.set_adapter(name)
+                    alone = model.generate(**row, **kw)
+                assert torch.equal(mixed[i : i + 1], alone), (i, name)
+        return mixed
+
+    before = check(BLOCK_NAMES)
+    assert calls
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if ".lora_B.a." in n or ".lora_A.b." in n:
+                p.mul_(-3.0)
+    after = check(BLOCK_NAMES)
+    assert not torch.equal(before, after)
+    check(["b", "b", "a", "a", "c", "c", "a", "a"])
+
+
+def test_blocked_linear_lora_equals_linear_plus_per_row_update():
+    from peftkit.functional.segmented import blocked_linear_lora
+
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(6, 3, 8, generator=g)
+    W, bias = torch.randn(5, 8, generator=g), torch.randn(5, generator=g)
+    A, B = torch.randn(3, 4, 8, generator=g), torch.randn(3, 5, 4, generator=g)
+    At, Bt = A.transpose(1, 2).contiguous(), B.transpose(1, 2).contiguous()
+    got = blocked_linear_lora(x, W.T.contiguous(), bias, At, Bt)
+    torch.testing.assert_close(blocked_linear_lora(x, W.T, None, At, Bt), got - bias)
+    for i in range(6):
+        torch.testing.assert_close(got[i], x[i] @ W.T + bias + x[i] @ A[i // 2].T @ B[i // 2].T)

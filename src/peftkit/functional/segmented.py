@@ -121,3 +121,17 @@ def blocked_lora_(result: torch.Tensor, x: torch.Tensor, At: torch.Tensor, Bt: t
     else:
         result.view(g, -1, result.shape[-1]).add_(torch.bmm(h, Bt).to(result.dtype))
     return result
+
+
+def blocked_linear_lora(
+    x: torch.Tensor, wt: torch.Tensor, bias: torch.Tensor | None, At: torch.Tensor, Bt: torch.Tensor
+) -> torch.Tensor:
+    """A frozen Linear plus every group's LoRA update when group g holds rows [g*m, (g+1)*m).
+
+    x: (rows, ..., in). wt: (in, out), the Linear's weight transposed (a contiguous copy multiplies faster on
+    the CPU than the transposed view). bias: (out,) or None. At: (g, in, r), Bt: (g, r, out) as in
+    `blocked_lora_`. Returns (rows, ..., out) = x @ wt + bias + (x.view(g, m*T, in) @ At) @ Bt.
+    """
+    flat = x.reshape(-1, x.shape[-1])
+    y = torch.mm(flat, wt) if bias is None else torch.addmm(bias, flat, wt)
+    return blocked_lora_(y.view(*x.shape[:-1], -1), x, At, Bt)
