@@ -434,3 +434,30 @@ def test_blocked_linear_lora_equals_linear_plus_per_row_update():
     torch.testing.assert_close(blocked_linear_lora(x, W.T, None, At, Bt), got - bias)
     for i in range(6):
         torch.testing.assert_close(got[i], x[i] @ W.T + bias + x[i] @ A[i // 2].T @ B[i // 2].T)
+
+
+def test_stacks_follow_fused_optimizer_steps_and_loaded_tensors():
+    """The stacked factors kept on each layer between mixed calls are rebuilt after a fused optimizer step (it
+    updates the adapters in place without bumping their `_version`) and after adapter tensors are loaded
+    through `.data`: the next no-grad mixed forward still equals each row alone."""
+    model = _llama_with(CONFIG_SETS["lora-ranks-targets"])
+    inputs = _block_inputs()
+    names = BLOCK_NAMES
+    first = _check_rows_equal_alone(model, inputs, names)
+
+    params = [p for n, p in model.named_parameters() if ".lora_" in n]
+    versions = [p._version for p in params]
+    optimizer = torch.optim.AdamW(params, lr=0.5, fused=True)
+    model.train()
+    output_tensor(model(**inputs)).square().mean().backward()
+    optimizer.step()
+    model.eval()
+    assert [p._version for p in params] == versions  # what the version key alone would miss
+    stepped = _check_rows_equal_alone(model, inputs, names)
+    assert not torch.allclose(first, stepped)
+
+    state = peftkit.get_peft_model_state_dict(model, adapter_name="a")
+    peftkit.set_peft_model_state_dict(model, {k: v * 2 for k, v in state.items()}, adapter_name="a")
+    loaded = _check_rows_equal_alone(model, inputs, names)
+    rows_a = [i for i, n in enumerate(names) if n == "a"]
+    assert not torch.allclose(loaded[rows_a], stepped[rows_a])

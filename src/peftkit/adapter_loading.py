@@ -12,6 +12,7 @@ from torch import nn
 
 from . import io
 from .inference_fold import drop_folds
+from .mixed_batch import drop_stacks
 
 
 class LoadResult(NamedTuple):
@@ -65,9 +66,9 @@ def copy_adapter_tensors(
                 )
             target.data.copy_(value.to(target.dtype))
             loaded.add(mem_key)
-    drop_folds(
-        model
-    )  # `.data` writes do not bump `_version`: forget folded LoRA weights (see inference_fold)
+    # `.data` writes do not bump `_version`: forget folded LoRA weights and mixed-batch stacks built from them
+    drop_folds(model)
+    drop_stacks(model)
     missing = [k for k in key_map if k not in loaded]
     if missing:
         warnings.warn(

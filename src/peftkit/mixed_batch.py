@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .functional.segmented import (
     batched_lora_,
@@ -230,15 +231,44 @@ def _lora_forward(layer: Any, plan: RowPlan, x: torch.Tensor, *args: Any, **kwar
     return segmented_lora(result, x, segments)
 
 
+_STACK_SLOTS = ("_mixed_stack", "_mixed_blocks")
+_optimizer_steps = 0  # every torch optimizer step in this process, once `_watch_optimizers` has run
+_step_hook: Any = None
+
+
+def _count_step(*_: Any) -> None:
+    global _optimizer_steps
+    _optimizer_steps += 1
+
+
+def _watch_optimizers() -> None:
+    """Count optimizer steps from now on (a global post-step hook on every torch optimizer): fused optimizers
+    (`AdamW(fused=True)`) update parameters in place without bumping their `_version`, which the stacks' key
+    alone would miss."""
+    global _step_hook
+    if _step_hook is None:
+        _step_hook = register_optimizer_step_post_hook(_count_step)
+
+
+def drop_stacks(model: nn.Module) -> None:
+    """Forget every layer's stacked adapter factors (rebuilt by the next mixed call): for writes through
+    `.data`, which neither the tensors' versions nor an optimizer step show (e.g. loading adapter tensors)."""
+    for module in model.modules():
+        for slot in _STACK_SLOTS:
+            module.__dict__.pop(slot, None)
+
+
 def _cached(layer: Any, slot: str, names: list[str], build: Any) -> Any:
     """`build(layer, names)`, kept on the layer under `slot` and rebuilt only when the adapters or their tensors
-    change (data pointers and tensor versions count in-place updates, e.g. an optimizer step)."""
+    change: data pointers and tensor versions count in-place updates, the optimizer-step count the fused
+    optimizers' updates that leave `_version` alone; `.data` writes call `drop_stacks`."""
+    _watch_optimizers()
     key = tuple(
         (n, a.data_ptr(), a._version, b.data_ptr(), b._version, layer.scaling[n])
         for n in names
         if n in layer.lora_A
         for a, b in [(layer.lora_A[n].weight, layer.lora_B[n].weight)]
-    ) + (tuple(names),)
+    ) + (tuple(names), _optimizer_steps)
     cached = layer.__dict__.get(slot)
     if cached is None or cached[0] != key:
         cached = layer.__dict__[slot] = (key, build(layer, names))
