@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import pytest
 
 from tests.train.tiny import build_tiny_model, rows, write_jsonl
+
+# A suite started in the background by a shell without job control (`cmd &` in a script) inherits SIGINT as
+# ignored, and Python then installs no KeyboardInterrupt handler, here or in the `peftkit train` processes the
+# tests start (an ignored signal stays ignored across exec). The Ctrl-C tests send real SIGINTs: give this
+# process Python's own handler, which its children then start from as the default disposition.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session")
