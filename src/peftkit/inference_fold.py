@@ -6,10 +6,11 @@ the unfolded layer, see tests/perf/test_inference_fold.py). Generation runs the 
 token: folded, each step is one GEMM per layer, as fast as the plain model, instead of the base GEMM plus
 the two skinny rank-r GEMMs, a scaling and an add (five ops and their Python dispatch per layer and token).
 
-The fold is used only inside `PeftModel.generate` (`generating()`), where the weights cannot change, and each
-call first checks the adapter tensors against copies taken when the fold was built (r·(in+out) numbers per
-layer; fused optimizers update parameters in place without bumping `_version`, so the key alone is not
-enough). A plain no-grad forward (an evaluation loss, Trainer's eval loop) always runs unfolded.
+The fold is used only inside `generating()`, where the weights cannot change: `PeftModel.generate`, and
+`peftkit train`'s held-out pass (`train/held_out.py`: one fold serves its loss, its exact match and every
+batch). Each such call first checks the adapter tensors against copies taken when the fold was built
+(r·(in+out) numbers per layer; fused optimizers update parameters in place without bumping `_version`, so the
+key alone is not enough). A plain no-grad forward (an evaluation loss, Trainer's eval loop) runs unfolded.
 
 W_eff is a new tensor kept on the layer (`layer.__dict__["_inference_fold"]`): the base weight is never
 changed, so "undoing" the fold is dropping that tensor and nothing can drift. It is used only when
@@ -137,7 +138,7 @@ _calls: list[set[int]] = []
 
 @contextmanager
 def generating() -> Iterator[None]:
-    """Let no-grad LoRA Linear layers run folded for the duration of one `generate` call."""
+    """Let no-grad LoRA Linear layers run folded for the duration of one `generate` call (or evaluation pass)."""
     _calls.append(set())
     try:
         yield

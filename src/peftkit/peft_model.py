@@ -25,6 +25,7 @@ from transformers import PreTrainedModel
 from . import integrations, io, kv_cache, merge, mixed_batch, prompt_lookup
 from .config import CONFIG_NAME, PeftConfig
 from .generate_prefix import generate_with_shared_prefix
+from .head_input import contiguous_head_input
 from .hf_compat import CACHE_KEY
 from .inference_fold import drop_folds, generating
 from .modules_to_save import ModulesToSaveWrapper
@@ -188,9 +189,11 @@ class PeftModel(PreTrainedModel):
         `adapter_names` (one per prompt) generates each row with its own adapter: see `mixed_batch`."""
         if kwargs.get("adapter_names") is not None:
             kwargs = kv_cache.offer(self, kwargs, CACHE_KEY)
-            return mixed_batch.generate(self, self.base_model.generate, args, kwargs)
+            with contiguous_head_input(self):
+                return mixed_batch.generate(self, self.base_model.generate, args, kwargs)
         kwargs.pop("adapter_names", None)
-        with generating():  # LoRA Linear layers may run folded (see inference_fold)
+        # LoRA Linear layers may run folded (inference_fold); the head's prefill input is made contiguous
+        with generating(), contiguous_head_input(self):
             out = None if args else generate_with_shared_prefix(self, self.base_model.generate, kwargs)
             if out is not None:
                 return out

@@ -41,7 +41,19 @@ def test_one_pass_equals_separate_loss_and_exact_match(tiny_chat_model, wrap, mo
     assert 0 < len(items) < len(rows)
 
     mode = model.training
+    head_inputs = []  # whether each batched head call got a contiguous input (head_input: one GEMM, not bmm)
+    hook = model.get_output_embeddings().register_forward_hook(  # sees the input after pre-hooks
+        lambda m, args, out: head_inputs.append(args[0].is_contiguous()) if args[0].shape[0] > 1 else None
+    )
     loss, em = held_out(model, tok, rows, max_length, max_new_tokens=5, batch_size=4, n_samples=3)
+    hook.remove()
+    assert head_inputs and all(head_inputs)
+    if wrap == "lora":  # the pass ran every LoRA layer folded (inference_fold), built once for all batches
+        from peftkit.inference_fold import is_folded
+        from peftkit.tuners.lora_layers import LoraLinear
+
+        layers = [m for m in model.modules() if isinstance(m, LoraLinear)]
+        assert layers and all(is_folded(m) for m in layers)
     want_loss = ev.eval_loss(model, items, tok.pad_token_id)
     want_em = ev.exact_match(model, tok, rows, 5, batch_size=4, n_samples=3)
     assert loss["tokens"] == want_loss["tokens"]

@@ -24,7 +24,9 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import DynamicLayer
 
+from peftkit.head_input import contiguous_head_input
 from peftkit.hf_compat import CACHE_KEY
+from peftkit.inference_fold import generating
 from peftkit.shared_prefix import prefix_cache
 from peftkit.train.data import Example, encode_prompt, tokenize
 from peftkit.train.evaluate import (
@@ -68,15 +70,23 @@ def held_out(
     shown = list(range(min(n_samples, len(examples))))
     outputs: dict[int, str] = {}
     total, count = 0.0, 0
-    for chunk in eval_chunks(prompts, shown, batch_size):
-        refs = [None if i in shown else examples[i].response for i in chunk]
-        texts, loss_sum, n = _batch(
-            model, tokenizer, [prompts[i] for i in chunk], [responses[i] for i in chunk], refs, max_new_tokens
-        )
-        outputs.update((i, t.strip()) for i, t in zip(chunk, texts))
-        total, count = total + loss_sum, count + n
-        if progress is not None:
-            progress.update(len(chunk))
+    # The weights cannot change during this pass: LoRA Linear layers run folded into one scratch weight each,
+    # built once for every batch (inference_fold), and the head takes its sliced input as one GEMM (head_input).
+    with generating(), contiguous_head_input(model):
+        for chunk in eval_chunks(prompts, shown, batch_size):
+            refs = [None if i in shown else examples[i].response for i in chunk]
+            texts, loss_sum, n = _batch(
+                model,
+                tokenizer,
+                [prompts[i] for i in chunk],
+                [responses[i] for i in chunk],
+                refs,
+                max_new_tokens,
+            )
+            outputs.update((i, t.strip()) for i, t in zip(chunk, texts))
+            total, count = total + loss_sum, count + n
+            if progress is not None:
+                progress.update(len(chunk))
     model.train(was_training)
     return loss_summary(total, count), score(examples, outputs, n_samples)
 
@@ -114,7 +124,8 @@ def _batch(model, tokenizer, prompts, responses, refs, max_new_tokens):
     # logits [batch, tail + 1, vocab]: column j (from the last prompt token on) predicts response token j
     logits, targets = out.logits[:, :tail].float(), ids[:, shared + width :]
     valid = mask[:, shared + width :].bool()
-    nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+    # cross entropy along the contiguous vocab dim (on logits.transpose(1, 2) it runs ~5x slower on CPU)
+    nll = logits.logsumexp(-1) - logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # [batch, tail]
     loss_sum, n = float(nll[valid].sum()), int(valid.sum())
     texts = _known_texts(model, tokenizer, logits, responses, refs, max_new_tokens)
     need = [b for b, text in enumerate(texts) if text is None]  # rows whose answer needs decode steps
