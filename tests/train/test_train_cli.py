@@ -247,3 +247,59 @@ def test_gradient_checkpointing_recomputes_and_reaches_the_same_adapter(train_ar
     assert adapters["plain"].keys() == adapters["ckpt"].keys()
     for key, value in adapters["plain"].items():
         torch.testing.assert_close(adapters["ckpt"][key], value, rtol=1e-4, atol=1e-5)
+
+
+def test_base_model_metrics_are_measured_once_per_model_rows_and_settings(
+    train_args, tiny_chat_model, tmp_path, monkeypatch
+):
+    """eval_cache: a second run on the same model files, held-out rows and settings reads the base model's
+    metrics back instead of evaluating it again; any of those changing (or --no-eval-cache) measures again."""
+    import os
+
+    from peftkit.train import loop
+
+    monkeypatch.setenv("PEFTKIT_CACHE", str(tmp_path / "cache"))
+    measured = []
+    real = loop.held_out_metrics
+
+    def counting(*args, **kwargs):
+        measured.append(args[-1])  # "before" / "after"
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "held_out_metrics", counting)
+
+    def run(name: str, *extra: str) -> dict:
+        measured.clear()
+        assert cli.main(train_args(tmp_path / name, "--max-steps", "1", *extra)) == 0
+        return json.loads((tmp_path / name / "report.json").read_text())
+
+    first = run("first")
+    assert measured == ["before", "after"] and first["eval_before_cached"] is None
+    stored = list((tmp_path / "cache" / "eval").glob("*.json"))
+    assert len(stored) == 1
+    second = run("second")
+    assert measured == ["after"]  # the base model was not evaluated again
+    assert second["eval"]["before"] == first["eval"]["before"]
+    assert second["eval"]["exact_match_before"] == first["eval"]["exact_match_before"]
+    assert second["eval_before_cached"] and "measured by an earlier run" in (
+        tmp_path / "second" / "report.md"
+    ).read_text()
+    # measured again: when asked to, with other held-out rows, on changed model files
+    again = run("again", "--no-eval-cache")
+    assert measured == ["before", "after"] and again["eval_before_cached"] is None
+    assert again["eval"]["before"]["loss"] == pytest.approx(first["eval"]["before"]["loss"], rel=1e-6)
+    run("fewer_rows", "--eval-limit", "3")
+    assert measured == ["before", "after"]
+    config = tiny_chat_model / "config.json"
+    os.utime(config, ns=(config.stat().st_atime_ns, config.stat().st_mtime_ns + 10**9))
+    run("touched")
+    assert measured == ["before", "after"]
+    run("touched_again")
+    assert measured == ["after"]
+    # an unreadable stored file counts as missing and is replaced
+    for file in (tmp_path / "cache" / "eval").glob("*.json"):
+        file.write_text("{not json")
+    run("corrupt")
+    assert measured == ["before", "after"]
+    run("repaired")
+    assert measured == ["after"]

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from peftkit.train import checkpoint as ckpt
-from peftkit.train import distributed
+from peftkit.train import distributed, eval_cache
 from peftkit.train.data import collate, length_grouped_batches, load_examples, split_examples, tokenize_all
 from peftkit.train.errors import Interrupted, PeftkitError
 from peftkit.train.evaluate import count_targets, default_max_new_tokens
@@ -81,12 +81,22 @@ def _train(o: TrainOptions, progress: bool, say) -> dict:
         f"model {model_name}; {len(train_items)} training rows, {len(eval_rows)} held-out rows; {threads} threads"
     )
 
-    # ---- held-out metrics of the base model
-    before = (
-        None
-        if o.skip_eval_before or lean  # lean: measured once the weights are in place, below
-        else held_out_metrics(base, tokenizer, eval_rows, o.max_length, max_new, progress, "before")
-    )
+    # ---- held-out metrics of the base model (read back when an earlier run stored them: eval_cache)
+    before = None
+    if not (o.skip_eval_before or lean):  # lean: measured once the weights are in place, below
+        cache_key = (
+            None
+            if o.no_eval_cache or dist.active
+            else eval_cache.key(model_name, eval_rows, o.max_length, max_new, o.quantize)
+        )
+        before = eval_cache.read(cache_key)
+        if before is not None:
+            say(
+                f"base model's held-out metrics: from an earlier run ({before['measured_at']}); --no-eval-cache remeasures"
+            )
+        else:
+            before = held_out_metrics(base, tokenizer, eval_rows, o.max_length, max_new, progress, "before")
+            eval_cache.write(cache_key, before)
     phases.mark("eval_before")
 
     # ---- the adapter: fresh, or the last checkpoint when resuming
@@ -255,6 +265,9 @@ def _train(o: TrainOptions, progress: bool, say) -> dict:
         "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "plot_note": plot_note,
         "eval": _eval_summary(before, after),
+        "eval_before_cached": (before or {}).get(
+            "measured_at"
+        ),  # when an earlier run measured it (eval_cache)
         "largest_change": change,
     }
     phases.mark("report")  # largest change, loss curve

@@ -49,6 +49,11 @@ class TrainOptions:
     skip_eval_before: bool = _opt(
         False, "do not evaluate the base model before training (the report then shows the trained model only)"
     )
+    no_eval_cache: bool = _opt(
+        False,
+        "evaluate the base model before training even if an earlier run stored that evaluation (same model "
+        "files, held-out rows, settings and peftkit; kept in the cache dir's eval/ folder)",
+    )
     method: str = _opt(
         "lora",
         "fine-tuning method: lora, dora, rslora, adalora, ia3, loha, lokr, vera, oft, boft, ln_tuning, prompt_tuning,"

@@ -58,6 +58,11 @@ def render_markdown(r: dict) -> str:
         lines.append(
             f"- held-out exact match: {_fmt_em(ev.get('exact_match_before'))} -> {_fmt_em(ev.get('exact_match_after'))}"
         )
+        if r.get("eval_before_cached"):
+            lines.append(
+                f"- the base model's metrics were measured by an earlier run ({r['eval_before_cached']}) on the same "
+                "model files, rows and settings, and read from the cache (--no-eval-cache measures them again)"
+            )
     if r.get("largest_change"):
         c = r["largest_change"]
         where = (
