@@ -281,9 +281,10 @@ def test_base_model_metrics_are_measured_once_per_model_rows_and_settings(
     assert measured == ["after"]  # the base model was not evaluated again
     assert second["eval"]["before"] == first["eval"]["before"]
     assert second["eval"]["exact_match_before"] == first["eval"]["exact_match_before"]
-    assert second["eval_before_cached"] and "measured by an earlier run" in (
-        tmp_path / "second" / "report.md"
-    ).read_text()
+    assert (
+        second["eval_before_cached"]
+        and "measured by an earlier run" in (tmp_path / "second" / "report.md").read_text()
+    )
     # measured again: when asked to, with other held-out rows, on changed model files
     again = run("again", "--no-eval-cache")
     assert measured == ["before", "after"] and again["eval_before_cached"] is None
