@@ -109,14 +109,19 @@ def check_tensors(gguf: GGUFFile, config: dict[str, Any]) -> dict[str, str]:
     """GGUF name -> HF name of every tensor, after checking each against the config's shapes and the
     quant types we dequantize; UnsupportedGGUF on anything else."""
     needed = ("hidden_size", "vocab_size", "num_attention_heads", "intermediate_size", "num_hidden_layers")
+    shape_keys = (*needed, "num_key_value_heads", "head_dim")
     if any(key not in config for key in needed):
         raise UnsupportedGGUF(f"metadata lacks {[key for key in needed if key not in config]}")
+    if any(not isinstance(config[key], int) for key in shape_keys if key in config):
+        raise UnsupportedGGUF(f"per-layer (non-integer) sizes in {[config.get(key) for key in shape_keys]}")
     hidden, vocab = config["hidden_size"], config["vocab_size"]
     heads, kv_heads = (
         config["num_attention_heads"],
         config.get("num_key_value_heads", config["num_attention_heads"]),
     )
     head_dim = config.get("head_dim") or hidden // heads
+    if head_dim % 2:
+        raise UnsupportedGGUF(f"head_dim {head_dim} is odd (the rotary row order pairs rows)")
     inter, layers = config["intermediate_size"], config["num_hidden_layers"]
     expected = {"model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,)}
     if not config["tie_word_embeddings"]:
