@@ -6,9 +6,10 @@ reader + converter (`gguf_convert.convert_llama_gguf`), side by side.
 
 Each conversion runs in a fresh child process (cold Python, warm OS page cache), alternating old/new for
 `--rounds` rounds, with `--threads` torch/BLAS/OpenMP threads. Per child it reports the whole process wall
-time (Python start, imports, conversion, exit) and the conversion alone (after `import torch, transformers,
-peftkit.train.default_model`, which `peftkit train` pays anyway), and checks the new folder against the old
-one (file names, tensor names/shapes/bits). Prints the medians and the old/new ratios.
+time (Python start, imports, conversion, exit) and the conversion alone (after importing torch, peftkit and
+the transformers classes `peftkit train` loads the model with anyway: Auto*, Llama*, GenerationConfig,
+PreTrainedTokenizerFast), and checks the new folder against the old one (file names, tensor names, shapes and
+bits). Prints the medians and the old/new ratios. The machine's noise shows in the per-round lines.
 """
 
 from __future__ import annotations
@@ -27,7 +28,16 @@ from pathlib import Path
 def child(kind: str, out: str) -> dict:
     """Convert into the empty folder ``out`` with the ``kind`` ("old" or "new") path; seconds taken."""
     import torch
-    import transformers  # noqa: F401  (imported by both paths; timed apart)
+
+    # what `peftkit train` imports anyway to load the converted model: timed apart, not in convert_s
+    from transformers import (  # noqa: F401
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        GenerationConfig,
+        LlamaConfig,
+        LlamaForCausalLM,
+        PreTrainedTokenizerFast,
+    )
 
     from peftkit.train import default_model
 
