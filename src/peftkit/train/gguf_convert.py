@@ -36,7 +36,7 @@ import numpy as np
 from peftkit.train.errors import PeftkitError
 from peftkit.train.gguf_read import GGML_TYPES, GGUFFile, UnsupportedGGUF, dequantize
 
-# pre-tokenizer names for which transformers keeps GPT-2's ByteLevel split (it overrides others by name)
+# pre-tokenizer names converted with GPT-2's plain ByteLevel split (transformers overrides others by name)
 BYTE_LEVEL_PRE = {"smollm"}
 CONTROL, USER_DEFINED = 3, 4
 
@@ -208,6 +208,14 @@ def build_tokenizer(gguf: GGUFFile):
         raise UnsupportedGGUF(
             f"pre-tokenizer {meta.get('tokenizer.ggml.pre')!r} (converts {sorted(BYTE_LEVEL_PRE)})"
         )
+    try:  # transformers swaps in its own split regex for the pre-tokenizer names in this table
+        from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
+    except ImportError:
+        raise UnsupportedGGUF("this transformers has no GGUF pre-tokenizer table to check against") from None
+    if meta["tokenizer.ggml.pre"] in GGUF_PRE_TOKENIZER_SPLITS:
+        raise UnsupportedGGUF(
+            f"transformers gives pre-tokenizer {meta['tokenizer.ggml.pre']!r} its own split"
+        )
     if "tokenizer.ggml.merges" not in meta:
         raise UnsupportedGGUF("a byte-level tokenizer without merges")
     tokens: list[str] = meta["tokenizer.ggml.tokens"]
@@ -241,6 +249,10 @@ def build_tokenizer(gguf: GGUFFile):
     special = {}
     for name, key in (("bos", "bos"), ("eos", "eos"), ("unk", "unknown"), ("pad", "padding")):
         token_id = meta.get(f"tokenizer.ggml.{key}_token_id")
+        if token_id is not None and not 0 <= int(token_id) < len(tokens):
+            raise PeftkitError(
+                f"{gguf.path}: tokenizer.ggml.{key}_token_id is {token_id}, expected an id below {len(tokens)}"
+            )
         special[f"{name}_token"] = tokens[int(token_id)] if token_id is not None else None
     added = dict.fromkeys([*control, *(t for t in special.values() if t is not None)])
     tokenizer.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in added])
