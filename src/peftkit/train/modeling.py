@@ -86,15 +86,17 @@ def _load_quantized(name: str, quantize: str):
 
 
 def set_threads(threads: int | None) -> int:
-    """Use ``threads`` for torch CPU ops; by default every core, minus the cores other processes keep busy.
+    """Use ``threads`` for torch CPU ops; by default every core, minus the cores other processes keep busy
+    (``busy_cores``: the load average, unless a sample of /proc/stat shows those cores free now).
 
     On a busy machine oversubscribed OpenMP threads spin against each other: on 2 cores at load ~8, one
     thread trained 4x faster than two (12 s vs 50 s per step), so the default backs off.
     """
     if not threads:
+        from peftkit.train.busy_cores import busy_cores
+
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        busy = int(os.getloadavg()[0]) if hasattr(os, "getloadavg") else 0
-        threads = max(1, cores - busy)
+        threads = max(1, cores - busy_cores(cores))
     torch.set_num_threads(threads)
     return torch.get_num_threads()
 
