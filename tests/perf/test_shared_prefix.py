@@ -63,13 +63,20 @@ def prefix_calls(monkeypatch) -> list[int]:
     return calls
 
 
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "two_passes"])
 @pytest.mark.parametrize("build", [tiny_llama, _tiny_gpt2_no_dropout], ids=["llama", "gpt2"])
-def test_equals_plain_forward(build, prefix_calls):
+def test_equals_plain_forward(build, packed, prefix_calls, monkeypatch):
     model = _lora(build())
     batch = _batch()
     calls = prefix_calls
+    layouts = []
+    real_layout = sp.packed_layout
+    monkeypatch.setattr(sp, "packed_layout", lambda *a: layouts.append(a[1]) or real_layout(*a))
+    if not packed:  # longer than PACK_MAX: the prefix's KV cache broadcast to the batched suffixes
+        monkeypatch.setattr(sp, "PACK_MAX", 0)
     loss_on, grads_on = _loss_and_grads(model, batch, True)
     assert calls == [10]  # 10 common tokens, the first label is at position 11
+    assert layouts == ([10] if packed else [])
     loss_off, grads_off = _loss_and_grads(model, batch, False)
     assert len(calls) == 1
     torch.testing.assert_close(loss_on, loss_off, atol=1e-6, rtol=1e-5)
@@ -159,3 +166,13 @@ def test_eval_loss_uses_shared_prefix_and_matches_plain(prefix_calls):
         peftkit.set_fused_causal_lm_loss(True)
     assert len(calls) == 1 and fast["tokens"] == plain["tokens"] == 9
     assert fast["loss"] == pytest.approx(plain["loss"], rel=1e-5)
+
+
+def test_packed_layout_keeps_each_row_to_the_prefix_and_itself():
+    keep = torch.tensor([[1, 1, 0], [1, 1, 1], [1, 0, 0]], dtype=torch.bool)  # suffixes of 2, 3, 1 tokens
+    rows, cols, allowed = sp.packed_layout(keep, prefix=2)
+    assert rows.tolist() == [0, 0, 1, 1, 1, 2] and cols.tolist() == [0, 1, 0, 1, 2, 0]
+    seg = [-1, -1, 0, 0, 1, 1, 1, 2]  # the packed sequence: prefix, row 0, row 1, row 2
+    pos = [0, 1, 2, 3, 2, 3, 4, 2]  # each token's position in its own unpacked row
+    want = [[pos[j] <= pos[i] and seg[j] in (-1, seg[i]) for j in range(8)] for i in range(8)]
+    assert allowed.tolist() == want
