@@ -90,16 +90,8 @@ def folded_weight(layer: Any, names: list[str], x: torch.Tensor) -> torch.Tensor
     (..., in), or None when the fold does not apply (the caller runs the unfolded path)."""
     if not (_enabled and names and _calls) or torch.is_grad_enabled() or "forward" in layer.__dict__:
         return None
-    base = layer.base_layer
-    w = base.weight
-    if (
-        w.requires_grad
-        or base._forward_hooks
-        or base._forward_pre_hooks
-        or x.dtype != w.dtype
-        or (base.bias is not None and base.bias.dtype != w.dtype)
-        or not all(layer._plain(n, x) and layer._no_dropout(n) for n in names)
-    ):
+    w = layer.base_layer.weight
+    if w.requires_grad or not layer._inference_plain(names, x):
         return None
     pairs = [(layer.lora_A[n].weight, layer.lora_B[n].weight, layer.scaling[n]) for n in names]
     key = (

@@ -171,21 +171,11 @@ def _bind_lora(layer: Any, plan: RowPlan) -> Any:
 def _fast_ok(layer: Any, plan: RowPlan, x: torch.Tensor) -> bool:
     """Whether no-grad `layer` on x (rows, ..., in) is exactly the frozen `nn.Linear` (no hooks, x's dtype, no
     autocast) plus the LoRA updates of equal contiguous row blocks, every adapter present dropout-free."""
-    rows, base = x.shape[0], layer.base_layer
-    if (
-        layer.disable_adapters
-        or type(base) is not nn.Linear
-        or base._forward_hooks
-        or base._forward_pre_hooks
-        or torch.is_autocast_enabled(x.device.type)
-        or plan.blocks(rows) is None
-    ):
+    rows = x.shape[0]
+    if layer.disable_adapters or type(layer.base_layer) is not nn.Linear or plan.blocks(rows) is None:
         return False
     groups = plan.present(layer, rows)
-    if not groups or not all(layer._no_dropout(n) for n, _ in groups):
-        return False
-    w, bias, At = base.weight, base.bias, plan.block_stack(layer, rows)[0]
-    return x.dtype == w.dtype == At.dtype and (bias is None or bias.dtype == w.dtype)
+    return bool(groups) and layer._inference_plain([n for n, _ in groups], x)
 
 
 def _fast_entry(layer: Any, plan: RowPlan, rows: int) -> tuple:

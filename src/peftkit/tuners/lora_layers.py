@@ -332,6 +332,19 @@ class LoraLinear(LoraLayer):
             and all(self._plain(n, x) and self._no_dropout(n) for n in names)
         )
 
+    def _inference_plain(self, names: list[str], x: torch.Tensor) -> bool:
+        """Whether, for no-grad inference on x (..., in), this layer is exactly its base Linear/Conv1D (no hooks,
+        weight and bias in x's dtype) plus the plain LoRA updates of adapters `names`, none with dropout active:
+        the one eligibility rule of the inference fold (`inference_fold`) and the mixed-batch fast path."""
+        base = self.base_layer
+        return (
+            not base._forward_hooks
+            and not base._forward_pre_hooks
+            and x.dtype == base.weight.dtype
+            and (base.bias is None or base.bias.dtype == base.weight.dtype)
+            and all(self._plain(n, x) and self._no_dropout(n) for n in names)
+        )
+
     def _no_dropout(self, name: str) -> bool:
         """Whether this adapter's dropout is the identity right now (none, p == 0, or eval mode)."""
         drop = self.lora_dropout[name]
