@@ -130,6 +130,7 @@ FREE = {
     "eval_data": ["held-out.jsonl"],
     "eval_limit": 3,
     "skip_eval_before": True,
+    "no_eval_cache": True,  # whether the base model's stored metrics may be read back: not the run's math
     "max_new_tokens": 7,
     "save_every": 3,
     "log_every": 2,
