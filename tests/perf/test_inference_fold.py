@@ -286,4 +286,29 @@ def test_each_generate_call_checks_each_layer_once(model, inputs, monkeypatch):
         assert not torch.allclose(base, folded)
         with model.disable_adapter():
             torch.testing.assert_close(_unfolded(model, lambda: model(**inputs).logits), base)
-    assert inference_fold.current_fold(_layers(model)[0]) is None  # outside a generate call: never
+    x = torch.randn(3, 1, _layers(model)[0].in_features)
+    assert inference_fold.current_fold(_layers(model)[0], x) is None  # outside a generate call: never
+
+
+def test_fold_layout_follows_the_decode_batch():
+    """CPU decode steps of >= IN_MAJOR_ROWS rows use an (in, out)-contiguous fold (MKL's small-M GEMM is faster
+    from it), one row the (out, in) one; the tokens equal the unfolded model's either way."""
+    from peftkit import inference_fold
+
+    model = _lora()
+
+    def layouts():
+        return {inference_fold._is_in_major(m.__dict__["_inference_fold"][1]) for m in _layers(model)}
+
+    for batch, in_major in ((4, True), (1, False), (3, True)):
+        inputs = token_inputs(batch=batch, seq=7)
+
+        def gen():
+            with torch.no_grad():
+                return model.generate(
+                    **inputs, max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0
+                )
+
+        folded = gen()
+        assert layouts() == {in_major}
+        assert torch.equal(folded, _unfolded(model, gen))

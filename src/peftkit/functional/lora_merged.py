@@ -45,10 +45,13 @@ def _effective_weight(
 
 
 def effective_weight(
-    w: torch.Tensor, adapters: list[tuple[torch.Tensor, torch.Tensor, float]]
+    w: torch.Tensor, adapters: list[tuple[torch.Tensor, torch.Tensor, float]], in_major: bool = False
 ) -> torch.Tensor:
     """W + sum_k s_k * B_k @ A_k as a new (o, i) tensor (w: (o, i), possibly a transposed view; adapters:
-    (A (r, i), B (o, r), scaling)). The same sum `merged_lora_linear` forms in a scratch buffer."""
+    (A (r, i), B (o, r), scaling)). The same sum `merged_lora_linear` forms in a scratch buffer.
+    in_major: the result is the (o, i) view of a contiguous (i, o) tensor, W^T + sum_k s_k A_k^T B_k^T."""
+    if in_major:
+        return effective_weight(w.T, [(B.T, A.T, s) for A, B, s in adapters]).T
     (A, B, s), *rest = adapters
     w_eff = torch.addmm(w, B, A, alpha=s)
     for A, B, s in rest:

@@ -352,7 +352,7 @@ class LoraLinear(LoraLayer):
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """x: (..., in) -> (..., out)."""
-        folded = None if args or kwargs else current_fold(self)  # checked earlier in this generate call
+        folded = None if args or kwargs else current_fold(self, x)  # checked earlier in this generate call
         if folded is not None:
             return F.linear(x, folded, self.base_layer.bias)
         names = self._active_unmerged()
