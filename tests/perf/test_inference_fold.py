@@ -303,7 +303,7 @@ def test_fold_layout_follows_the_decode_batch():
     for batch, in_major in ((4, True), (1, False), (3, True)):
         inputs = token_inputs(batch=batch, seq=7)
 
-        def gen():
+        def gen(inputs=inputs):
             with torch.no_grad():
                 return model.generate(
                     **inputs, max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0
