@@ -26,11 +26,12 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import AttentionInterface, PreTrainedConfig
+from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .functional.causal_attention import blocked_causal_attention
+from .hf_compat import configs_of
 
 NAME = "peftkit_sdpa"
 # kwargs the attention function may receive that sdpa (and so the blocked kernel) ignores
@@ -152,19 +153,6 @@ AttentionInterface.register(NAME, peftkit_sdpa_attention_forward)
 AttentionMaskInterface.register(NAME, sdpa_mask)
 
 
-def _configs(base: nn.Module) -> list[PreTrainedConfig]:
-    """Every transformers config the modules of `base` hold, and their sub-configs, each once."""
-    found: dict[int, PreTrainedConfig] = {}
-    stack = [m.config for m in base.modules() if isinstance(getattr(m, "config", None), PreTrainedConfig)]
-    while stack:
-        config = stack.pop()
-        if id(config) not in found:
-            found[id(config)] = config
-            subs = (getattr(config, key, None) for key in getattr(config, "sub_configs", {}) or {})
-            stack.extend(c for c in subs if isinstance(c, PreTrainedConfig))
-    return list(found.values())
-
-
 def _checkpointing(base: nn.Module) -> bool:
     """Whether gradient checkpointing is on in `base`. The backward then recomputes each layer after this
     context has restored "sdpa", so a forward with the blocked kernel would differ from its recomputation
@@ -191,7 +179,7 @@ def fast_attention(model: nn.Module, base: nn.Module) -> Iterator[None]:
         return
     switched = [
         c
-        for c in _configs(base)
+        for c in configs_of(base)
         if hasattr(c, "_attn_implementation_internal") and c._attn_implementation_internal == "sdpa"
     ]
     for config in switched:

@@ -32,6 +32,7 @@ from torch import nn
 from transformers.cache_utils import DynamicLayer
 
 from .hf_compat import CACHE_KEY
+from .packed_attention import segments, segments_of
 
 IGNORE_INDEX = -100
 MIN_PREFIX = 8
@@ -158,13 +159,14 @@ def _run_packed(body: nn.Module, kwargs: dict[str, Any], prefix: int) -> torch.T
     packed_ids = torch.cat([ids[0, :prefix], ids[:, prefix:][rows, cols]])[None]  # (1, L)
     positions = torch.cat([torch.arange(prefix, device=ids.device), cols + prefix])[None]
     rest = {k: v for k, v in kwargs.items() if k not in ("input_ids", "attention_mask", "use_cache")}
-    out = body(
-        input_ids=packed_ids,
-        attention_mask=allowed.to(ids.device)[None, None],
-        position_ids=positions,
-        use_cache=False,
-        **rest,
-    )
+    with segments(body, segments_of(rows, prefix)):  # attention computes only the blocks the mask lets through
+        out = body(
+            input_ids=packed_ids,
+            attention_mask=allowed.to(ids.device)[None, None],
+            position_ids=positions,
+            use_cache=False,
+            **rest,
+        )
     hidden = out.last_hidden_state[0, prefix:]  # (n, hidden)
     shape = (ids.shape[0], ids.shape[1] - prefix, hidden.shape[-1])
     return hidden.new_zeros(shape).index_put((rows, cols), hidden)
