@@ -159,7 +159,9 @@ def _run_packed(body: nn.Module, kwargs: dict[str, Any], prefix: int) -> torch.T
     packed_ids = torch.cat([ids[0, :prefix], ids[:, prefix:][rows, cols]])[None]  # (1, L)
     positions = torch.cat([torch.arange(prefix, device=ids.device), cols + prefix])[None]
     rest = {k: v for k, v in kwargs.items() if k not in ("input_ids", "attention_mask", "use_cache")}
-    with segments(body, segments_of(rows, prefix)):  # attention computes only the blocks the mask lets through
+    with segments(
+        body, segments_of(rows, prefix)
+    ):  # attention computes only the blocks the mask lets through
         out = body(
             input_ids=packed_ids,
             attention_mask=allowed.to(ids.device)[None, None],
