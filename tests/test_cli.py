@@ -243,3 +243,22 @@ def test_a_missing_or_doubled_adapter_is_a_usage_error(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(argv)
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_run_exits_with_mains_code_after_the_exit_handlers_and_a_flush():
+    """`cli.run` (the console script) ends with os._exit: exit handlers must still run and buffered output
+    reach the pipe, and the exit status is main's."""
+    script = (
+        "import atexit, sys\n"
+        "from peftkit import cli\n"
+        "atexit.register(lambda: print('handler ran'))\n"
+        "print('x' * 100000, end='')\n"  # buffered (stdout is a pipe) when run() exits
+        "sys.argv = ['peftkit', 'info', '/nonexistent/adapter']\n"
+        "cli.run()\n"
+        "print('after run')\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 1
+    assert done.stdout == "x" * 100000 + "handler ran\n"
+    assert done.stderr.strip().splitlines()[-1].startswith("peftkit info: error: not an adapter folder")

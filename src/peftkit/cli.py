@@ -8,7 +8,10 @@ that raised it; ``--debug`` shows the traceback instead. Every command takes an 
 from __future__ import annotations
 
 import argparse
+import atexit
+import os
 import sys
+import threading
 import traceback
 from pathlib import Path
 
@@ -313,5 +316,26 @@ def _one_line(e: BaseException) -> str:
     return text or type(e).__name__
 
 
+def run() -> None:
+    """Console-script entry point (``peftkit``, ``python -m peftkit.cli``): `main`, then a quick exit.
+
+    When `main` returns, every file is written and closed. CPython's own teardown afterwards (freeing torch's
+    and transformers' modules and the model's tensors one object at a time) took 1.2-1.4 s after a
+    `peftkit train` on this 2-core machine, all of it after the exit handlers (14 ms). So the exit handlers run,
+    non-daemon threads are joined and stdout/stderr flushed, as at a normal exit, and the process then ends
+    with `os._exit`, leaving the memory to the kernel."""
+    code = main()
+    atexit._run_exitfuncs()
+    for thread in threading.enumerate():
+        if thread is not threading.current_thread() and not thread.daemon:
+            thread.join()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe: nothing left to write to
+            pass
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()
