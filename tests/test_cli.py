@@ -258,7 +258,9 @@ def test_run_exits_with_mains_code_after_the_exit_handlers_and_a_flush():
         "print('after run')\n"
     )
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120
+    )
     assert done.returncode == 1
     assert done.stdout == "x" * 100000 + "handler ran\n"
     assert done.stderr.strip().splitlines()[-1].startswith("peftkit info: error: not an adapter folder")

@@ -389,6 +389,31 @@ def test_fast_path_repeats_equal_rows_alone_and_follows_grad_mode(monkeypatch):
             torch.testing.assert_close(again[i : i + 1], _alone(model, name, row), atol=1e-5, rtol=1e-5)
 
 
+def test_fast_path_weight_layout_follows_the_decode_rule(monkeypatch):
+    """The base weight the fast path multiplies by is an (in, out)-contiguous copy from IN_MAJOR_ROWS rows on,
+    the transposed view below (`inference_fold.decodes_in_major`, the rule the LoRA fold follows too)."""
+    from peftkit import inference_fold
+    from peftkit.functional import segmented
+    from peftkit.mixed_batch import mixed_adapters
+
+    copies = []
+    real = segmented.blocked_linear_lora
+    monkeypatch.setattr(
+        "peftkit.mixed_batch.blocked_linear_lora",
+        lambda x, wt, *a: copies.append((x.shape[0], wt.is_contiguous())) or real(x, wt, *a),
+    )
+    model = _llama_with(CONFIG_SETS["lora-ranks-targets"])
+    inputs = _block_inputs()
+    for rows, names in ((8, BLOCK_NAMES), (2, ["a", "b"])):
+        part = {k: v[:rows] for k, v in inputs.items()}
+        with mixed_adapters(model, names), torch.no_grad():
+            model(**part)
+            model(**part)  # the second call of a batch size takes the fast path
+    assert {rows for rows, _ in copies} == {8, 2}
+    assert 2 < inference_fold.IN_MAJOR_ROWS <= 8  # the two batch sizes fall on either side
+    assert all(contiguous == (rows >= inference_fold.IN_MAJOR_ROWS) for rows, contiguous in copies)
+
+
 def test_fast_path_sees_adapter_changes_between_calls(monkeypatch):
     """The fast path is per call: after an in-place update of an adapter (an optimizer step) or with another
     assignment of adapters to rows, the next mixed generate equals each row alone with the new weights."""

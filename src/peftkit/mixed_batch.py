@@ -29,7 +29,7 @@ from .functional.segmented import (
     segmented_lora,
 )
 from .generate_settings import settings
-from .inference_fold import has_room
+from .inference_fold import decodes_in_major, has_room
 from .modules_to_save import ModulesToSaveWrapper
 from .tuners.base import AdapterLayer
 
@@ -179,12 +179,12 @@ def _fast_ok(layer: Any, plan: RowPlan, x: torch.Tensor) -> bool:
 
 
 def _fast_entry(layer: Any, plan: RowPlan, rows: int) -> tuple:
-    """(weight^T (in, out), bias, At, Bt) for `blocked_linear_lora`. On the CPU weight^T is a contiguous copy
-    for this call when there is room (`inference_fold.has_room`): MKL multiplies the decode-size product
-    x (rows, in) @ W^T ~20% faster from an (in, out) matrix than from the transposed view F.linear uses."""
+    """(weight^T (in, out), bias, At, Bt) for `blocked_linear_lora`. weight^T is a contiguous copy for this call
+    when a decode step of `rows` rows multiplies faster from it (`inference_fold.decodes_in_major`, the rule
+    the LoRA fold's layout follows) and there is room (`inference_fold.has_room`); else the transposed view."""
     w = layer.base_layer.weight.detach()
     wt = w.T
-    if w.device.type == "cpu" and has_room(w.numel() * w.element_size(), w.device):
+    if decodes_in_major(rows, w.device) and has_room(w.numel() * w.element_size(), w.device):
         wt = wt.contiguous()
     return (wt, layer.base_layer.bias, *plan.block_stack(layer, rows))
 
