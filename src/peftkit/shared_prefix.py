@@ -131,12 +131,14 @@ def packed_layout(keep: torch.Tensor, prefix: int) -> tuple[torch.Tensor, torch.
 
 
 # Up to this packed length one pass over [prefix | every row's suffix] beats the prefix pass + the batched
-# suffix pass (one decoder call instead of two: the ~70 ops per layer and their backward run once), while the
-# (L, L) attention, mostly masked, grows as the square of the rows. Measured forward + backward per step on
-# SmolLM2-135M LoRA all-linear with the bundled data (66-token prefix, ~39-token suffixes), packed / two
-# passes: 8 rows (L ~380) 0.89 (2 threads) and 0.87 (1 thread); 12 rows (~530) 1.02; 16 rows (~690) 0.92;
-# 24 rows (~1000) 1.22. Noisy machine: the limit stays where the gain was seen every time.
-PACK_MAX = 512
+# suffix pass (one decoder call instead of two: the ~70 ops per layer and their backward run once). Its
+# attention computes only the blocks the mask lets through (`packed_attention`), so it grows with the rows, not
+# their square. Measured forward + backward per step on SmolLM2-135M LoRA all-linear with the bundled data
+# (66-token prefix, ~39-token suffixes), packed / two passes, 2 threads, same batches alternating
+# (benchmarks-style A/B, 2026-11-30): 8 rows (L ~380) 0.92; 12 (~490) 0.86; 16 (~740) 0.84; 24 (~1100) 0.90;
+# 32 (~1220) 1.05. (With SDPA over the whole (L, L) mask it was 1.02 at 12 rows and 1.22 at 24, and the limit
+# was 512.)
+PACK_MAX = 1024
 _PACKABLE_ATTENTION = ("sdpa", "peftkit_sdpa")  # implementations that read a 4-D bool mask as "may attend"
 
 
