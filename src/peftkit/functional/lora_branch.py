@@ -41,7 +41,9 @@ class _LoraBranch(torch.autograd.Function):
         x, A, B, h, mask = ctx.saved_tensors
         need_x, need_A, need_B = ctx.needs_input_grad[1:4]
         g2 = g.reshape(-1, g.shape[-1])  # (N, o)
-        grad_B = g2.T @ h if need_B else None  # (o, r)
+        # (h.T @ g).T, not g.T @ h: the same product, 3-5x faster from MKL at N ~ 400 on SmolLM2's shapes
+        # (e.g. 31 vs 179 us for down_proj's (576, 8))
+        grad_B = (h.T @ g2).T if need_B else None  # (o, r)
         gh = (g2 @ B).mul_(ctx.scaling) if (need_x or need_A) else None  # (N, r)
         grad_A = gh.T @ _dropped(x, mask, ctx.p).reshape(-1, x.shape[-1]) if need_A else None  # (r, i)
         grad_x = _dropped((gh @ A).view(x.shape), mask, ctx.p) if need_x else None  # like x
