@@ -14,7 +14,7 @@ same attention runs in two parts:
 Measured on one SmolLM2-135M layer (H=9, KV=3, D=64; P=66, 8 suffixes of 30-45 tokens, L=362; 2 threads),
 forward + backward: 7.0-9.1 ms against 11.6-12.9 ms for SDPA with the packed mask (flash kernel); the
 segmented SDPA (flash kernel on the padded suffixes) was no faster (13.5 ms): its per-block overhead dominates
-at these sizes. CPU only; elsewhere the fused kernels are left to do their job.
+at these sizes. CPU fp32 only (what was measured); other devices and dtypes keep SDPA with the packed mask.
 
 The outputs are put back in packed order, so the result equals SDPA with the packed mask up to fp32 summation
 order (each query sees exactly the same keys), and so do the gradients, which flow back through the gathers.
@@ -96,6 +96,7 @@ def _applies(
         s is not None
         and is_causal is not False
         and query.device.type == "cpu"
+        and query.dtype == torch.float32
         and dropout == 0.0
         and query.shape[0] == 1
         and s.length > s.prefix
@@ -162,8 +163,8 @@ def packed_attention_forward(
     # (S ~ 40) they are faster here than the fused SDPA kernels, whose per-block overhead dominates.
     grouped = rows_of(query).reshape(b, kv, groups * width, d)
     scores = torch.matmul(grouped, with_prefix(key).transpose(-1, -2)).view(b, kv, groups, width, p + width)
-    scores = scores * scale + s.bias.to(scores.dtype)  # (B, KV, groups, S, P + S)
-    weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    scores = scores * scale + s.bias  # (B, KV, groups, S, P + S)
+    weights = torch.softmax(scores, dim=-1)
     tail = torch.matmul(weights.view(b, kv, groups * width, p + width), with_prefix(value))  # (B, KV, g*S, D)
     tail = tail.view(b, h, width, d).transpose(1, 2).reshape(b * width, h, d).index_select(0, s.order)
     return torch.cat([head[0].transpose(0, 1), tail])[None], None
@@ -174,15 +175,20 @@ AttentionMaskInterface.register(NAME, sdpa_mask)
 
 
 @contextmanager
-def segments(body: nn.Module, layout: Segments) -> Iterator[None]:
-    """Within: `body`'s sdpa configs use the packed attention for calls of the layout's length."""
+def segments(body: nn.Module, rows: torch.Tensor, prefix: int) -> Iterator[None]:
+    """Within: `body`'s sdpa configs use the packed attention for calls of the packed length, when the packed
+    sequence's suffix tokens belong to batch rows ``rows`` (n,) after a ``prefix``-token prefix (on the CPU;
+    elsewhere nothing changes)."""
     global _active
+    if rows.device.type != "cpu":
+        yield
+        return
     switched = [
         (c, c._attn_implementation_internal)
         for c in configs_of(body)
         if getattr(c, "_attn_implementation_internal", None) in _SWITCHED_FROM
     ]
-    previous, _active = _active, layout
+    previous, _active = _active, segments_of(rows, prefix)
     for config, _ in switched:
         config._attn_implementation_internal = NAME
     try:

@@ -32,7 +32,7 @@ from torch import nn
 from transformers.cache_utils import DynamicLayer
 
 from .hf_compat import CACHE_KEY
-from .packed_attention import segments, segments_of
+from .packed_attention import segments
 
 IGNORE_INDEX = -100
 MIN_PREFIX = 8
@@ -161,9 +161,7 @@ def _run_packed(body: nn.Module, kwargs: dict[str, Any], prefix: int) -> torch.T
     packed_ids = torch.cat([ids[0, :prefix], ids[:, prefix:][rows, cols]])[None]  # (1, L)
     positions = torch.cat([torch.arange(prefix, device=ids.device), cols + prefix])[None]
     rest = {k: v for k, v in kwargs.items() if k not in ("input_ids", "attention_mask", "use_cache")}
-    with segments(
-        body, segments_of(rows, prefix)
-    ):  # attention computes only the blocks the mask lets through
+    with segments(body, rows, prefix):  # the attention computes only the blocks the mask lets through
         out = body(
             input_ids=packed_ids,
             attention_mask=allowed.to(ids.device)[None, None],
