@@ -3,11 +3,16 @@ generation on SmolLM2-135M (benchmarks/flops.py), the fraction of that floor pef
 rest of the time goes (profile table: matmul / attention / elementwise / Python overhead).
 
     python benchmarks/floor.py [--threads 2] [--batch 8] [--seq 128] [--gen-rows 32] [--new-tokens 64]
+                               [--no-default-step]
 
 Model: SmolLM2-135M architecture, fp32, seeded random weights (no download), LoRA r=16 on every linear layer
-(peftkit), labels on the second half of each row. Profile buckets (torch.profiler self CPU time of aten ops):
-matmul = mm/addmm/bmm/linear/matmul/baddbmm; attention = scaled_dot_product_* kernels; elementwise = every
-other aten op; Python overhead = wall time of the profiled call minus all aten self time.
+(peftkit), labels on the second half of each row. A third row is the step `peftkit train` runs with no
+arguments: the embedded SmolLM2-135M-Instruct, LoRA r=8 alpha 16 on every linear layer, a batch of 8 bundled
+rows (their 66-token shared opening run once, packed with the rows' own tokens), labels on the responses.
+Profile buckets (torch.profiler self CPU time of aten ops): matmul = mm/addmm/linear/matmul; attention =
+scaled_dot_product_* kernels, and bmm/baddbmm and softmax (in these models only attention uses them: the
+packed attention's grouped products); elementwise = every other aten op; Python overhead = wall time of the
+profiled call minus all aten self time.
 """
 
 from __future__ import annotations
@@ -22,15 +27,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from flops import fraction, gemm_peak, generate_flops, train_step_flops  # noqa: E402
 
-MATMUL = (
-    "aten::mm",
-    "aten::addmm",
-    "aten::bmm",
-    "aten::baddbmm",
-    "aten::linear",
-    "aten::matmul",
-    "aten::addmm_",
-)
+MATMUL = ("aten::mm", "aten::addmm", "aten::linear", "aten::matmul", "aten::addmm_")
+ATTENTION = ("aten::bmm", "aten::baddbmm", "aten::_softmax", "aten::_softmax_backward_data")
 
 
 def smollm2(seed: int = 0):
@@ -65,7 +63,7 @@ def profile(fn) -> dict[str, float]:
         s = e.self_cpu_time_total / 1e6
         if e.key in MATMUL:
             buckets["matmul"] += s
-        elif "scaled_dot_product" in e.key or "attention" in e.key:
+        elif "scaled_dot_product" in e.key or "attention" in e.key or e.key in ATTENTION:
             buckets["attention"] += s
         else:
             buckets["elementwise"] += s
@@ -83,6 +81,9 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=100)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--r", type=int, default=16)
+    ap.add_argument(
+        "--no-default-step", action="store_true", help="skip the `peftkit train` default step row"
+    )
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     import peftkit
@@ -121,8 +122,12 @@ def main() -> None:
                 pad_token_id=0,
             )
 
+    cases = []
+    if not a.no_default_step:
+        cases.append(default_step())
     rows = []
     for name, fn, flops in (
+        *cases,
         (
             f"LoRA train step {a.batch}x{a.seq}",
             step,
@@ -155,6 +160,42 @@ def main() -> None:
             f"| {name} | {b['matmul'] / w:.0%} | {b['attention'] / w:.0%} | {b['elementwise'] / w:.0%} | "
             f"{b['python overhead'] / w:.0%} |"
         )
+
+
+def default_step():
+    """(name, step function, matmul FLOPs) of the training step `peftkit train` runs with no arguments."""
+    from peftkit.train import loop
+    from peftkit.train.data import collate, tokenize_all
+    from peftkit.train.options import TrainOptions
+
+    o = TrainOptions()
+    torch.manual_seed(o.seed)
+    train_rows, _ = loop.load_data(o)
+    base, tokenizer, _ = loop.load_model_and_tokenizer(o.model, False, o.quantize)
+    items = tokenize_all(tokenizer, train_rows, o.max_length, "training")
+    model = loop.wrap_model(base, o, None, 50)
+    batch = collate(
+        [items[i] for i in next(loop.micro_batches([len(t.input_ids) for t in items], o.batch_size, o.seed))],
+        tokenizer.pad_token_id,
+    )
+    ids = batch["input_ids"]
+    prefix = 0
+    while prefix < ids.shape[1] and bool((ids[:, prefix] == ids[0, prefix]).all()):
+        prefix += 1
+    own = batch["attention_mask"][:, prefix:].sum(1).float()  # each row's tokens after the shared opening
+    tokens = prefix + int(own.sum())
+    context = (prefix * prefix / 2 + float((own * (prefix + own / 2)).sum())) / tokens  # keys per query
+    labelled = int((batch["labels"][:, 1:] != -100).sum())
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=o.lr)
+
+    def step():
+        model.train()
+        model(**batch).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    flops = train_step_flops(model.get_base_model().config, tokens, context, labelled, o.r)
+    return f"`peftkit train` default step (8 rows, {tokens} tokens packed)", step, flops
 
 
 if __name__ == "__main__":
