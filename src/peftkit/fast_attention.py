@@ -22,20 +22,15 @@ from __future__ import annotations
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
 
 import torch
 from torch import nn
-from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from .attention_functions import Call, register, unusual
 from .functional.causal_attention import blocked_causal_attention
 from .hf_compat import configs_of
 
 NAME = "peftkit_sdpa"
-# kwargs the attention function may receive that sdpa (and so the blocked kernel) ignores
-_IGNORED_KWARGS = frozenset({"position_ids", "cache_position", "use_cache", "num_items_in_batch"})
 _enabled = False
 
 
@@ -82,23 +77,15 @@ def _mask_within_causal(mask: torch.Tensor) -> bool:
     return answer
 
 
-def _blocked_applies(
-    module: nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    dropout: float,
-    is_causal: bool | None,
-    kwargs: dict[str, Any],
-) -> bool:
+def _blocked_applies(call: Call) -> bool:
     """Whether the blocked kernel computes exactly what `sdpa_attention_forward` would, and is faster."""
+    module, query, key, value, attention_mask, dropout, is_causal, kwargs = call
     if query.device.type != "cpu" or query.dtype != torch.float32 or dropout != 0.0:
         return False
     if not (torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)):
         return False
-    if any(v is not None and v is not False for k, v in kwargs.items() if k not in _IGNORED_KWARGS):
-        return False  # softcap, sliding_window, sinks, position_bias, output_attentions, anything new
+    if unusual(kwargs):
+        return False
     if is_causal is False or getattr(module, "is_causal", False) is not True:
         return False
     b, h, t, d = query.shape
@@ -120,37 +107,15 @@ def _blocked_applies(
     )
 
 
-def peftkit_sdpa_attention_forward(
-    module: nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    dropout: float = 0.0,
-    scaling: float | None = None,
-    is_causal: bool | None = None,
-    **kwargs: Any,
-) -> tuple[torch.Tensor, None]:
-    """transformers attention function: query (B, H, T, D), key / value (B, KV, S, D) -> ((B, T, H, D), None)."""
-    if not _blocked_applies(module, query, key, value, attention_mask, dropout, is_causal, kwargs):
-        return sdpa_attention_forward(
-            module,
-            query,
-            key,
-            value,
-            attention_mask,
-            dropout=dropout,
-            scaling=scaling,
-            is_causal=is_causal,
-            **kwargs,
-        )
-    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    out = blocked_causal_attention(query, key, value, scale, attention_mask, block_size(query.shape[2]))
-    return out.transpose(1, 2).contiguous(), None
+def _blocked(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None, scale: float
+) -> torch.Tensor:
+    """query (B, H, T, D), key / value (B, KV, S, D) -> (B, T, H, D) by the blocked causal kernel."""
+    out = blocked_causal_attention(query, key, value, scale, mask, block_size(query.shape[2]))
+    return out.transpose(1, 2).contiguous()
 
 
-AttentionInterface.register(NAME, peftkit_sdpa_attention_forward)
-AttentionMaskInterface.register(NAME, sdpa_mask)
+peftkit_sdpa_attention_forward = register(NAME, _blocked_applies, _blocked)
 
 
 def _checkpointing(base: nn.Module) -> bool:

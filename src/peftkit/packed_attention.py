@@ -29,21 +29,16 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from .attention_functions import Call, register, unusual
 from .hf_compat import config_tree
 
 NAME = "peftkit_packed"
 _SWITCHED_FROM = ("sdpa", "peftkit_sdpa")
-# kwargs the attention function may receive that plain sdpa ignores as well
-_IGNORED_KWARGS = frozenset({"position_ids", "cache_position", "use_cache", "num_items_in_batch"})
 
 
 @dataclass(frozen=True)
@@ -88,22 +83,20 @@ def segments_of(rows: torch.Tensor, prefix: int) -> Segments:
 _active: Segments | None = None
 
 
-def _applies(
-    query: torch.Tensor, key: torch.Tensor, dropout: float, is_causal: bool | None, kwargs: dict[str, Any]
-) -> bool:
+def _applies(c: Call) -> bool:
     s = _active
     return (
         s is not None
-        and is_causal is not False
-        and query.device.type == "cpu"
-        and query.dtype == torch.float32
-        and dropout == 0.0
-        and query.shape[0] == 1
+        and c.is_causal is not False
+        and c.query.device.type == "cpu"
+        and c.query.dtype == torch.float32
+        and c.dropout == 0.0
+        and c.query.shape[0] == 1
         and s.length > s.prefix
-        and query.shape[2] == s.length
-        and key.shape[2] == s.length
-        and query.shape[1] % key.shape[1] == 0
-        and not any(v is not None and v is not False for k, v in kwargs.items() if k not in _IGNORED_KWARGS)
+        and c.query.shape[2] == s.length
+        and c.key.shape[2] == s.length
+        and c.query.shape[1] % c.key.shape[1] == 0
+        and not unusual(c.kwargs)
     )
 
 
@@ -115,34 +108,14 @@ def _heads(x: torch.Tensor, groups: int) -> torch.Tensor:
     return x[:, :, None].expand(b, kv, groups, t, d).reshape(b, kv * groups, t, d)
 
 
-def packed_attention_forward(
-    module: nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    dropout: float = 0.0,
-    scaling: float | None = None,
-    is_causal: bool | None = None,
-    **kwargs: Any,
-) -> tuple[torch.Tensor, None]:
-    """transformers attention function: query (1, H, L, D), key / value (1, KV, L, D) -> ((1, L, H, D), None)."""
-    if not _applies(query, key, dropout, is_causal, kwargs):
-        return sdpa_attention_forward(
-            module,
-            query,
-            key,
-            value,
-            attention_mask,
-            dropout=dropout,
-            scaling=scaling,
-            is_causal=is_causal,
-            **kwargs,
-        )
+def _segmented(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None, scale: float
+) -> torch.Tensor:
+    """query (1, H, L, D), key / value (1, KV, L, D) of the active packed layout -> (1, L, H, D)."""
     s = _active
     p, (b, width) = s.prefix, s.index.shape
     h, kv, d = query.shape[1], key.shape[1], query.shape[-1]
-    groups, scale = h // kv, scaling if scaling is not None else d**-0.5
+    groups = h // kv
     head = F.scaled_dot_product_attention(
         query[:, :, :p],
         _heads(key[:, :, :p], groups),
@@ -167,11 +140,10 @@ def packed_attention_forward(
     weights = torch.softmax(scores, dim=-1)
     tail = torch.matmul(weights.view(b, kv, groups * width, p + width), with_prefix(value))  # (B, KV, g*S, D)
     tail = tail.view(b, h, width, d).transpose(1, 2).reshape(b * width, h, d).index_select(0, s.order)
-    return torch.cat([head[0].transpose(0, 1), tail])[None], None
+    return torch.cat([head[0].transpose(0, 1), tail])[None]
 
 
-AttentionInterface.register(NAME, packed_attention_forward)
-AttentionMaskInterface.register(NAME, sdpa_mask)
+packed_attention_forward = register(NAME, _applies, _segmented)
 
 
 @contextmanager

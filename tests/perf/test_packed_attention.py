@@ -7,6 +7,7 @@ import pytest
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from peftkit import attention_functions
 from peftkit import packed_attention as pa
 from peftkit import shared_prefix as sp
 
@@ -60,7 +61,8 @@ def test_other_lengths_and_inactive_fall_back_to_sdpa(monkeypatch):
     q, k, v = _qkv(6, 4, 2)
     calls = []
     monkeypatch.setattr(
-        pa, "sdpa_attention_forward", lambda *a, **kw: calls.append(a[1].shape[2]) or (None, None)
+        "peftkit.attention_functions.sdpa_attention_forward",
+        lambda *a, **kw: calls.append(a[1].shape[2]) or (None, None),
     )
     pa.packed_attention_forward(_Attention(2), q, k, v, None)  # nothing active
     pa._active = pa.segments_of(rows, prefix=4)  # length 7, not 6
@@ -77,14 +79,20 @@ def test_packed_training_forward_runs_it_in_every_layer(monkeypatch):
     from tests.perf.test_shared_prefix import _batch, _lora
 
     model = _lora(tiny_llama())
-    used = []
+    used, fallbacks = [], []
     real = pa.packed_attention_forward
 
-    def counting(module, query, *args, **kwargs):
-        used.append(pa._applies(query, args[0], kwargs.get("dropout", 0.0), kwargs.get("is_causal"), {}))
-        return real(module, query, *args, **kwargs)
+    def counting(module, query, key, value, mask, **kwargs):
+        call = attention_functions.Call(
+            module, query, key, value, mask, kwargs.get("dropout", 0.0), kwargs.get("is_causal"), {}
+        )
+        used.append(pa._applies(call))
+        return real(module, query, key, value, mask, **kwargs)
 
-    monkeypatch.setitem(pa.AttentionInterface._global_mapping, pa.NAME, counting)
+    monkeypatch.setitem(attention_functions.AttentionInterface._global_mapping, pa.NAME, counting)
+    monkeypatch.setattr(
+        "peftkit.attention_functions.sdpa_attention_forward", lambda *a, **kw: fallbacks.append(1)
+    )
     model(**_batch()).loss.backward()
-    assert used == [True] * model.config.num_hidden_layers
+    assert used == [True] * model.config.num_hidden_layers and not fallbacks
     assert model.config._attn_implementation == "sdpa"  # switched back after the call
