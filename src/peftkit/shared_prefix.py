@@ -5,7 +5,8 @@ fixed instruction, the Alpaca header. In a causal model those positions' hidden 
 tokens before them, so for a batch whose rows agree on their first P tokens the decoder computes the same
 thing B times. Here the prefix runs once: when the whole batch packs into at most `PACK_MAX` tokens, as one
 sequence [prefix | row 0's suffix | row 1's suffix | ...] with a mask that lets each suffix see the prefix
-and its own earlier tokens at their original positions (`packed_layout`: one decoder call); otherwise with
+and its own earlier tokens at their original positions (`packed_layout`: one decoder call, whose attention
+computes only those blocks on the CPU: `packed_attention`); otherwise with
 batch 1, its keys and values broadcast to the B rows as a KV cache (a view, no copies), and the rows run
 only their own suffix on top of it. Either way autograd sums the rows' gradients into the one prefix, which
 is what the B identical copies would have received, so the loss and every gradient equal the plain
