@@ -12,14 +12,14 @@ same attention runs in two parts:
   matmuls and a softmax, the query heads grouped under their key/value head.
 
 Measured on one SmolLM2-135M layer (H=9, KV=3, D=64; P=66, 8 suffixes of 30-45 tokens, L=362; 2 threads),
-forward + backward: 7.0-9.1 ms against 11.6-12.9 ms for SDPA with the packed mask (flash kernel); the
+forward + backward: 7.0-9.1 ms against 10.8-12.9 ms for SDPA with the packed mask (flash kernel); the
 segmented SDPA (flash kernel on the padded suffixes) was no faster (13.5 ms): its per-block overhead dominates
 at these sizes. CPU fp32 only (what was measured); other devices and dtypes keep SDPA with the packed mask.
 
 The outputs are put back in packed order, so the result equals SDPA with the packed mask up to fp32 summation
 order (each query sees exactly the same keys), and so do the gradients, which flow back through the gathers.
 
-Used only while `segments(body, layout)` is active, for the layers' attention calls whose query length is the
+Used only while `segments(body, rows, prefix)` is active, for the layers' attention calls whose query length is the
 layout's L; anything else (another length, dropout, an extra kwarg such as a sliding window or softcap) runs
 transformers' `sdpa_attention_forward` unchanged.
 """
