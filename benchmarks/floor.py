@@ -164,6 +164,7 @@ def main() -> None:
 
 def default_step():
     """(name, step function, matmul FLOPs) of the training step `peftkit train` runs with no arguments."""
+    from peftkit.shared_prefix import common_prefix_length
     from peftkit.train import loop
     from peftkit.train.data import collate, tokenize_all
     from peftkit.train.options import TrainOptions
@@ -178,10 +179,7 @@ def default_step():
         [items[i] for i in next(loop.micro_batches([len(t.input_ids) for t in items], o.batch_size, o.seed))],
         tokenizer.pad_token_id,
     )
-    ids = batch["input_ids"]
-    prefix = 0
-    while prefix < ids.shape[1] and bool((ids[:, prefix] == ids[0, prefix]).all()):
-        prefix += 1
+    prefix = common_prefix_length(batch["input_ids"], batch["attention_mask"], batch["labels"])  # as training
     own = batch["attention_mask"][:, prefix:].sum(1).float()  # each row's tokens after the shared opening
     tokens = prefix + int(own.sum())
     context = (prefix * prefix / 2 + float((own * (prefix + own / 2)).sum())) / tokens  # keys per query
@@ -195,7 +193,8 @@ def default_step():
         opt.zero_grad(set_to_none=True)
 
     flops = train_step_flops(model.get_base_model().config, tokens, context, labelled, o.r)
-    return f"`peftkit train` default step (8 rows, {tokens} tokens packed)", step, flops
+    rows = batch["input_ids"].shape[0]
+    return f"`peftkit train` default step ({rows} rows, {tokens} tokens packed)", step, flops
 
 
 if __name__ == "__main__":

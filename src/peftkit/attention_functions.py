@@ -47,8 +47,7 @@ Kernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None
 
 def register(name: str, applies: Applies, kernel: Kernel) -> Callable[..., tuple[torch.Tensor, None]]:
     """Register `name` with transformers: `kernel(query, key, value, attention_mask, scale)` -> (B, T, H, D)
-    where `applies(Call(...))`, sdpa elsewhere. Returns
-    the attention function."""
+    where `applies(Call(...))`, sdpa elsewhere. Returns the attention function."""
 
     def attention_forward(
         module: nn.Module,

@@ -2,7 +2,8 @@
 
 transformers 5.24 renamed the KV-cache argument and output field `past_key_values` -> `cache`; code that
 passes or reads a cache uses `CACHE_KEY` so it runs on both sides of the rename. `configs_of` finds every
-config (and sub-config) a model holds (`config_tree`: those below given configs), for code that switches their attention implementation for a call.
+config (and sub-config) a model holds (`config_tree`: those below given configs), for code that switches
+their attention implementation for a call.
 """
 
 from __future__ import annotations

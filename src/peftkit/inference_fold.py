@@ -153,7 +153,8 @@ def folded_weight(layer: Any, names: list[str], x: torch.Tensor) -> torch.Tensor
 
 
 # From this many rows in a decode step (one token per row) the CPU fold is stored (in, out)-contiguous and
-# F.linear gets its (out, in) view: MKL's small-M GEMM is much faster from that layout. Measured on SmolLM2's shapes (2 threads, one decoder layer's 7 products, us):
+# F.linear gets its (out, in) view: MKL's small-M GEMM is much faster from that layout. Measured on SmolLM2's
+# shapes (2 threads, one decoder layer's 7 products, us):
 # 1 row 358 (out, in) vs 424 (in, out); 2 rows 552 vs 615; 4 rows 1649 vs 578; 8 1734 vs 694; 16 3361 vs 776;
 # 32 4025 vs 1586; 64 2872 vs 2834; 3200 (a prefill) 107543 vs 108743. A prefill takes the fold as it is; a
 # decode step that wants the other layout rebuilds it (once per change of batch class).

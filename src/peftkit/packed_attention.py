@@ -19,8 +19,8 @@ at these sizes. CPU fp32 only (what was measured); other devices and dtypes keep
 The outputs are put back in packed order, so the result equals SDPA with the packed mask up to fp32 summation
 order (each query sees exactly the same keys), and so do the gradients, which flow back through the gathers.
 
-Used only while `segments(body, rows, prefix)` is active, for the layers' attention calls whose query length is the
-layout's L; anything else (another length, dropout, an extra kwarg such as a sliding window or softcap) runs
+Used only while `segments(body, rows, prefix)` is active, for the layers' attention calls whose query length
+is the layout's L; anything else (another length, dropout, an extra kwarg such as a sliding window or softcap) runs
 transformers' `sdpa_attention_forward` unchanged.
 """
 
