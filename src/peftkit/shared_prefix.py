@@ -26,6 +26,7 @@ Switch off: `peftkit.set_shared_prefix(False)` for every model, or `model.shared
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -113,8 +114,33 @@ def _broadcast_cache(cache: Any, batch: int) -> bool:
 def prefix_cache(module: nn.Module, prefix_ids: torch.Tensor, rows: int) -> Any:
     """Run `module` (a decoder body or a causal LM) once on prefix_ids (1, P) and return its KV cache
     broadcast to `rows` rows, or None if the cache is not made of plain full-length layers."""
-    cache = getattr(module(input_ids=prefix_ids, use_cache=True), CACHE_KEY, None)
-    return cache if cache is not None and _broadcast_cache(cache, rows) else None
+    return Opening(module, prefix_ids).cache_for(rows)
+
+
+class Opening:
+    """The KV cache of an opening (1, P) run once through `module`, handed out as a fresh cache per batch.
+
+    Evaluation runs many batches after one opening (the chat template, the system prompt, the task's fixed
+    instruction): each batch gets its own cache object whose layers start as views of the one stored
+    (1, kv_heads, P, head_dim) keys/values broadcast to its rows. A batch's forward replaces its layers'
+    tensors (the cache grows by concatenation, is cut back and row-selected into new tensors), never writes
+    into them, so the stored opening stays as it was for the next batch."""
+
+    def __init__(self, module: nn.Module, prefix_ids: torch.Tensor):
+        self.length = prefix_ids.shape[1]
+        self._cache = getattr(module(input_ids=prefix_ids, use_cache=True), CACHE_KEY, None)
+
+    def cache_for(self, rows: int) -> Any:
+        """A cache holding the opening for `rows` rows, or None if it is not made of plain full-length
+        layers (the caller then runs the whole prompts)."""
+        if self._cache is None:
+            return None
+        cache = copy.copy(self._cache)  # a new cache object and layer objects; the tensors are not copied
+        layers = getattr(cache, "layers", None)
+        if not isinstance(layers, list):
+            return None
+        cache.layers = [copy.copy(layer) for layer in layers]
+        return cache if _broadcast_cache(cache, rows) else None
 
 
 def packed_layout(keep: torch.Tensor, prefix: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

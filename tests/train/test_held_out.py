@@ -7,6 +7,7 @@ import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import peftkit
+from peftkit.hf_compat import CACHE_KEY
 from peftkit.train import evaluate as ev
 from peftkit.train.data import Example, encode_prompt, tokenize_all
 from peftkit.train.held_out import held_out
@@ -45,9 +46,21 @@ def test_one_pass_equals_separate_loss_and_exact_match(tiny_chat_model, wrap, mo
     hook = model.get_output_embeddings().register_forward_hook(  # sees the input after pre-hooks
         lambda m, args, out: head_inputs.append(args[0].is_contiguous()) if args[0].shape[0] > 1 else None
     )
+    body = (model.get_base_model() if wrap in ("lora", "prompt_tuning") else model).model
+    calls = []  # (rows, tokens) of each decoder call on input_ids that starts from no cache
+
+    def fresh_starts(module, args, kwargs):
+        if kwargs.get(CACHE_KEY) is None and kwargs.get("input_ids") is not None:
+            calls.append(tuple(kwargs["input_ids"].shape))
+
+    start = body.register_forward_pre_hook(fresh_starts, with_kwargs=True)
     loss, em = held_out(model, tok, rows, max_length, max_new_tokens=5, batch_size=4, n_samples=3)
     hook.remove()
+    start.remove()
     assert head_inputs and all(head_inputs)
+    if wrap in (None, "lora"):  # the shared opening ran once, batch 1, for all 4 batches (3 + the samples)
+        shared = ev._shared_prompt_length(model, [encode_prompt(tok, e) for e in rows])
+        assert shared >= 8 and calls == [(1, shared)]
     if wrap == "lora":  # the pass ran every LoRA layer folded (inference_fold), built once for all batches
         from peftkit.inference_fold import is_folded
         from peftkit.tuners.lora_layers import LoraLinear

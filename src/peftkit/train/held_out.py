@@ -27,7 +27,7 @@ from transformers.cache_utils import DynamicLayer
 from peftkit.head_input import contiguous_head_input
 from peftkit.hf_compat import CACHE_KEY
 from peftkit.inference_fold import generating
-from peftkit.shared_prefix import prefix_cache
+from peftkit.shared_prefix import Opening
 from peftkit.train.data import Example, encode_prompt, tokenize
 from peftkit.train.evaluate import (
     _adds_virtual_tokens,
@@ -73,6 +73,9 @@ def held_out(
     # The weights cannot change during this pass: LoRA Linear layers run folded into one scratch weight each,
     # built once for every batch (inference_fold), and the head takes its sliced input as one GEMM (head_input).
     with generating(), contiguous_head_input(model):
+        # the opening every prompt shares (chat template, system prompt, instruction) runs once for all batches
+        shared = _shared_prompt_length(model, prompts)
+        opening = Opening(model, torch.tensor([prompts[0][:shared]])) if shared else None
         for chunk in eval_chunks(prompts, shown, batch_size):
             refs = [None if i in shown else examples[i].response for i in chunk]
             texts, loss_sum, n = _batch(
@@ -82,6 +85,7 @@ def held_out(
                 [responses[i] for i in chunk],
                 refs,
                 max_new_tokens,
+                opening,
             )
             outputs.update((i, t.strip()) for i, t in zip(chunk, texts))
             total, count = total + loss_sum, count + n
@@ -97,13 +101,12 @@ def _plain_cache(cache) -> bool:
     return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
 
 
-def _batch(model, tokenizer, prompts, responses, refs, max_new_tokens):
-    """One batch: (generated texts, summed response-token loss, number of response tokens)."""
+def _batch(model, tokenizer, prompts, responses, refs, max_new_tokens, opening: Opening | None):
+    """One batch: (generated texts, summed response-token loss, number of response tokens). ``opening``: the
+    KV cache of the tokens every prompt starts with (None: each prompt runs whole)."""
     pad_id = tokenizer.pad_token_id
-    shared = _shared_prompt_length(model, prompts)
-    cache = prefix_cache(model, torch.tensor([prompts[0][:shared]]), len(prompts)) if shared else None
-    if cache is None:
-        shared = 0
+    cache = opening.cache_for(len(prompts)) if opening is not None else None
+    shared = opening.length if cache is not None else 0
     width = max(len(p) for p in prompts) - shared  # own prompt columns, left padded
     tail = max(len(r) for r in responses)  # response columns, right padded
     ids, mask = [], []
