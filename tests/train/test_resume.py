@@ -217,3 +217,37 @@ def test_data_stream_resumed_at_a_position_is_the_tail_of_the_whole_stream(start
     lengths = [5, 9, 2, 7, 7, 3, 8, 1, 4, 6]  # 10 rows of batch 4: 3 batches per epoch, the last one short
     whole = list(itertools.islice(micro_batches(lengths, 4, seed=3), 12))
     assert list(itertools.islice(micro_batches(lengths, 4, seed=3, start=start), 12 - start)) == whole[start:]
+
+
+def test_adamw_runs_fused_where_every_parameter_allows_it():
+    import torch
+    from torch import nn
+
+    from peftkit.train.loop import fused_adamw
+
+    def params(device="cpu"):
+        torch.manual_seed(0)
+        ps = [
+            nn.Parameter(torch.randn(8, 16, device=device)),
+            nn.Parameter(torch.randn(32, 8, device=device)),
+        ]
+        for p in ps:
+            p.grad = torch.randn_like(p)
+        return ps
+
+    assert fused_adamw(params()) is True
+    assert fused_adamw(params() + params("meta")) is None  # a parameter fused AdamW cannot step
+    assert fused_adamw([nn.Parameter(torch.zeros(2, dtype=torch.float64)), *params()]) is True
+    assert fused_adamw([]) is None
+    plain, fused = params(), params()
+    steps = [
+        torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1, fused=fused_adamw(ps) if ps is fused else None)
+        for ps in (plain, fused)
+    ]
+    assert steps[1].defaults["fused"] and not steps[0].defaults["fused"]
+    start = [p.detach().clone() for p in plain]
+    for _ in range(3):
+        for opt in steps:
+            opt.step()
+    for a, b, a0 in zip(plain, fused, start):  # both moved, the same way
+        assert torch.allclose(a, b, atol=1e-6) and not torch.allclose(a, a0, atol=1e-3)

@@ -120,7 +120,7 @@ def _train(o: TrainOptions, progress: bool, say) -> dict:
     trainable, total = model.get_nb_trainable_parameters()
     # Sorted by name, so the optimizer state of a checkpoint maps onto the same tensors on resume.
     params = [p for _, p in sorted(model.named_parameters()) if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
+    optimizer = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay, fused=fused_adamw(params))
     # AdaLoRA reallocates ranks from the gradients of each step (after the update, before zeroing them)
     allocate = getattr(model.base_model, "update_and_allocate", None)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(o.scheduler, o.warmup, total_steps))
@@ -366,6 +366,17 @@ def wrap_model(base, o: TrainOptions, resume_from: Path | None, total_steps: int
         "total_steps": total_steps,
     }
     return peftkit.get_peft_model(base, build_peft_config(o.method, knobs))
+
+
+def fused_adamw(params: list[torch.Tensor]) -> bool | None:
+    """Whether AdamW runs its fused kernel (True) or torch's default (None): fused where every parameter is a
+    floating-point tensor on the CPU or a CUDA device. Measured on the default run's 420 LoRA tensors (2
+    threads): 5 ms per step instead of 23-25 ms, parameters equal to 1e-8 after 10 steps."""
+    ok = bool(params) and all(
+        type(p) is torch.nn.Parameter and p.is_floating_point() and p.device.type in ("cpu", "cuda")
+        for p in params
+    )
+    return True if ok else None
 
 
 def lr_factor(kind: str, warmup: int, total: int):
