@@ -148,3 +148,18 @@ def test_the_kill_hook_rejects_an_unknown_point(monkeypatch):
     monkeypatch.setenv(KILL_HOOK, "checkpoint:1")
     with pytest.raises(ValueError, match="checkpoint-write"):
         kill_point("forward")
+
+
+def test_weights_check_tells_inf_and_nan_from_huge_finite_weights(tmp_path):
+    from peftkit.train.errors import PeftkitError
+    from peftkit.train.loop import stop_if_weights_not_finite
+
+    ok = [torch.nn.Parameter(torch.randn(4, 8)), torch.nn.Parameter(torch.randn(16, 4))]
+    stop_if_weights_not_finite(ok, 3, 5, tmp_path)
+    huge = [*ok, torch.nn.Parameter(torch.full((4, 4), 1e30))]  # finite, but their squares overflow fp32
+    stop_if_weights_not_finite(huge, 3, 5, tmp_path)
+    for bad in (float("inf"), float("nan")):
+        broken = torch.randn(16, 4)
+        broken[5, 2] = bad
+        with pytest.raises(PeftkitError, match="step 3/5: its update made adapter weights inf/NaN"):
+            stop_if_weights_not_finite([*ok, torch.nn.Parameter(broken)], 3, 5, tmp_path)
