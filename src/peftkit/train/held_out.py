@@ -3,7 +3,7 @@
 `evaluate.eval_loss` runs prompt + response (teacher forced) and `evaluate.exact_match` runs the prompt again
 to generate from it; the prompt is ~80% of a row's tokens, so that is most of the evaluation twice. Here each
 batch of rows is laid out as [shared opening | pads | own prompt | response | pads] (the opening every prompt
-shares runs once with batch 1, as in `evaluate.generate_batch`); one forward gives the response-token loss from
+shares runs once with batch 1 for all the batches, `shared_prefix.Opening`); one forward gives the response-token loss from
 the logits of the last prompt token on, and its KV cache, cut back to the prompt, is where greedy generation
 continues, exactly as `generate_batch` would from its own prefill (positions from the attention mask, pads
 masked). Same rows, same metrics as the two separate calls (up to fp32 summation order), same early stop
