@@ -126,7 +126,7 @@ def fused_loss_forward(
     kwargs = {k: v for k, v in body_kwargs.items() if k not in _HEAD_ONLY_KWARGS and v is not None}
     num_items = kwargs.pop("num_items_in_batch", None)
     shared = prefix_length(model, body, kwargs, labels)
-    ran = run_with_shared_prefix(body, kwargs, shared) if shared else None
+    ran = run_with_shared_prefix(body, kwargs, shared, labels) if shared else None  # only the loss is kept
     if ran is None:
         out = body(**kwargs)
         hidden, cache = out.last_hidden_state, getattr(out, CACHE_KEY, None)

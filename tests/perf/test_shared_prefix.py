@@ -71,18 +71,34 @@ def test_equals_plain_forward(build, packed, prefix_calls, monkeypatch):
     calls = prefix_calls
     layouts = []
     real_layout = sp.packed_layout
-    monkeypatch.setattr(sp, "packed_layout", lambda *a: layouts.append(a[1]) or real_layout(*a))
+    # (prefix, tokens packed after it) of each packed pass
+    monkeypatch.setattr(
+        sp, "packed_layout", lambda *a: layouts.append((a[1], int(a[0].sum()))) or real_layout(*a)
+    )
     if not packed:  # longer than PACK_MAX: the prefix's KV cache broadcast to the batched suffixes
         monkeypatch.setattr(sp, "PACK_MAX", 0)
     loss_on, grads_on = _loss_and_grads(model, batch, True)
     assert calls == [10]  # 10 common tokens, the first label is at position 11
-    assert layouts == ([10] if packed else [])
+    # each row's own tokens but its last, which predicts no label (suffixes of 6, 9 and 4 tokens)
+    assert layouts == ([(10, 5 + 8 + 3)] if packed else [])
     loss_off, grads_off = _loss_and_grads(model, batch, False)
     assert len(calls) == 1
     torch.testing.assert_close(loss_on, loss_off, atol=1e-6, rtol=1e-5)
     assert grads_on.keys() == grads_off.keys() and grads_on
     for name in grads_on:
         torch.testing.assert_close(grads_on[name], grads_off[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_feeds_a_label_is_every_position_before_the_rows_last_label():
+    labels = torch.tensor(
+        [
+            [-100, -100, 5, 6, -100, -100],  # tokens after the last label feed nothing
+            [-100, 7, -100, -100, 8, 9],  # the last token never does
+            [-100, -100, -100, -100, -100, -100],  # a row without labels: nothing
+        ]
+    )
+    want = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 0], [0, 0, 0, 0, 0, 0]], dtype=torch.bool)
+    assert torch.equal(sp.feeds_a_label(labels), want)
 
 
 def test_common_prefix_length():
