@@ -3,11 +3,12 @@
 `evaluate.eval_loss` runs prompt + response (teacher forced) and `evaluate.exact_match` runs the prompt again
 to generate from it; the prompt is ~80% of a row's tokens, so that is most of the evaluation twice. Here each
 batch of rows is laid out as [shared opening | pads | own prompt | response | pads] (the opening every prompt
-shares runs once with batch 1 for all the batches, `shared_prefix.Opening`); one forward gives the response-token loss from
-the logits of the last prompt token on, and its KV cache, cut back to the prompt, is where greedy generation
-continues, exactly as `generate_batch` would from its own prefill (positions from the attention mask, pads
-masked). Same rows, same metrics as the two separate calls (up to fp32 summation order), same early stop
-(`match_stop`), same report samples (the first `n_samples` rows, run to the end in a batch of their own).
+shares runs once with batch 1 for all the batches, `shared_prefix.Opening`); one forward gives the
+response-token loss from the logits of the last prompt token on, and its KV cache, cut back to the prompt, is
+where greedy generation continues, exactly as `generate_batch` would from its own prefill (positions from the
+attention mask, pads masked). Same rows, same metrics as the two separate calls (up to fp32 summation order),
+same early stop (`match_stop`), same report samples (the first `n_samples` rows, run to the end in a batch of
+their own).
 
 Most rows need no generation at all (`known_greedy`): greedy decoding picks the argmax at each step, and as long
 as it picks the reference token, its next step sees exactly the input of the teacher-forced column that follows.
