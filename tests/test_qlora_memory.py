@@ -1,7 +1,7 @@
 """QLoRA memory: what `load_quantized` does to keep a training process small, and that it changes no result.
 
 `load_quantized` has glibc serve allocations of >= 1 MiB with their own memory map (see
-`peftkit.stream_load.serve_large_allocations_by_mmap`), so a QLoRA step's freed per-layer temporaries go back to
+`peftkit.heap.serve_large_allocations_by_mmap`), so a QLoRA step's freed per-layer temporaries go back to
 the OS instead of staying resident as heap holes. `prepare_model_for_kbit_training` turns gradient
 checkpointing on (what the benchmark's QLoRA side runs): the loss and every adapter gradient must be those of
 the plain step.
@@ -21,7 +21,8 @@ import torch
 pytest.importorskip("bitsandbytes")
 
 import peftkit  # noqa: E402
-from peftkit.stream_load import load_quantized, serve_large_allocations_by_mmap  # noqa: E402
+from peftkit.heap import serve_large_allocations_by_mmap  # noqa: E402
+from peftkit.stream_load import load_quantized  # noqa: E402
 from tests.models import token_inputs  # noqa: E402
 from tests.test_qlora import tiny_llama64  # noqa: E402
 

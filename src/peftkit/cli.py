@@ -323,7 +323,11 @@ def run() -> None:
     and transformers' modules and the model's tensors one object at a time) took 1.2-1.4 s after a
     `peftkit train` on this 2-core machine, all of it after the exit handlers (14 ms). So the exit handlers run,
     non-daemon threads are joined and stdout/stderr flushed, as at a normal exit, and the process then ends
-    with `os._exit`, leaving the memory to the kernel."""
+    with `os._exit`, leaving the memory to the kernel. The process is the command's own, so the commands may
+    also tune its allocator (`heap.command_process`)."""
+    from peftkit import heap
+
+    heap.command_process = True
     code = main()
     atexit._run_exitfuncs()
     for thread in threading.enumerate():

@@ -99,16 +99,11 @@ def prefix_length(model: nn.Module, body: nn.Module, kwargs: dict[str, Any], lab
     return p
 
 
-def _broadcast_cache(cache: Any, batch: int) -> bool:
-    """Expand every layer's (1, kv_heads, P, head_dim) keys/values to `batch` rows, as views. False if the
-    cache is not made of plain full-length layers (then the caller falls back to the plain forward)."""
+def plain_layers(cache: Any) -> bool:
+    """True if `cache` is made of plain full-length layers only (no sliding window): each one can be
+    broadcast to more rows, cut back to a length and row-selected."""
     layers = getattr(cache, "layers", None)
-    if not layers or any(type(layer) is not DynamicLayer or layer.keys is None for layer in layers):
-        return False
-    for layer in layers:
-        layer.keys = layer.keys.expand(batch, -1, -1, -1)
-        layer.values = layer.values.expand(batch, -1, -1, -1)
-    return True
+    return isinstance(layers, list) and bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
 
 
 def prefix_cache(module: nn.Module, prefix_ids: torch.Tensor, rows: int) -> Any:
@@ -128,19 +123,23 @@ class Opening:
 
     def __init__(self, module: nn.Module, prefix_ids: torch.Tensor):
         self.length = prefix_ids.shape[1]
-        self._cache = getattr(module(input_ids=prefix_ids, use_cache=True), CACHE_KEY, None)
+        cache = getattr(module(input_ids=prefix_ids, use_cache=True), CACHE_KEY, None)
+        # decided once: only plain full-length layers can be broadcast (a sliding window cannot)
+        full = plain_layers(cache) and all(layer.keys is not None for layer in cache.layers)
+        self._cache = cache if full else None
 
     def cache_for(self, rows: int) -> Any:
-        """A cache holding the opening for `rows` rows, or None if it is not made of plain full-length
-        layers (the caller then runs the whole prompts)."""
+        """A cache holding the opening for `rows` rows: every layer's (1, kv_heads, P, head_dim) keys and
+        values expanded to (rows, kv_heads, P, head_dim) as views. None if the model's cache is not made of
+        plain full-length layers (the caller then runs the whole prompts)."""
         if self._cache is None:
             return None
         cache = copy.copy(self._cache)  # a new cache object and layer objects; the tensors are not copied
-        layers = getattr(cache, "layers", None)
-        if not isinstance(layers, list):
-            return None
-        cache.layers = [copy.copy(layer) for layer in layers]
-        return cache if _broadcast_cache(cache, rows) else None
+        cache.layers = [copy.copy(layer) for layer in self._cache.layers]
+        for layer in cache.layers:
+            layer.keys = layer.keys.expand(rows, -1, -1, -1)
+            layer.values = layer.values.expand(rows, -1, -1, -1)
+        return cache
 
 
 def packed_layout(keep: torch.Tensor, prefix: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -20,7 +20,6 @@ their own memory map (`mallopt(M_MMAP_THRESHOLD)`), returned to the OS as soon a
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -28,6 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .heap import MMAP_THRESHOLD, release_freed_memory, serve_large_allocations_by_mmap
 from .quantized import QuantSpec, _skipped, make_quantized_linear, mark_quantized, set_quantized_weight
 
 _DTYPES = {
@@ -42,10 +42,6 @@ _DTYPES = {
     "U8": torch.uint8,
     "BOOL": torch.bool,
 }
-
-
-MMAP_THRESHOLD = 1 << 20  # bytes: see serve_large_allocations_by_mmap
-_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number (malloc.h)
 
 
 def safetensors_files(model_dir: str | Path) -> list[Path]:
@@ -136,7 +132,7 @@ def load_quantized(
         device: where every tensor goes as it is read (e.g. "cuda": a bf16 or quantized model built on the GPU
             one tensor at a time; not exercised on this project's CPU-only CI).
         mmap_threshold: from here on, glibc serves host allocations of at least this many bytes with their
-            own memory map, handed back to the OS when freed (see `serve_large_allocations_by_mmap`); None
+            own memory map, handed back to the OS when freed (see `heap.serve_large_allocations_by_mmap`); None
             leaves the allocator as it is. Process-wide; it never changes a result.
     Peak memory: the quantized model plus one float tensor (the largest single weight), not the float model.
     """
@@ -185,39 +181,6 @@ def load_quantized(
         mark_quantized(model, spec.bits)
     release_freed_memory()
     return model.eval()
-
-
-def serve_large_allocations_by_mmap(threshold: int = MMAP_THRESHOLD) -> bool:
-    """Have glibc serve every allocation of at least `threshold` bytes (at most 32 MiB) with its own memory
-    map, unmapped when freed, instead of carving it out of the heap; True if the setting took effect.
-
-    glibc's default threshold rises to the size of each large block freed (up to 32 MiB), after which a QLoRA
-    step's per-layer temporaries (the dequantized weight, (out, in) float32, and its int32 code indices) are
-    carved out of the heap, and the holes they leave between small long-lived tensors stay resident: the
-    process's RSS grows layer by layer although the live tensors do not. A fixed threshold keeps those
-    temporaries out of the heap. Nothing happens when the user set `MALLOC_MMAP_THRESHOLD_` (their choice
-    wins) or the C library is not glibc. Process-wide, and only allocation placement changes.
-    """
-    if os.environ.get("MALLOC_MMAP_THRESHOLD_") is not None:
-        return False
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(_M_MMAP_THRESHOLD, int(threshold)))
-    except (OSError, AttributeError):  # not glibc
-        return False
-
-
-def release_freed_memory() -> None:
-    """Hand the heap space freed by the per-tensor float copies back to the OS (glibc's `malloc_trim`), so
-    training starts from the quantized model's size rather than from the loader's high-water mark."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to do
-        pass
 
 
 def _swap_in_quantized(model: nn.Module, spec: QuantSpec) -> None:

@@ -26,7 +26,7 @@ def test_one_pass_equals_separate_loss_and_exact_match(tiny_chat_model, wrap, mo
     elif wrap == "uncuttable_cache":  # as with sliding-window layers: each batch generates from its prompt
         from peftkit.train import held_out as module
 
-        monkeypatch.setattr(module, "_plain_cache", lambda cache: False)
+        monkeypatch.setattr(module, "plain_layers", lambda cache: False)
     opening = {"role": "system", "content": "Reverse the word. " * 3}
     users = [" ".join(WORDS[i % 8 : i % 8 + 1 + i // 8]) for i in range(10)]
     blank = [Example(messages=(opening, {"role": "user", "content": u}), response="") for u in users]

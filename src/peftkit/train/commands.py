@@ -13,9 +13,11 @@ from pathlib import Path
 
 import torch
 
+from peftkit import heap
 from peftkit.train.data import Example, encode_prompt, load_examples, tokenize_all
 from peftkit.train.errors import PeftkitError
-from peftkit.train.evaluate import default_max_new_tokens, eval_loss, exact_match
+from peftkit.train.evaluate import default_max_new_tokens, eval_loss
+from peftkit.train.held_out import held_out
 from peftkit.train.modeling import choose_base, load_model_and_tokenizer, set_threads
 
 
@@ -151,17 +153,16 @@ def evaluate(args) -> int:
         not args.no_progress,
         getattr(args, "quantize", None),
     )
-    items = tokenize_all(tokenizer, rows, args.max_length, "evaluation")
-    result = {
-        "base_model": base_name,
-        "adapter": args.adapter,
-        "rows": len(rows),
-        **eval_loss(model, items, tokenizer.pad_token_id, args.batch_size),
-    }
-    if not args.no_exact_match:
+    if heap.command_process and not getattr(args, "quantize", None):  # quantized: the opposite (heap.py)
+        heap.keep_freed_memory()  # each batch reuses the pages the last one freed, without page faults
+    items = tokenize_all(tokenizer, rows, args.max_length, "evaluation")  # an error if no row fits
+    result = {"base_model": base_name, "adapter": args.adapter, "rows": len(rows)}
+    if args.no_exact_match:
+        result.update(eval_loss(model, items, tokenizer.pad_token_id, args.batch_size))
+    else:  # loss and exact match from one pass over each prompt (held_out), as `peftkit train` reports them
         max_new = args.max_new_tokens or default_max_new_tokens(tokenizer, rows)
-        em = exact_match(model, tokenizer, rows, max_new, batch_size=args.batch_size)
-        result.update(exact_match=em["exact_match"], correct=em["correct"])
+        loss, em = held_out(model, tokenizer, rows, args.max_length, max_new, args.batch_size, n_samples=0)
+        result.update(loss, exact_match=em["exact_match"], correct=em["correct"])
     print(json.dumps(result, indent=2))
     return 0
 

@@ -9,7 +9,7 @@ from transformers import StoppingCriteriaList
 
 from peftkit.fused_loss import loss_only
 from peftkit.hf_compat import CACHE_KEY
-from peftkit.shared_prefix import MIN_PREFIX, prefix_cache
+from peftkit.shared_prefix import MIN_PREFIX, Opening
 from peftkit.train.data import IGNORE_INDEX, Example, Tokenized, collate, encode_prompt
 from peftkit.train.match_stop import StopOnMismatch
 
@@ -50,25 +50,37 @@ def generate_batch(
     prompts: list[list[int]],
     max_new_tokens: int,
     references: list[str | None] | None = None,
+    opening: Opening | None = None,
 ) -> list[str]:
     """Greedy continuations of tokenized prompts: batched, with the KV cache.
 
     The opening all prompts share (chat template, system prompt, fixed instruction) is run once and its KV
     cache broadcast to the rows; each row is then [shared | pads | own rest] with the pads masked, so
-    positions (from the attention mask) and results are those of plain left padding. With ``references``
-    (one per prompt; None = run to the end), a row stops as soon as it provably cannot equal its reference
-    (``match_stop``): its text is then cut short, and is a miss either way."""
-    pad_id = tokenizer.pad_token_id
-    shared = _shared_prompt_length(model, prompts)
-    cache = prefix_cache(model, torch.tensor([prompts[0][:shared]]), len(prompts)) if shared else None
-    if cache is None:
-        shared = 0
-    width = max(len(p) for p in prompts) - shared
-    ids = torch.tensor([p[:shared] + [pad_id] * (width + shared - len(p)) + p[shared:] for p in prompts])
-    mask = torch.tensor(
-        [[1] * shared + [0] * (width + shared - len(p)) + [1] * (len(p) - shared) for p in prompts]
-    )
+    positions (from the attention mask) and results are those of plain left padding. ``opening``: one
+    already run for a larger set of prompts these start with (``opening_of``); None: found for these.
+    With ``references`` (one per prompt; None = run to the end), a row stops as soon as it provably cannot
+    equal its reference (``match_stop``): its text is then cut short, and is a miss either way."""
+    opening = opening if opening is not None else opening_of(model, prompts)
+    cache = opening.cache_for(len(prompts)) if opening is not None else None
+    ids, mask = left_padded(prompts, opening.length if cache is not None else 0, tokenizer.pad_token_id)
     return greedy_texts(model, tokenizer, ids, mask, max_new_tokens, references, cache)
+
+
+def opening_of(model, prompts: list[list[int]]) -> Opening | None:
+    """The opening every prompt starts with, run once through ``model`` (``shared_prefix.Opening``), or None
+    when there is none worth sharing (``_shared_prompt_length``)."""
+    shared = _shared_prompt_length(model, prompts)
+    return Opening(model, torch.tensor([prompts[0][:shared]])) if shared else None
+
+
+def left_padded(prompts: list[list[int]], shared: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """ids, attention mask (batch, width) of ``prompts`` laid out [first ``shared`` tokens | pads | own rest]:
+    the opening they all share stays in front (its cache is the rows' first columns) and the pads after it
+    are masked, so positions from the mask equal those of plain left padding."""
+    width = max(len(p) for p in prompts) - shared
+    ids = [p[:shared] + [pad_id] * (width + shared - len(p)) + p[shared:] for p in prompts]
+    mask = [[1] * shared + [0] * (width + shared - len(p)) + [1] * (len(p) - shared) for p in prompts]
+    return torch.tensor(ids), torch.tensor(mask)
 
 
 def greedy_texts(model, tokenizer, ids, mask, max_new_tokens: int, references=None, cache=None) -> list[str]:
@@ -134,9 +146,10 @@ def exact_match(
     prompts = [encode_prompt(tokenizer, e) for e in examples]
     shown = list(range(min(n_samples, len(examples)))) if early_stop else []
     outputs: dict[int, str] = {}
+    opening = opening_of(model, prompts)  # run once for every batch
     for chunk in eval_chunks(prompts, shown, batch_size):
         refs = [None if i in shown else examples[i].response for i in chunk] if early_stop else None
-        texts = generate_batch(model, tokenizer, [prompts[i] for i in chunk], max_new_tokens, refs)
+        texts = generate_batch(model, tokenizer, [prompts[i] for i in chunk], max_new_tokens, refs, opening)
         outputs.update((i, text.strip()) for i, text in zip(chunk, texts))
         if progress is not None:
             progress.update(len(chunk))

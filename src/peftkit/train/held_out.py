@@ -23,22 +23,22 @@ Not for prompt-learning adapters (they prepend virtual tokens): `held_out` then 
 from __future__ import annotations
 
 import torch
-from transformers.cache_utils import DynamicLayer
 
 from peftkit.head_input import contiguous_head_input
 from peftkit.hf_compat import CACHE_KEY
 from peftkit.inference_fold import generating
-from peftkit.shared_prefix import Opening
+from peftkit.shared_prefix import Opening, plain_layers
 from peftkit.train.data import Example, encode_prompt, tokenize
 from peftkit.train.evaluate import (
     _adds_virtual_tokens,
-    _shared_prompt_length,
     eval_chunks,
     eval_loss,
     exact_match,
     generate_batch,
     greedy_texts,
+    left_padded,
     loss_summary,
+    opening_of,
     score,
 )
 from peftkit.train.match_stop import can_still_match
@@ -75,8 +75,7 @@ def held_out(
     # built once for every batch (inference_fold), and the head takes its sliced input as one GEMM (head_input).
     with generating(), contiguous_head_input(model):
         # the opening every prompt shares (chat template, system prompt, instruction) runs once for all batches
-        shared = _shared_prompt_length(model, prompts)
-        opening = Opening(model, torch.tensor([prompts[0][:shared]])) if shared else None
+        opening = opening_of(model, prompts)
         for chunk in eval_chunks(prompts, shown, batch_size):
             refs = [None if i in shown else examples[i].response for i in chunk]
             texts, loss_sum, n = _batch(
@@ -96,26 +95,21 @@ def held_out(
     return loss_summary(total, count), score(examples, outputs, n_samples)
 
 
-def _plain_cache(cache) -> bool:
-    """True if ``cache`` is made of plain full-length layers only (each can be cut back to a length)."""
-    layers = getattr(cache, "layers", None)
-    return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
-
-
 def _batch(model, tokenizer, prompts, responses, refs, max_new_tokens, opening: Opening | None):
     """One batch: (generated texts, summed response-token loss, number of response tokens). ``opening``: the
     KV cache of the tokens every prompt starts with (None: each prompt runs whole)."""
     pad_id = tokenizer.pad_token_id
     cache = opening.cache_for(len(prompts)) if opening is not None else None
     shared = opening.length if cache is not None else 0
-    width = max(len(p) for p in prompts) - shared  # own prompt columns, left padded
+    prompt_ids, prompt_mask = left_padded(prompts, shared, pad_id)  # [batch, shared + width]
+    width = prompt_ids.shape[1] - shared  # own prompt columns, left padded
     tail = max(len(r) for r in responses)  # response columns, right padded
-    ids, mask = [], []
-    for p, r in zip(prompts, responses):
-        left, right = width + shared - len(p), tail - len(r)
-        ids.append(p[:shared] + [pad_id] * left + p[shared:] + r + [pad_id] * right)
-        mask.append([1] * shared + [0] * left + [1] * (len(p) - shared + len(r)) + [0] * right)
-    ids, mask = torch.tensor(ids), torch.tensor(mask)  # [batch, shared + width + tail]
+    response_ids = torch.tensor([r + [pad_id] * (tail - len(r)) for r in responses], dtype=prompt_ids.dtype)
+    response_mask = torch.tensor(
+        [[1] * len(r) + [0] * (tail - len(r)) for r in responses], dtype=prompt_mask.dtype
+    )
+    ids = torch.cat([prompt_ids, response_ids], 1)  # [batch, shared + width + tail]
+    mask = torch.cat([prompt_mask, response_mask], 1)
     positions = (mask.cumsum(1) - 1).clamp(min=0)
     out = model(
         input_ids=ids[:, shared:],
@@ -136,7 +130,7 @@ def _batch(model, tokenizer, prompts, responses, refs, max_new_tokens, opening: 
     if not need:
         return texts, loss_sum, n
     cache = getattr(out, CACHE_KEY, None)
-    if not _plain_cache(cache):  # e.g. sliding-window layers: cannot be cut back; generate from the prompt
+    if not plain_layers(cache):  # e.g. sliding-window layers: cannot be cut back; generate from the prompt
         generated = generate_batch(
             model, tokenizer, [prompts[b] for b in need], max_new_tokens, _pick(refs, need)
         )

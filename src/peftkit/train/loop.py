@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from peftkit import heap
 from peftkit.train import checkpoint as ckpt
 from peftkit.train import distributed, eval_cache
 from peftkit.train.data import collate, length_grouped_batches, load_examples, split_examples, tokenize_all
@@ -69,6 +70,8 @@ def _train(o: TrainOptions, progress: bool, say) -> dict:
     base, tokenizer, model_name = load_model_and_tokenizer(
         o.model, progress, o.quantize, empty=lean and not dist.main
     )
+    if heap.command_process and not (o.quantize or dist.active):  # QLoRA, FSDP: the opposite (heap.py)
+        heap.keep_freed_memory()  # each batch reuses the pages the last one freed, without page faults
     phases.mark("model_load")
     train_items = tokenize_all(tokenizer, train_rows, o.max_length, "training")
     eval_rows = eval_rows[: o.eval_limit] if o.eval_limit else eval_rows

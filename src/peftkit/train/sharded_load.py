@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from peftkit.stream_load import release_freed_memory, serve_large_allocations_by_mmap
+from peftkit.heap import release_freed_memory, serve_large_allocations_by_mmap
 from peftkit.train.errors import PeftkitError
 
 
