@@ -10,7 +10,7 @@ held-out date questions in the chat template. Rows:
   default at batch 1 checks prompt-lookup candidates, `prompt_lookup.py`; HF peft's does not);
 - b1lookup: the same with HF peft's `generate` given `prompt_lookup_num_tokens=4` (what it gets when asked);
 - b32: `model.generate` on 32 prompts left-padded, greedy, exactly --new-tokens new tokens;
-- eval: the held-out set (--eval-limit prompts) as `peftkit eval` generates it (`train.evaluate`: batches of
+- eval: the held-out set (--eval-limit prompts) generated as `train.evaluate.exact_match` does it (batches of
   32 sorted by length, shared prefix, stop at end of turn) vs HF peft's `generate` on the same batches with
   plain left padding; the decoded answers are compared.
 Rounds are interleaved (HF, peftkit, HF, peftkit...) in one process; the best round counts. Wall time

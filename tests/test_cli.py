@@ -155,6 +155,48 @@ def test_eval_with_and_without_adapter(trained, capsys):
     assert adapted["perplexity"] == pytest.approx(torch.tensor(adapted["loss"]).exp().item(), rel=1e-4)
 
 
+def test_eval_reports_what_separate_loss_and_generation_passes_give(trained, tmp_path, capsys):
+    """`peftkit eval` takes loss and exact match from one pass over each prompt (held_out); the numbers are
+    those of the plain response-token loss and of greedy generation of every row, run separately. The
+    references of rows 0, 3 and 5 are set to the adapter's own greedy answers, so some rows hit and some miss."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import peftkit
+    from peftkit.train import evaluate as ev
+    from peftkit.train.data import load_examples, tokenize_all
+
+    tok = AutoTokenizer.from_pretrained(trained["model"])
+    base = AutoModelForCausalLM.from_pretrained(trained["model"])
+    model = peftkit.PeftModel.from_pretrained(base, trained["adapter"]).eval()
+    plain = load_examples([str(trained["data"])])
+    answers = [ev.generate_batch(model, tok, [ev.encode_prompt(tok, e)], 8)[0].strip() for e in plain]
+    table = rows(8)
+    for i in (0, 3, 5):
+        table[i]["output"] = answers[i]
+    data = write_jsonl(tmp_path / "rows.jsonl", table)
+    argv = [
+        "eval",
+        "--model",
+        str(trained["model"]),
+        "--data",
+        str(data),
+        "--adapter",
+        str(trained["adapter"]),
+    ]
+    assert cli.main([*argv, "--batch-size", "3", "--no-progress"]) == 0
+    reported = json.loads(capsys.readouterr().out)
+
+    examples = load_examples([str(data)])
+    new = ev.default_max_new_tokens(tok, examples)
+    generated = [ev.generate_batch(model, tok, [ev.encode_prompt(tok, e)], new)[0].strip() for e in examples]
+    hits = sum(g == e.response.strip() for g, e in zip(generated, examples))
+    loss = ev.eval_loss(
+        model, tokenize_all(tok, examples, 256, "evaluation"), tok.pad_token_id
+    )  # --max-length
+    assert 3 <= hits < 8 and reported["correct"] == hits
+    assert reported["tokens"] == loss["tokens"] and reported["loss"] == pytest.approx(loss["loss"], rel=1e-5)
+
+
 def test_merge_writes_a_plain_transformers_model(trained, tmp_path, capsys):
     from transformers import AutoModelForCausalLM
 
