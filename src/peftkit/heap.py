@@ -8,7 +8,7 @@ Two opposite needs, each set by the command that owns the process (a library imp
 - A plain fp32 run allocates and frees the same few activation sizes batch after batch. With glibc's
   default (dynamic) thresholds most of those blocks are handed back to the OS when freed and come back as
   fresh zeroed pages on the next batch, a minor page fault per 4 KiB: the held-out evaluation of the default
-  run took 0.5-1 million faults per pass. `keep_freed_memory` keeps them in the heap for reuse instead.
+  run took 0.4-1.1 million faults per pass. `keep_freed_memory` keeps them in the heap for reuse instead.
 
 Not glibc (musl, macOS, Windows): nothing changes. A `MALLOC_*_` environment variable the user set wins.
 `peftkit train` and `peftkit eval` keep freed memory only in a process of their own (the console script sets
