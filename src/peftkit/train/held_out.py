@@ -131,8 +131,8 @@ def _batch(model, tokenizer, prompts, responses, refs, max_new_tokens, opening: 
         return texts, loss_sum, n
     cache = getattr(out, CACHE_KEY, None)
     if not plain_layers(cache):  # e.g. sliding-window layers: cannot be cut back; generate from the prompt
-        generated = generate_batch(
-            model, tokenizer, [prompts[b] for b in need], max_new_tokens, _pick(refs, need)
+        generated = generate_batch(  # from the one opening already run, if it can be broadcast
+            model, tokenizer, [prompts[b] for b in need], max_new_tokens, _pick(refs, need), opening
         )
     else:
         cache.crop(-(tail + 1))  # keep the prompt but its last token, which generate runs to start decoding
