@@ -19,10 +19,13 @@ GLIBC = platform.libc_ver()[0] == "glibc"
 _PROBE = textwrap.dedent(
     """
     import resource, sys, torch
-    from peftkit.heap import keep_freed_memory
+    from peftkit import heap
 
     if sys.argv[1] == "keep":
-        assert keep_freed_memory()
+        heap.command_process = True  # as the console script sets it
+        assert heap.keep_freed_memory()
+    elif sys.argv[1] == "library":  # a program calling the commands as functions: nothing is set
+        assert not heap.keep_freed_memory()
     sizes = [2_000_000, 22_000_000, 5_000_000]  # floats
     for rounds in range(8):
         if rounds == 4:
@@ -57,10 +60,19 @@ def test_kept_memory_is_reused_without_page_faults():
     assert kept < 2_000, kept
 
 
+@pytest.mark.skipif(
+    not GLIBC or any(k.startswith("MALLOC_") for k in os.environ), reason="glibc's settings, not the user's"
+)
+def test_a_program_calling_the_commands_keeps_its_allocator():
+    """Outside the console script (`command_process` unset) keep_freed_memory changes nothing: the rounds
+    fault their pages in as with glibc's defaults."""
+    assert _faults("library") > 40_000
+
+
 @pytest.mark.skipif(not GLIBC, reason="glibc only")
 def test_users_malloc_setting_wins():
     """A MALLOC_*_ variable the user set: keep_freed_memory changes nothing and says so."""
-    probe = "from peftkit.heap import keep_freed_memory; print(keep_freed_memory())"
+    probe = "from peftkit import heap; heap.command_process = True; print(heap.keep_freed_memory())"
     for name in ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_"):
         out = subprocess.run(
             [sys.executable, "-c", probe], capture_output=True, text=True, env={**os.environ, name: "131072"}

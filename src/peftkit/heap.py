@@ -55,7 +55,8 @@ def serve_large_allocations_by_mmap(threshold: int = MMAP_THRESHOLD) -> bool:
 
 def keep_freed_memory(limit: int = KEEP_LIMIT) -> bool:
     """Keep freed blocks of up to `limit` bytes in the heap for the next allocation instead of returning
-    them to the OS; True if the settings took effect.
+    them to the OS; True if the settings took effect. Only in a process the command owns
+    (`command_process`): a program that calls peftkit's commands as functions keeps its allocator as it is.
 
     Blocks below `limit` come from the heap (no memory map of their own), and the heap's free top is not
     trimmed until it exceeds `limit`. A process that runs the same shapes over and over (batches of an
@@ -63,7 +64,7 @@ def keep_freed_memory(limit: int = KEEP_LIMIT) -> bool:
     stays resident is at most what the largest batch needed at once, which the process held anyway at its
     peak; `release_freed_memory` hands the free pages back when a phase is over.
     """
-    return _mallopt((_M_MMAP_THRESHOLD, limit), (_M_TRIM_THRESHOLD, limit))
+    return command_process and _mallopt((_M_MMAP_THRESHOLD, limit), (_M_TRIM_THRESHOLD, limit))
 
 
 def release_freed_memory() -> None:

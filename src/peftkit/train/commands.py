@@ -153,7 +153,7 @@ def evaluate(args) -> int:
         not args.no_progress,
         getattr(args, "quantize", None),
     )
-    if heap.command_process and not getattr(args, "quantize", None):  # quantized: the opposite (heap.py)
+    if not getattr(args, "quantize", None):  # quantized: the opposite (heap.py)
         heap.keep_freed_memory()  # each batch reuses the pages the last one freed, without page faults
     items = tokenize_all(tokenizer, rows, args.max_length, "evaluation")  # an error if no row fits
     result = {"base_model": base_name, "adapter": args.adapter, "rows": len(rows)}

@@ -70,7 +70,7 @@ def _train(o: TrainOptions, progress: bool, say) -> dict:
     base, tokenizer, model_name = load_model_and_tokenizer(
         o.model, progress, o.quantize, empty=lean and not dist.main
     )
-    if heap.command_process and not (o.quantize or dist.active):  # QLoRA, FSDP: the opposite (heap.py)
+    if not (o.quantize or dist.active):  # QLoRA, FSDP: the opposite (heap.py)
         heap.keep_freed_memory()  # each batch reuses the pages the last one freed, without page faults
     phases.mark("model_load")
     train_items = tokenize_all(tokenizer, train_rows, o.max_length, "training")
