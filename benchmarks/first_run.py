@@ -73,15 +73,11 @@ def main() -> None:
         one_run("warm-up", dict(os.environ))  # fills the cache (conversion, base metrics) if it is not yet
     for kind in a.runs.split(","):
         for _ in range(a.repeats):
-            env = dict(os.environ)
-            cold_cache = tempfile.mkdtemp(prefix="peftkit-cold-cache-") if kind == "cold" else None
-            if cold_cache:
-                env["PEFTKIT_CACHE"] = cold_cache
-            before = gemm_peak(2)[0] / 1e9
-            r = one_run(kind, env)
-            after = gemm_peak(2)[0] / 1e9
-            if cold_cache:
-                subprocess.run(["rm", "-rf", cold_cache], check=False)
+            with tempfile.TemporaryDirectory(prefix="peftkit-cold-cache-") as cold_cache:
+                env = {**os.environ, **({"PEFTKIT_CACHE": cold_cache} if kind == "cold" else {})}
+                before = gemm_peak(2)[0] / 1e9
+                r = one_run(kind, env)
+                after = gemm_peak(2)[0] / 1e9
             phases = " | ".join(f"{r['phases'].get(p, 0.0):.1f}" for p in PHASES)
             met = "met" if r["wall"] <= GOAL[kind] and r["exact_rate"] >= 0.95 else "not met"
             print(
