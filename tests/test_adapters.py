@@ -205,6 +205,31 @@ def test_inference_mode_load_is_frozen_and_trainable_load_is_not(tmp_path):
     assert names and all("lora_" in n for n in names)
 
 
+@pytest.mark.parametrize("mixed", [False, True], ids=["PeftModel", "PeftMixedModel"])
+def test_load_adapter_for_inference_switches_dropout_off_as_hf_peft_does(tmp_path, mixed):
+    """An adapter added by `load_adapter` (not trainable) must not run its dropout: HF peft puts the whole
+    model in eval mode then. Adapters trained with lora_dropout 0.05-0.1 are common (see real-adapters)."""
+    import peft as hf_peft
+
+    peftkit.get_peft_model(tiny_llama(), lora(r=4)).save_pretrained(tmp_path / "a")
+    peftkit.get_peft_model(tiny_llama(), lora(r=4, lora_dropout=0.5)).save_pretrained(tmp_path / "b")
+    inputs = token_inputs()
+    outs = {}
+    for lib in (peftkit, hf_peft):
+        cls = lib.PeftMixedModel if mixed else lib.PeftModel
+        model = cls.from_pretrained(tiny_llama(), tmp_path / "a").train()  # e.g. a notebook that trained
+        model.load_adapter(tmp_path / "b", adapter_name="b")
+        model.set_adapter("b")
+        assert not any(m.training for m in model.modules()), lib.__name__
+        first, second = logits(model, inputs), logits(model, inputs)
+        torch.testing.assert_close(first, second, rtol=0, atol=0)  # no dropout draws
+        outs[lib.__name__] = first
+        trainable = cls.from_pretrained(tiny_llama(), tmp_path / "a").train()
+        trainable.load_adapter(tmp_path / "b", adapter_name="b", is_trainable=True)
+        assert trainable.training, lib.__name__  # a trainable load leaves the mode alone
+    torch.testing.assert_close(outs["peftkit"], outs["peft"], rtol=1e-5, atol=1e-5)
+
+
 def test_generate_with_adapter_and_disabled():
     model = peftkit.get_peft_model(tiny_llama(), lora(r=4))
     ids = token_inputs()["input_ids"][:1]

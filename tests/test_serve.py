@@ -53,8 +53,11 @@ def served(tmp_path_factory):
     model_dir = build_tiny_model(root / "model", chat_template=True)
     adapters = {
         "alpha": _adapter(model_dir, root / "alpha", 1, r=4, target_modules=["q_proj", "v_proj"]),
-        "beta": _adapter(model_dir, root / "beta", 2, r=2, target_modules="all-linear"),
-        "gamma": _adapter(model_dir, root / "gamma", 3, r=8, target_modules=["o_proj", "down_proj"]),
+        # dropout in the file, as in many adapters trained with HF peft: it must not run when served
+        "beta": _adapter(model_dir, root / "beta", 2, r=2, target_modules="all-linear", lora_dropout=0.3),
+        "gamma": _adapter(
+            model_dir, root / "gamma", 3, r=8, target_modules=["o_proj", "down_proj"], lora_dropout=0.3
+        ),
     }
     port = _free_port()
     cmd = [sys.executable, "-m", "peftkit.cli", "serve", "--model", str(model_dir), "--port", str(port)]

@@ -196,6 +196,8 @@ class PeftMixedModel(nn.Module):
             self, tensors, adapter_name, weights_path, key_map=file_key_map(self, adapter_name)
         )
         self.set_adapter([n for n in active if n in self.peft_config])
+        if not is_trainable:  # as HF peft: the new adapter's dropout must not run at inference
+            self.eval()
         return result
 
     @classmethod

@@ -620,7 +620,8 @@ class PeftModel(PreTrainedModel):
         low_cpu_mem_usage: bool = False,
         **kwargs: Any,
     ) -> Any:
-        """Load an adapter folder as `adapter_name` (it becomes trainable only with `is_trainable=True`).
+        """Load an adapter folder as `adapter_name` (it becomes trainable only with `is_trainable=True`; without
+        it the whole model is put in eval mode, as HF peft does, so no dropout runs at inference).
 
         `autocast_adapter_dtype`: float16/bfloat16 adapter tensors become float32 (else they take the base
         layer's dtype); `low_cpu_mem_usage`: the adapter is created empty on the meta device and materialised
@@ -638,6 +639,8 @@ class PeftModel(PreTrainedModel):
                 self.add_adapter(adapter_name, config, low_cpu_mem_usage, False, autocast_adapter_dtype)
         result = self._load_adapter_tensors(tensors, adapter_name, weights_path, autocast_adapter_dtype)
         self.set_adapter(self.active_adapter)
+        if not is_trainable:  # as HF peft: the new adapter's dropout must not run at inference
+            self.eval()
         return result
 
     def _load_adapter_tensors(
