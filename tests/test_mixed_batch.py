@@ -389,6 +389,72 @@ def test_fast_path_repeats_equal_rows_alone_and_follows_grad_mode(monkeypatch):
             torch.testing.assert_close(again[i : i + 1], _alone(model, name, row), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize(
+    "names, path",
+    [
+        (
+            ["a", "b", "a", "__base__", "c", "a", "b", "a"],
+            "gathered_linear_lora",
+        ),  # any order, unequal groups
+        (["b"] * 8, "blocked_linear_lora"),  # one adapter for the whole batch: one block
+    ],
+    ids=["interleaved", "one-adapter"],
+)
+def test_fast_path_for_any_row_order_equals_each_row_alone(monkeypatch, names, path):
+    """Rows not in equal blocks (a server's batch, in arrival order) or all on one adapter also get the kept
+    fast path from the second no-grad call of a context on, equal to each row alone."""
+    from peftkit.functional import segmented
+    from peftkit.mixed_batch import mixed_adapters
+
+    calls, real = [], getattr(segmented, path)
+    monkeypatch.setattr(f"peftkit.mixed_batch.{path}", lambda *a: calls.append(1) or real(*a))
+    model = _llama_with(CONFIG_SETS["lora-ranks-targets"])
+    inputs = _block_inputs()
+    with mixed_adapters(model, names), torch.no_grad():
+        first = output_tensor(model(**inputs))
+        assert not calls
+        again = output_tensor(model(**inputs))
+        assert calls
+    torch.testing.assert_close(again, first, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        for i, name in enumerate(names):
+            row = {k: v[i : i + 1] for k, v in inputs.items()}
+            torch.testing.assert_close(again[i : i + 1], _alone(model, name, row), atol=1e-5, rtol=1e-5)
+
+
+def test_kept_weight_layout_outlives_the_context_and_follows_the_weight():
+    """`keep_layout=True` (the server's decode steps): the (in, out) copy of a frozen weight is made once and
+    reused by later contexts, made again after the weight changes, and gone after `drop_stacks`; by default
+    nothing stays on the layers."""
+    from peftkit.mixed_batch import drop_stacks, mixed_adapters
+
+    model = _llama_with(CONFIG_SETS["lora-ranks-targets"])
+    inputs = _block_inputs()
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+
+    def two_calls(keep):
+        with mixed_adapters(model, BLOCK_NAMES, keep_layout=keep), torch.no_grad():
+            model(**inputs)
+            return output_tensor(model(**inputs))
+
+    plain = two_calls(False)
+    assert "_mixed_wt" not in layer.__dict__
+    kept = two_calls(True)
+    copy = layer.__dict__["_mixed_wt"][1]
+    assert copy.is_contiguous() and torch.equal(copy, layer.base_layer.weight.T)
+    torch.testing.assert_close(kept, plain, atol=1e-6, rtol=1e-6)
+    two_calls(True)
+    assert layer.__dict__["_mixed_wt"][1] is copy  # reused, not copied again
+    with torch.no_grad():
+        layer.base_layer.weight.mul_(2.0)
+    changed = two_calls(True)
+    assert layer.__dict__["_mixed_wt"][1] is not copy
+    assert torch.equal(layer.__dict__["_mixed_wt"][1], layer.base_layer.weight.T)
+    torch.testing.assert_close(changed, two_calls(False), atol=1e-6, rtol=1e-6)
+    drop_stacks(model)
+    assert "_mixed_wt" not in layer.__dict__
+
+
 def test_fast_path_weight_layout_follows_the_decode_rule(monkeypatch):
     """The base weight the fast path multiplies by is an (in, out)-contiguous copy from IN_MAJOR_ROWS rows on,
     the transposed view below (`inference_fold.decodes_in_major`, the rule the LoRA fold follows too)."""

@@ -23,6 +23,7 @@ from .functional.segmented import (
     batched_lora_,
     blocked_linear_lora,
     blocked_lora_,
+    gathered_linear_lora,
     grouped_apply,
     padded_groups,
     row_groups,
@@ -91,7 +92,8 @@ class RowPlan:
 
     def blocks(self, rows: int) -> int | None:
         """The number of groups when the rows of every group are one contiguous block and all blocks have the
-        same size (then x.view(groups, -1, in) splits the batch by adapter without a gather); else None."""
+        same size (then x.view(groups, -1, in) splits the batch by adapter without a gather; one group: the
+        whole batch); else None."""
         if rows not in self._blocks:
             groups = self.groups(rows)
             per = rows // len(groups)
@@ -99,7 +101,7 @@ class RowPlan:
                 len(idx) == per and bool((idx == torch.arange(g * per, (g + 1) * per)).all())
                 for g, (_, idx) in enumerate(groups)
             )
-            self._blocks[rows] = len(groups) if contiguous and len(groups) > 1 else None
+            self._blocks[rows] = len(groups) if contiguous else None
         return self._blocks[rows]
 
     def block_stack(self, layer: Any, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -113,8 +115,12 @@ class RowPlan:
 
 
 @contextmanager
-def mixed_adapters(model: PeftModel, names: list[str]) -> Iterator[None]:
-    """Route rows by adapter in every adapter layer and `modules_to_save` wrapper of `model` (see module doc)."""
+def mixed_adapters(model: PeftModel, names: list[str], keep_layout: bool = False) -> Iterator[None]:
+    """Route rows by adapter in every adapter layer and `modules_to_save` wrapper of `model` (see module doc).
+
+    `keep_layout`: the (in, out)-contiguous copies of the frozen weights that decode steps multiply faster by
+    (`_fast_entry`) stay on the layers after the context ends, for the next context to reuse (a server that
+    re-enters one per change of its batch); by default they are freed with the context."""
     layers = [
         m for m in model.get_base_model().modules() if isinstance(m, (AdapterLayer, ModulesToSaveWrapper))
     ]
@@ -124,7 +130,7 @@ def mixed_adapters(model: PeftModel, names: list[str]) -> Iterator[None]:
     plan = RowPlan(names)
     for module in layers:
         if _segmentable(module, names):
-            module.forward = _bind_lora(module, plan)
+            module.forward = _bind_lora(module, plan, keep_layout)
         else:
             module.forward = _bind(_grouped_forward, module, plan)
     try:
@@ -141,13 +147,14 @@ def _bind(fn: Any, module: nn.Module, plan: RowPlan) -> Any:
     return forward
 
 
-def _bind_lora(layer: Any, plan: RowPlan) -> Any:
+def _bind_lora(layer: Any, plan: RowPlan, keep_layout: bool = False) -> Any:
     """`_lora_forward` on `layer`, with a fast path for repeated no-grad calls of one batch size (decode steps).
 
     The first no-grad call with `rows` rows runs the full path and decides whether the layer is exactly the
-    frozen Linear plus blocked LoRA updates (`_fast_ok`); the second such call (the first decode step of
+    frozen Linear plus the groups' LoRA updates (`_fast_ok`); the second such call (the first decode step of
     `generate`; a single forward never gets there) keeps that layer's tensors (`_fast_entry`) and every call
-    from then on runs `blocked_linear_lora` on them with no lookups. The state lives in this closure, i.e. for
+    from then on runs `blocked_linear_lora` (rows in equal blocks by adapter) or `gathered_linear_lora` (any
+    other order) on them with no lookups. The state lives in this closure, i.e. for
     one `mixed_adapters` context (one forward or generate call), while adapters and weights cannot change;
     grad mode and the input dtype are checked on every call (with grad on, the full path runs)."""
     fast: dict[int, Any] = {}  # rows -> False (no), True (yes, not built yet) or the entry tuple
@@ -160,9 +167,9 @@ def _bind_lora(layer: Any, plan: RowPlan) -> Any:
         if entry is None:
             fast[rows] = _fast_ok(layer, plan, x)
         elif entry is True:
-            entry = fast[rows] = _fast_entry(layer, plan, rows)
+            entry = fast[rows] = _fast_entry(layer, plan, rows, keep_layout)
         if type(entry) is tuple and x.dtype == entry[0].dtype:
-            return blocked_linear_lora(x, *entry)
+            return blocked_linear_lora(x, *entry) if len(entry) == 4 else gathered_linear_lora(x, *entry)
         return _lora_forward(layer, plan, x)
 
     return forward
@@ -170,23 +177,41 @@ def _bind_lora(layer: Any, plan: RowPlan) -> Any:
 
 def _fast_ok(layer: Any, plan: RowPlan, x: torch.Tensor) -> bool:
     """Whether no-grad `layer` on x (rows, ..., in) is exactly the frozen `nn.Linear` (no hooks, x's dtype, no
-    autocast) plus the LoRA updates of equal contiguous row blocks, every adapter present dropout-free."""
-    rows = x.shape[0]
-    if layer.disable_adapters or type(layer.base_layer) is not nn.Linear or plan.blocks(rows) is None:
+    autocast) plus the LoRA updates of its row groups, every adapter present dropout-free."""
+    if layer.disable_adapters or type(layer.base_layer) is not nn.Linear:
         return False
-    groups = plan.present(layer, rows)
+    groups = plan.present(layer, x.shape[0])
     return bool(groups) and layer._inference_plain([n for n, _ in groups], x)
 
 
-def _fast_entry(layer: Any, plan: RowPlan, rows: int) -> tuple:
-    """(weight^T (in, out), bias, At, Bt) for `blocked_linear_lora`. weight^T is a contiguous copy for this call
-    when a decode step of `rows` rows multiplies faster from it (`inference_fold.decodes_in_major`, the rule
-    the LoRA fold's layout follows) and there is room (`inference_fold.has_room`); else the transposed view."""
+def _fast_entry(layer: Any, plan: RowPlan, rows: int, keep_layout: bool) -> tuple:
+    """(weight^T (in, out), bias, At, Bt) for `blocked_linear_lora` when the rows form equal blocks by adapter,
+    else (weight^T, bias, A, B, scaling, table, valid) for `gathered_linear_lora`. weight^T: see `_transposed`."""
+    wt, bias = _transposed(layer, rows, keep_layout), layer.base_layer.bias
+    if plan.blocks(rows) is not None:
+        return (wt, bias, *plan.block_stack(layer, rows))
+    groups = plan.present(layer, rows)
+    return (wt, bias, *_stacked(layer, [n for n, _ in groups]), *plan.table(rows, groups))
+
+
+def _transposed(layer: Any, rows: int, keep: bool) -> torch.Tensor:
+    """The frozen weight as (in, out): a contiguous copy when a decode step of `rows` rows multiplies faster
+    from it (`inference_fold.decodes_in_major`, the rule the LoRA fold's layout follows) and there is room
+    (`inference_fold.has_room`), else the transposed view. With `keep` the copy stays on the layer (slot
+    `_mixed_wt`, rebuilt when the weight changes) for later calls; else it lives as long as the caller's entry."""
     w = layer.base_layer.weight.detach()
-    wt = w.T
-    if decodes_in_major(rows, w.device) and has_room(w.numel() * w.element_size(), w.device):
-        wt = wt.contiguous()
-    return (wt, layer.base_layer.bias, *plan.block_stack(layer, rows))
+    if not decodes_in_major(rows, w.device):
+        return w.T
+    key = (w.data_ptr(), w._version)
+    kept = layer.__dict__.get("_mixed_wt")
+    if kept is not None and kept[0] == key:
+        return kept[1]
+    if not has_room(w.numel() * w.element_size(), w.device):
+        return w.T
+    wt = w.T.contiguous()
+    if keep:
+        layer.__dict__["_mixed_wt"] = (key, wt)
+    return wt
 
 
 def _segmentable(module: nn.Module, names: list[str]) -> bool:
@@ -221,7 +246,7 @@ def _lora_forward(layer: Any, plan: RowPlan, x: torch.Tensor, *args: Any, **kwar
     return segmented_lora(result, x, segments)
 
 
-_STACK_SLOTS = ("_mixed_stack", "_mixed_blocks")
+_STACK_SLOTS = ("_mixed_stack", "_mixed_blocks", "_mixed_wt")
 _optimizer_steps = 0  # every torch optimizer step in this process, once `_watch_optimizers` has run
 _step_hook: Any = None
 
@@ -327,14 +352,17 @@ def batch_rows(args: tuple, kwargs: dict[str, Any]) -> int | None:
 
 
 @contextmanager
-def mixed_call(model: PeftModel, adapter_names: Any, args: tuple, kwargs: dict[str, Any]) -> Iterator[None]:
-    """`mixed_adapters` for one model call, with the whole-batch training shortcuts (fused loss, shared
-    prefix: they assume every row runs the same weights) switched off for its duration."""
+def mixed_call(
+    model: PeftModel, adapter_names: Any, args: tuple, kwargs: dict[str, Any], keep_layout: bool = False
+) -> Iterator[None]:
+    """`mixed_adapters` for one model call (or several calls with the same rows: a server's decode steps),
+    with the whole-batch training shortcuts (fused loss, shared prefix: they assume every row runs the same
+    weights) switched off for its duration."""
     names = check_adapter_names(model, adapter_names, batch_rows(args, kwargs))
     saved = {k: model.__dict__.get(k) for k in ("fused_causal_lm_loss", "shared_prefix")}
     model.fused_causal_lm_loss = model.shared_prefix = False
     try:
-        with mixed_adapters(model, names):
+        with mixed_adapters(model, names, keep_layout):
             yield
     finally:
         for key, value in saved.items():

@@ -135,3 +135,23 @@ def blocked_linear_lora(
     flat = x.reshape(-1, x.shape[-1])
     y = torch.mm(flat, wt) if bias is None else torch.addmm(bias, flat, wt)
     return blocked_lora_(y.view(*x.shape[:-1], -1), x, At, Bt)
+
+
+def gathered_linear_lora(
+    x: torch.Tensor,
+    wt: torch.Tensor,
+    bias: torch.Tensor | None,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    scaling: torch.Tensor,
+    table: torch.Tensor,
+    valid: torch.Tensor | None,
+) -> torch.Tensor:
+    """A frozen Linear plus each group's LoRA update for rows grouped in any order (`batched_lora_`).
+
+    x: (rows, ..., in). wt: (in, out), as in `blocked_linear_lora`. bias: (out,) or None. A, B, scaling, table,
+    valid: as in `batched_lora_`. Returns (rows, ..., out).
+    """
+    flat = x.reshape(-1, x.shape[-1])
+    y = torch.mm(flat, wt) if bias is None else torch.addmm(bias, flat, wt)
+    return batched_lora_(y.view(*x.shape[:-1], -1), x, table, valid, A, B, scaling)

@@ -32,6 +32,7 @@ def load(engine: Engine, name: str, path: str | os.PathLike, base_id: str) -> No
     with engine.lock:
         if name in adapter_names(engine):
             raise AdapterError(f"adapter {name!r} is already loaded; unload it first")
+        engine.drop_routing()  # the layers change: the next step routes again
         try:
             if isinstance(engine.model, PeftModel):
                 engine.model.load_adapter(str(folder), adapter_name=name)
@@ -50,6 +51,7 @@ def unload(engine: Engine, name: str) -> None:
             raise AdapterError(
                 f"adapter {name!r} is serving requests; unload it when they finish", status=409
             )
+        engine.drop_routing()
         if len(engine.model.peft_config) == 1:
             engine.model = engine.model.unload().eval()
         else:

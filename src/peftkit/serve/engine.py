@@ -1,9 +1,14 @@
 """The generation engine behind `peftkit serve`: one base model, many adapters, continuous batching.
 
 A background thread runs decoding steps. Every step feeds the last token of every running request as one
-batch (row i through its own adapter: `adapter_names`, see `peftkit.mixed_batch`) against one left-padded KV
-cache. Requests that arrive meanwhile are prefilled together at the start of the next step and their cache
-rows joined to the batch (`kv.py`); finished or cancelled requests leave the batch after the step.
+batch (row i through its own adapter: see `peftkit.mixed_batch`) against one left-padded KV cache. Requests
+that arrive meanwhile are prefilled together at the start of the next step and their cache rows joined to the
+batch (`kv.py`); finished or cancelled requests leave the batch after the step.
+
+The routing of rows to adapters (`mixed_batch.mixed_call`) stays in place across decode steps for as long as
+the rows stay the same, so from a batch's second step on each adapted layer runs its kept fast path (the
+frozen weight in the layout decode steps multiply fastest by, kept between batches: `keep_layout`, and the
+adapters' stacked factors) instead of building it anew every token.
 """
 
 from __future__ import annotations
@@ -11,12 +16,15 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from transformers import DynamicCache
 
+from ..hf_compat import CACHE_KEY
+from ..mixed_batch import mixed_call
 from . import kv
 
 
@@ -55,6 +63,8 @@ class Engine:
         self.context = _context_length(model)
         self.steps = 0
         self.widest = 0  # the most rows decoded in one step so far
+        self._routing: ExitStack | None = None  # the rows' adapter routing kept across decode steps
+        self._routed: tuple[str, ...] | None = None  # the adapter of each row it was set up for
         self._stop = False
         self.thread = threading.Thread(target=self._run, name="peftkit-engine", daemon=True)
         self.thread.start()
@@ -75,6 +85,14 @@ class Engine:
             self._stop = True
             self.wake.notify()
         self.thread.join(timeout=30)
+        self.drop_routing()
+
+    def drop_routing(self) -> None:
+        """Take the kept adapter routing off the model's layers (before the batch or the model changes; the
+        next decode step sets it up again). Call with `lock` held, or from the engine thread."""
+        if self._routing is not None:
+            self._routing.close()
+            self._routing = self._routed = None
 
     # ----- the loop ----------------------------------------------------------------------------------------------
     def _run(self) -> None:
@@ -90,6 +108,7 @@ class Engine:
                 with self.lock, torch.inference_mode():
                     self._step([r for r in joining if not r.cancelled])
             except Exception as e:  # a failed step ends its requests with the error; the server stays up
+                self.drop_routing()
                 for r in self.rows + joining:
                     r.emit("error", f"{type(e).__name__}: {e}")
                 self.rows, self.cache = [], None
@@ -99,11 +118,13 @@ class Engine:
         if self.rows:
             self._decode()
         if joining:
+            self.drop_routing()  # the prefill routes its own rows, and the batch changes
             self._prefill(joining)
         self.steps += 1
         self.widest = max(self.widest, len(self.rows))
         keep = [i for i, r in enumerate(self.rows) if r.finish_reason is None and not r.cancelled]
         if len(keep) < len(self.rows):
+            self.drop_routing()
             self.rows = [self.rows[i] for i in keep]
             if not self.rows:
                 self.cache = self.mask = self.last = None
@@ -113,23 +134,41 @@ class Engine:
             self.last = self.last.index_select(0, index)
 
     def _forward(
-        self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache, names: list[str]
+        self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache, names: list[str] | None
     ):
-        kwargs = {"adapter_names": names} if hasattr(self.model, "peft_config") else {}
+        """Logits of each row's last position (B, vocab) and the cache. names: each row's adapter, or None when
+        the routing is already in place (`_route`)."""
+        routed = names is not None and hasattr(self.model, "peft_config")
         out = self.model(
             input_ids=ids,
             attention_mask=mask,
             position_ids=positions,
-            past_key_values=cache,
             use_cache=True,
-            **kwargs,
+            **{CACHE_KEY: cache},
+            **({"adapter_names": names} if routed else {}),
         )
-        return out.logits[:, -1].float(), out.past_key_values
+        return out.logits[:, -1].float(), getattr(out, CACHE_KEY)
+
+    def _route(self) -> None:
+        """Route the running rows to their adapters for this and the following decode steps (kept until the
+        rows change: `drop_routing`)."""
+        if not hasattr(self.model, "peft_config"):
+            return
+        names = tuple(self._names(self.rows))
+        if self._routing is not None and self._routed == names:
+            return
+        self.drop_routing()
+        stack = ExitStack()
+        stack.enter_context(
+            mixed_call(self.model, list(names), (), {"input_ids": self.last}, keep_layout=True)
+        )
+        self._routing, self._routed = stack, names
 
     def _decode(self) -> None:
         mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
         positions = self.mask.sum(dim=1, keepdim=True)
-        logits, self.cache = self._forward(self.last, mask, positions, self.cache, self._names(self.rows))
+        self._route()
+        logits, self.cache = self._forward(self.last, mask, positions, self.cache, None)
         self.mask = mask
         self.last = self._sample(logits, self.rows)
 
