@@ -256,3 +256,58 @@ def test_sampling_with_a_seed_is_reproducible(served):
     assert first.choices[0].text == again.choices[0].text
     stops = client.completions.create(model="alpha", prompt="cat", max_tokens=10, temperature=0, stop=[" "])
     assert " " not in stops.choices[0].text
+
+
+def test_engine_keeps_routing_across_steps_and_reroutes_on_changes(served, reference, monkeypatch):
+    """In-process engine: the rows' adapter routing is set up once per batch composition, not per token, and
+    an adapter loaded while rows decode (the layers change under the routing) leaves every answer equal to
+    peftkit's own greedy generate."""
+    from peftkit.serve import adapters as served_adapters
+    from peftkit.serve import engine as engine_module
+    from peftkit.train.modeling import load_model_and_tokenizer
+
+    entered, real = [], engine_module.mixed_call
+    monkeypatch.setattr(engine_module, "mixed_call", lambda *a, **k: entered.append(1) or real(*a, **k))
+    model, tokenizer, _ = load_model_and_tokenizer(str(served["model_dir"]), progress=False)
+    engine = engine_module.Engine(model, tokenizer, max_batch=8)
+    dropped, drop = [], engine.drop_routing
+    engine.drop_routing = lambda: (
+        dropped.append((threading.current_thread().name, len(engine.rows))) or drop()
+    )
+    try:
+        for name in ("alpha", "beta"):
+            served_adapters.load(engine, name, served["adapters"][name], "model")
+        results: dict[int, str] = {}
+        done = [threading.Event() for _ in range(4)]
+
+        def submit(i, name, prompt, n):
+            def receive(kind, payload):
+                if kind == "text":
+                    results[i] = results.get(i, "") + payload
+                elif kind in ("done", "error"):
+                    results.setdefault(i, "" if kind == "done" else f"error: {payload}")
+                    done[i].set()
+
+            adapter = "__base__" if name == "model" else name
+            engine.submit(engine_module.Request(tokenizer(prompt)["input_ids"], adapter, n, receive))
+
+        jobs = [("alpha", PROMPTS[0], 40), ("beta", PROMPTS[1], 40), ("model", PROMPTS[2], 40)]
+        with engine.lock:  # submitted together (they join at the next one or two steps)
+            for i, job in enumerate(jobs):
+                submit(i, *job)
+        deadline = time.monotonic() + 60
+        while engine.steps < 3 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        served_adapters.load(engine, "gamma", served["adapters"]["gamma"], "model")  # while they decode
+        jobs.append(("gamma", PROMPTS[3], 12))
+        submit(3, *jobs[3])
+        assert all(d.wait(120) for d in done)
+        assert engine_module.wait_idle(engine)
+        for i, (name, prompt, n) in enumerate(jobs):
+            assert results[i] == reference(name, tokenizer(prompt)["input_ids"], n), (i, name)
+        # the load dropped the routing of a batch that was decoding
+        assert any(thread == "MainThread" and rows > 0 for thread, rows in dropped), dropped
+        # routing set up once per change of the batch (join, adapter load, leave), not once per decode step
+        assert 1 <= len(entered) <= 8 < engine.steps, (len(entered), engine.steps)
+    finally:
+        engine.close()
