@@ -258,10 +258,10 @@ def test_sampling_with_a_seed_is_reproducible(served):
     assert " " not in stops.choices[0].text
 
 
-def test_engine_keeps_routing_across_steps_and_reroutes_on_changes(served, reference, monkeypatch):
+def test_engine_keeps_routing_across_steps_and_reroutes_on_changes(served, monkeypatch):
     """In-process engine: the rows' adapter routing is set up once per batch composition, not per token, and
-    an adapter loaded while rows decode (the layers change under the routing) leaves every answer equal to
-    peftkit's own greedy generate."""
+    an adapter loaded while rows decode (the layers change under the routing) leaves every answer as it is
+    without the load. (Equality with greedy `generate` is checked through the real server above.)"""
     from peftkit.serve import adapters as served_adapters
     from peftkit.serve import engine as engine_module
     from peftkit.train.modeling import load_model_and_tokenizer
@@ -274,40 +274,55 @@ def test_engine_keeps_routing_across_steps_and_reroutes_on_changes(served, refer
     engine.drop_routing = lambda: (
         dropped.append((threading.current_thread().name, len(engine.rows))) or drop()
     )
+
+    def run(jobs, while_decoding=None) -> list[str]:
+        """Each job's text; rows run to max_tokens (ignore_eos), so they are still decoding when
+        `while_decoding` is called (after the batch's third step)."""
+        results, done = [""] * len(jobs), [threading.Event() for _ in jobs]
+
+        def receiver(i):
+            def receive(kind, payload):
+                if kind == "text":
+                    results[i] += payload
+                elif kind in ("done", "error"):
+                    results[i] += "" if kind == "done" else f" <error: {payload}>"
+                    done[i].set()
+
+            return receive
+
+        start = engine.steps
+        with engine.lock:  # submitted together (they join at the next one or two steps)
+            for i, (name, prompt, n) in enumerate(jobs):
+                ids = tokenizer(prompt)["input_ids"]
+                engine.submit(engine_module.Request(ids, name, n, receiver(i), ignore_eos=True))
+        if while_decoding is not None:
+            deadline = time.monotonic() + 60
+            while engine.steps < start + 3 and time.monotonic() < deadline:
+                time.sleep(0.001)
+            while_decoding()
+        assert all(d.wait(120) for d in done)
+        assert engine_module.wait_idle(engine)
+        return results
+
     try:
         for name in ("alpha", "beta"):
             served_adapters.load(engine, name, served["adapters"][name], "model")
-        results: dict[int, str] = {}
-        done = [threading.Event() for _ in range(4)]
+        jobs = [("alpha", PROMPTS[0], 200), ("beta", PROMPTS[1], 200), ("__base__", PROMPTS[2], 200)]
+        plain = run(jobs)
+        # 200 decode steps; the routing set up once per change of the batch (joins, leaves), not per step
+        assert 1 <= len(entered) <= 6 and engine.steps >= 200, (len(entered), engine.steps)
 
-        def submit(i, name, prompt, n):
-            def receive(kind, payload):
-                if kind == "text":
-                    results[i] = results.get(i, "") + payload
-                elif kind in ("done", "error"):
-                    results.setdefault(i, "" if kind == "done" else f"error: {payload}")
-                    done[i].set()
+        def load_gamma():
+            served_adapters.load(engine, "gamma", served["adapters"]["gamma"], "model")
+            ids = tokenizer(PROMPTS[3])["input_ids"]
+            receive = lambda kind, payload: gamma.append(payload if kind == "text" else "")  # noqa: E731
+            engine.submit(engine_module.Request(ids, "gamma", 12, receive, ignore_eos=True))
 
-            adapter = "__base__" if name == "model" else name
-            engine.submit(engine_module.Request(tokenizer(prompt)["input_ids"], adapter, n, receive))
-
-        jobs = [("alpha", PROMPTS[0], 40), ("beta", PROMPTS[1], 40), ("model", PROMPTS[2], 40)]
-        with engine.lock:  # submitted together (they join at the next one or two steps)
-            for i, job in enumerate(jobs):
-                submit(i, *job)
-        deadline = time.monotonic() + 60
-        while engine.steps < 3 and time.monotonic() < deadline:
-            time.sleep(0.001)
-        served_adapters.load(engine, "gamma", served["adapters"]["gamma"], "model")  # while they decode
-        jobs.append(("gamma", PROMPTS[3], 12))
-        submit(3, *jobs[3])
-        assert all(d.wait(120) for d in done)
-        assert engine_module.wait_idle(engine)
-        for i, (name, prompt, n) in enumerate(jobs):
-            assert results[i] == reference(name, tokenizer(prompt)["input_ids"], n), (i, name)
-        # the load dropped the routing of a batch that was decoding
-        assert any(thread == "MainThread" and rows > 0 for thread, rows in dropped), dropped
-        # routing set up once per change of the batch (join, adapter load, leave), not once per decode step
-        assert 1 <= len(entered) <= 8 < engine.steps, (len(entered), engine.steps)
+        gamma: list[str] = []
+        assert run(jobs, while_decoding=load_gamma) == plain
+        assert any(thread == "MainThread" and rows > 0 for thread, rows in dropped), (
+            dropped
+        )  # during decoding
+        assert "".join(gamma) == run([("gamma", PROMPTS[3], 12)])[0]  # joined mid-batch = alone
     finally:
         engine.close()
