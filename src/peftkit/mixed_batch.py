@@ -62,8 +62,9 @@ def check_adapter_names(model: PeftModel, names: Any, rows: int | None) -> list[
 class RowPlan:
     """The row grouping of one mixed call, computed once per batch size (and adapter subset), not per layer."""
 
-    def __init__(self, names: list[str]) -> None:
+    def __init__(self, names: list[str], keep_layout: bool = False) -> None:
         self.names = names
+        self.keep_layout = keep_layout  # see mixed_adapters
         self._groups: dict[int, list[tuple[str, torch.Tensor]]] = {}
         self._tables: dict[tuple, tuple[torch.Tensor, torch.Tensor | None]] = {}
         self._present: dict[tuple[int, int], list[tuple[str, torch.Tensor]]] = {}
@@ -127,10 +128,10 @@ def mixed_adapters(model: PeftModel, names: list[str], keep_layout: bool = False
     merged = [m.module_name for m in layers if isinstance(m, AdapterLayer) and m.merged]
     if merged:
         raise ValueError(f"adapter_names: unmerge first; adapters are merged into {merged[:3]}")
-    plan = RowPlan(names)
+    plan = RowPlan(names, keep_layout)
     for module in layers:
         if _segmentable(module, names):
-            module.forward = _bind_lora(module, plan, keep_layout)
+            module.forward = _bind_lora(module, plan)
         else:
             module.forward = _bind(_grouped_forward, module, plan)
     try:
@@ -147,7 +148,7 @@ def _bind(fn: Any, module: nn.Module, plan: RowPlan) -> Any:
     return forward
 
 
-def _bind_lora(layer: Any, plan: RowPlan, keep_layout: bool = False) -> Any:
+def _bind_lora(layer: Any, plan: RowPlan) -> Any:
     """`_lora_forward` on `layer`, with a fast path for repeated no-grad calls of one batch size (decode steps).
 
     The first no-grad call with `rows` rows runs the full path and decides whether the layer is exactly the
@@ -157,7 +158,8 @@ def _bind_lora(layer: Any, plan: RowPlan, keep_layout: bool = False) -> Any:
     other order) on them with no lookups. The state lives in this closure, i.e. for
     one `mixed_adapters` context (one forward or generate call), while adapters and weights cannot change;
     grad mode and the input dtype are checked on every call (with grad on, the full path runs)."""
-    fast: dict[int, Any] = {}  # rows -> False (no), True (yes, not built yet) or the entry tuple
+    # rows -> False (no), True (yes, not built yet) or the entry (function, tensors)
+    fast: dict[int, Any] = {}
 
     def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if args or kwargs or torch.is_grad_enabled():
@@ -167,9 +169,9 @@ def _bind_lora(layer: Any, plan: RowPlan, keep_layout: bool = False) -> Any:
         if entry is None:
             fast[rows] = _fast_ok(layer, plan, x)
         elif entry is True:
-            entry = fast[rows] = _fast_entry(layer, plan, rows, keep_layout)
-        if type(entry) is tuple and x.dtype == entry[0].dtype:
-            return blocked_linear_lora(x, *entry) if len(entry) == 4 else gathered_linear_lora(x, *entry)
+            entry = fast[rows] = _fast_entry(layer, plan, rows)
+        if type(entry) is tuple and x.dtype == entry[1][0].dtype:
+            return entry[0](x, *entry[1])
         return _lora_forward(layer, plan, x)
 
     return forward
@@ -184,14 +186,20 @@ def _fast_ok(layer: Any, plan: RowPlan, x: torch.Tensor) -> bool:
     return bool(groups) and layer._inference_plain([n for n, _ in groups], x)
 
 
-def _fast_entry(layer: Any, plan: RowPlan, rows: int, keep_layout: bool) -> tuple:
-    """(weight^T (in, out), bias, At, Bt) for `blocked_linear_lora` when the rows form equal blocks by adapter,
-    else (weight^T, bias, A, B, scaling, table, valid) for `gathered_linear_lora`. weight^T: see `_transposed`."""
-    wt, bias = _transposed(layer, rows, keep_layout), layer.base_layer.bias
+def _fast_entry(layer: Any, plan: RowPlan, rows: int) -> tuple:
+    """(function, its tensors after x): `blocked_linear_lora` with (weight^T (in, out), bias, At, Bt) when the
+    rows form equal blocks by adapter, else `gathered_linear_lora` with (weight^T, bias, A, B, scaling, table,
+    valid). weight^T: see `_transposed`."""
+    wt, bias = _transposed(layer, rows, plan.keep_layout), layer.base_layer.bias
     if plan.blocks(rows) is not None:
-        return (wt, bias, *plan.block_stack(layer, rows))
+        return blocked_linear_lora, (wt, bias, *plan.block_stack(layer, rows))
     groups = plan.present(layer, rows)
-    return (wt, bias, *_stacked(layer, [n for n, _ in groups]), *plan.table(rows, groups))
+    return gathered_linear_lora, (
+        wt,
+        bias,
+        *_stacked(layer, [n for n, _ in groups]),
+        *plan.table(rows, groups),
+    )
 
 
 def _transposed(layer: Any, rows: int, keep: bool) -> torch.Tensor:

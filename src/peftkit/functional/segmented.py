@@ -132,9 +132,7 @@ def blocked_linear_lora(
     the CPU than the transposed view). bias: (out,) or None. At: (g, in, r), Bt: (g, r, out) as in
     `blocked_lora_`. Returns (rows, ..., out) = x @ wt + bias + (x.view(g, m*T, in) @ At) @ Bt.
     """
-    flat = x.reshape(-1, x.shape[-1])
-    y = torch.mm(flat, wt) if bias is None else torch.addmm(bias, flat, wt)
-    return blocked_lora_(y.view(*x.shape[:-1], -1), x, At, Bt)
+    return blocked_lora_(_frozen_linear(x, wt, bias), x, At, Bt)
 
 
 def gathered_linear_lora(
@@ -152,6 +150,11 @@ def gathered_linear_lora(
     x: (rows, ..., in). wt: (in, out), as in `blocked_linear_lora`. bias: (out,) or None. A, B, scaling, table,
     valid: as in `batched_lora_`. Returns (rows, ..., out).
     """
+    return batched_lora_(_frozen_linear(x, wt, bias), x, table, valid, A, B, scaling)
+
+
+def _frozen_linear(x: torch.Tensor, wt: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x (rows, ..., in) @ wt (in, out) + bias: (rows, ..., out), one GEMM on the flattened rows."""
     flat = x.reshape(-1, x.shape[-1])
     y = torch.mm(flat, wt) if bias is None else torch.addmm(bias, flat, wt)
-    return batched_lora_(y.view(*x.shape[:-1], -1), x, table, valid, A, B, scaling)
+    return y.view(*x.shape[:-1], -1)
