@@ -1,5 +1,5 @@
-"""The in-place LoRA branch and the merged (one-GEMM) LoRA Linear equal the straightforward
-`base(x) + B(A(dropout(x)) * s)`: output and grads."""
+"""The in-place LoRA branch, the one-node LoRA Linear and the merged (one-GEMM) LoRA Linear equal the
+straightforward `base(x) + B(A(dropout(x)) * s)`: output and grads."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from peftkit import LoraConfig, get_peft_model
-from peftkit.functional.lora_branch import lora_branch_
+from peftkit.functional.lora_branch import lora_branch_, lora_linear
 from peftkit.functional.lora_merged import merged_lora_linear
 from peftkit.inject import Conv1D
 from peftkit.tuners import lora_layers as lora_module
@@ -39,6 +39,34 @@ def test_functional_equals_plain(p, x_grad):
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("x_dims", [2, 3])
+@pytest.mark.parametrize("x_grad", [False, True])
+@pytest.mark.parametrize("bias", ["none", "frozen", "trainable"])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_one_node_functional_equals_plain(p, x_dims, x_grad, bias, transposed):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn((3, 5, 12) if x_dims == 3 else (15, 12), generator=g).requires_grad_(x_grad)
+    W = torch.randn(12, 10, generator=g).T if transposed else torch.randn(10, 12, generator=g)  # as Conv1D
+    b = None if bias == "none" else torch.randn(10, generator=g).requires_grad_(bias == "trainable")
+    A = torch.randn(4, 12, generator=g).requires_grad_()
+    B = torch.randn(10, 4, generator=g).requires_grad_()
+    leaves = [t for t in (x, b, A, B) if t is not None and t.requires_grad]
+    upstream = torch.randn(*x.shape[:-1], 10, generator=g)
+
+    torch.manual_seed(7)
+    ref = F.linear(x, W, b) + F.linear(F.linear(F.dropout(x, p, training=True), A) * 0.5, B)
+    ref_grads = torch.autograd.grad(ref, leaves, upstream)
+    torch.manual_seed(7)  # the same dropout mask
+    got = lora_linear(x, W, b, A, B, 0.5, p, training=True)
+    assert type(got.grad_fn).__name__ == "_LoraLinearBackward"  # one node: base GEMM and branch
+    got_grads = torch.autograd.grad(got, leaves, upstream)
+
+    torch.testing.assert_close(got, ref)
+    for a, c in zip(got_grads, ref_grads):
+        torch.testing.assert_close(a, c)
+
+
 def _loss_and_grads(model, inputs, seed=3):
     model.zero_grad(set_to_none=True)
     torch.manual_seed(seed)
@@ -49,18 +77,22 @@ def _loss_and_grads(model, inputs, seed=3):
 
 @pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2])
 @pytest.mark.parametrize("dropout", [0.0, 0.2])
-def test_model_in_place_equals_plain(make, dropout, monkeypatch):
+@pytest.mark.parametrize("path", ["lora_linear", "lora_branch_"])
+def test_model_fast_paths_equal_plain(make, dropout, path, monkeypatch):
     config = LoraConfig(
         r=4, lora_dropout=dropout, target_modules="all-linear", init_lora_weights=False, task_type="CAUSAL_LM"
     )
     model = get_peft_model(make(), config).train()
     inputs = token_inputs(batch=2, seq=9)
+    if path == "lora_branch_":  # the base layer's own forward, then the branch added in place
+        monkeypatch.setattr(LoraLinear, "_one_node_ok", lambda self, *a: False)
     calls = []
-    real = lora_module.lora_branch_
-    monkeypatch.setattr(lora_module, "lora_branch_", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = getattr(lora_module, path)
+    monkeypatch.setattr(lora_module, path, lambda *a, **k: calls.append(1) or real(*a, **k))
     fast_loss, fast = _loss_and_grads(model, inputs)
     n_layers = sum(isinstance(m, LoraLinear) for m in model.modules())
-    assert n_layers and len(calls) == n_layers, (len(calls), n_layers)  # every layer took the in-place path
+    assert n_layers and len(calls) == n_layers, (len(calls), n_layers)  # every layer took the path
+    monkeypatch.setattr(LoraLinear, "_one_node_ok", lambda self, *a: False)
     monkeypatch.setattr(LoraLinear, "_in_place_ok", lambda self, *a: False)
     plain_loss, plain = _loss_and_grads(model, inputs)
 
@@ -220,6 +252,7 @@ def test_model_merged_equals_plain(make, bias, monkeypatch):
     monkeypatch.setattr(lora_module, "_MERGED_MIN_ROWS", 1)
     merged_loss, merged = _loss_and_grads(model, inputs)
     monkeypatch.setattr(LoraLinear, "_merged_ok", lambda self, *a: False)
+    monkeypatch.setattr(LoraLinear, "_one_node_ok", lambda self, *a: False)
     monkeypatch.setattr(LoraLinear, "_in_place_ok", lambda self, *a: False)
     plain_loss, plain = _loss_and_grads(model, inputs)
 

@@ -1,4 +1,5 @@
-"""The LoRA branch of a Linear layer, added into the base output in place, saving only what backward needs.
+"""The LoRA branch of a Linear layer, added into the base output in place, saving only what backward needs;
+with a frozen base, the base GEMM and the branch as one autograd node (`lora_linear`).
 
 Straightforward autograd for `out = base(x) + B(A(dropout(x)) * s)` allocates the branch output (N, out)
 and a new sum (N, out), and with dropout keeps the dropped input (N, in) in fp32 for A's backward, one copy
@@ -48,6 +49,64 @@ class _LoraBranch(torch.autograd.Function):
         grad_A = gh.T @ _dropped(x, mask, ctx.p).reshape(-1, x.shape[-1]) if need_A else None  # (r, i)
         grad_x = _dropped((gh @ A).view(x.shape), mask, ctx.p) if need_x else None  # like x
         return g, grad_x, grad_A, grad_B, None, None, None
+
+
+class _LoraLinear(torch.autograd.Function):
+    """forward(x (..., i), w (o, i) frozen, bias (o,) or None, A (r, i), B (o, r), scaling, p, mask like x or
+    None) -> (..., o): the frozen base GEMM and the LoRA branch as one autograd node. Backward adds the branch's
+    input gradient into the base's (one (N, i) tensor; no second one for autograd to sum)."""
+
+    @staticmethod
+    def forward(ctx, x, w, bias, A, B, scaling, p, mask):  # noqa: ANN001, ANN205
+        x2 = x.reshape(-1, x.shape[-1])  # (N, i)
+        out = x2 @ w.T if bias is None else torch.addmm(bias, x2, w.T)  # (N, o)
+        h = _dropped(x, mask, p).reshape(x2.shape) @ A.T  # (N, r)
+        h.mul_(scaling)
+        out.addmm_(h, B.T)
+        ctx.save_for_backward(x, w, A, B, h, mask)
+        ctx.scaling, ctx.p = scaling, p
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, g):  # noqa: ANN001, ANN205
+        x, w, A, B, h, mask = ctx.saved_tensors
+        need_x, _, need_bias, need_A, need_B = ctx.needs_input_grad[:5]
+        g2 = g.reshape(-1, g.shape[-1])  # (N, o)
+        grad_B = (h.T @ g2).T if need_B else None  # (o, r); this order: see _LoraBranch
+        gh = (g2 @ B).mul_(ctx.scaling) if (need_x or need_A) else None  # (N, r)
+        grad_A = gh.T @ _dropped(x, mask, ctx.p).reshape(-1, x.shape[-1]) if need_A else None  # (r, i)
+        grad_x = None
+        if need_x:
+            grad_x = g2 @ w  # (N, i)
+            if mask is None:
+                grad_x.addmm_(gh, A)
+            else:
+                grad_x += _dropped(gh @ A, mask.reshape(grad_x.shape), ctx.p)
+            grad_x = grad_x.view(x.shape)
+        grad_bias = g2.sum(0) if need_bias else None
+        return grad_x, None, grad_bias, grad_A, grad_B, None, None, None
+
+
+def lora_linear(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    bias: torch.Tensor | None,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    scaling: float,
+    p: float = 0.0,
+    training: bool = False,
+) -> torch.Tensor:
+    """`F.linear(x, w, bias) + scaling * dropout(x) @ A.T @ B.T` as one autograd node (`lora_branch_` adds the
+    branch to a base output that autograd already tracks: two nodes, and two input gradients to sum).
+
+    Args:
+        x: (..., i). w: (o, i), frozen: it receives no gradient (possibly a transposed view, as GPT-2's Conv1D
+            gives). bias: (o,) or None. A: (r, i). B: (o, r). p: dropout probability, applied if `training`.
+    Returns:
+        (..., o).
+    """
+    return _LoraLinear.apply(x, w, bias, A, B, scaling, p, dropout_mask(x, p, training))
 
 
 def dropout_mask(x: torch.Tensor, p: float, training: bool) -> torch.Tensor | None:

@@ -129,6 +129,9 @@ class LoraLinearQuantized(QuantizedMergeMixin, LoraLinear):
     def _in_place_ok(self, name: str, result: torch.Tensor, x: torch.Tensor) -> bool:
         return quantized_bits(self.base_layer) is None and super()._in_place_ok(name, result, x)
 
+    def _one_node_ok(self, name: str, x: torch.Tensor) -> bool:
+        return quantized_bits(self.base_layer) is None and super()._one_node_ok(name, x)
+
 
 class IA3LinearQuantized(QuantizedMergeMixin, IA3Layer):
     """(IA)^3 on a bitsandbytes Linear4bit/Linear8bitLt: the vector is (out, 1), or (1, in) when feed-forward."""

@@ -12,7 +12,7 @@ from torch import nn
 
 from ..functional import loftq as FQ
 from ..functional import lora as FL
-from ..functional.lora_branch import lora_branch_
+from ..functional.lora_branch import lora_branch_, lora_linear
 from ..functional.lora_merged import merged_lora_linear
 from ..inference_fold import current_fold, folded_weight
 from ..inject import Conv1D
@@ -318,6 +318,18 @@ class LoraLinear(LoraLayer):
             and result.shape[:-1] == x.shape[:-1]
         )
 
+    def _one_node_ok(self, name: str, x: torch.Tensor) -> bool:
+        """Whether training may run the frozen base and adapter `name` as one autograd node (`lora_linear`):
+        grad on, plain LoRA on a frozen, hook-free Linear/Conv1D, weight and bias in x's dtype."""
+        base, w = self.base_layer, self.base_layer.weight
+        return (
+            torch.is_grad_enabled()
+            and not w.requires_grad
+            and not (base._forward_hooks or base._forward_pre_hooks)
+            and x.dtype == w.dtype == (x.dtype if base.bias is None else base.bias.dtype)
+            and self._plain(name, x)
+        )
+
     def _merged_ok(self, names: list[str], x: torch.Tensor) -> bool:
         """Whether forward may run as one GEMM with W + sum s*B@A (`merged_lora_linear`): training-size
         input with grad on, and every adapter plain dropout-free LoRA on a frozen, hook-free base in x's dtype."""
@@ -362,6 +374,11 @@ class LoraLinear(LoraLayer):
         if not (args or kwargs) and self._merged_ok(names, x):  # one GEMM each way: see lora_merged
             adapters = [(self.lora_A[n].weight, self.lora_B[n].weight, self.scaling[n]) for n in names]
             return merged_lora_linear(x, self._weight_rows(), self.base_layer.bias, adapters)
+        if not (args or kwargs) and len(names) == 1 and self._one_node_ok(names[0], x):  # see lora_linear
+            A, B, drop = self.lora_A[names[0]], self.lora_B[names[0]], self.lora_dropout[names[0]]
+            p = drop.p if isinstance(drop, nn.Dropout) else 0.0
+            w, scaling = self._weight_rows(), self.scaling[names[0]]
+            return lora_linear(x, w, self.base_layer.bias, A.weight, B.weight, scaling, p, drop.training)
         result = self.base_layer(x, *args, **kwargs)
         for name in names:
             A, B, drop = self.lora_A[name], self.lora_B[name], self.lora_dropout[name]
