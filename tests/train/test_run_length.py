@@ -2,7 +2,7 @@
 
 The rule (also in `peftkit train --help` and the README): a value the user gave (flag or config file) is
 never overridden by a default; --max-steps, when given, sets the step count and --epochs is not used; with
-only --epochs the epochs decide; with neither, the run is 50 steps.
+only --epochs the epochs decide; with neither, the run is 45 steps.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def _train(model: Path, data: Path, out: Path, *extra: str) -> tuple[subprocess.
 
 def test_epochs_alone_decide_the_run_length(tiny_chat_model, data_files, tmp_path):
     _, steps = _train(tiny_chat_model, data_files[0], tmp_path / "o", "--epochs", "2")
-    assert steps == [1, 2, 3, 4, 5, 6]  # 2 epochs x 3 batches, not the 50-step default
+    assert steps == [1, 2, 3, 4, 5, 6]  # 2 epochs x 3 batches, not the 45-step default
 
 
 def test_max_steps_given_with_epochs_sets_the_length_and_says_so(tiny_chat_model, data_files, tmp_path):
@@ -78,7 +78,7 @@ def test_epochs_in_a_config_file_count_as_given(train_args, tmp_path):
 @pytest.mark.parametrize(
     ("file_text", "flags", "max_steps", "epochs"),
     [
-        ("", {}, 50, 1.0),  # neither given: the bundled run's 50 steps
+        ("", {}, 45, 1.0),  # neither given: the bundled run's 45 steps
         ("", {"epochs": 3.0}, None, 3.0),
         ("", {"max_steps": 7}, 7, 1.0),
         ("", {"epochs": 3.0, "max_steps": 7}, 7, 3.0),
@@ -98,6 +98,6 @@ def test_help_states_the_rule(capsys):
         cli.main(["train", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert (
-        "decides the run length when --max-steps is not given (with neither flag the run is 50 steps)" in text
+        "decides the run length when --max-steps is not given (with neither flag the run is 45 steps)" in text
     )
     assert "when given, it sets the run length and --epochs is not used" in text

@@ -16,7 +16,7 @@ from peftkit.train.errors import PeftkitError
 from peftkit.train.methods import METHODS, default_lr_text
 
 # The bundled run's length when the user sets neither --epochs nor --max-steps (see `resolve_length`).
-DEFAULT_MAX_STEPS = 50
+DEFAULT_MAX_STEPS = 45
 
 
 def _opt(default, help: str, **kw):
