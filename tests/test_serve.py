@@ -277,7 +277,7 @@ def test_engine_keeps_routing_across_steps_and_reroutes_on_changes(served, monke
 
     def run(jobs, while_decoding=None) -> list[str]:
         """Each job's text; rows run to max_tokens (ignore_eos), so they are still decoding when
-        `while_decoding` is called (after the batch's third step)."""
+        `while_decoding` is called (after the batch's third step, once every row has joined)."""
         results, done = [""] * len(jobs), [threading.Event() for _ in jobs]
 
         def receiver(i):
@@ -297,7 +297,7 @@ def test_engine_keeps_routing_across_steps_and_reroutes_on_changes(served, monke
                 engine.submit(engine_module.Request(ids, name, n, receiver(i), ignore_eos=True))
         if while_decoding is not None:
             deadline = time.monotonic() + 60
-            while engine.steps < start + 3 and time.monotonic() < deadline:
+            while (engine.steps < start + 3 or len(engine.rows) < len(jobs)) and time.monotonic() < deadline:
                 time.sleep(0.001)
             while_decoding()
         assert all(d.wait(120) for d in done)
